@@ -1,0 +1,1 @@
+"""One module per `fedmed` command group; each exposes `register(subparsers)`."""

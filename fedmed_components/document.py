@@ -1,0 +1,144 @@
+"""The document contract shared by every reader, writer, prompt and metric.
+
+One `Document` is one clinical note (or one sentence for sentence corpora such as
+PHEE). Offsets are Python string indices into `text`; discontinuous entities carry
+several spans. JSONL holds one `Document.to_dict()` per line (see DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+
+class InputError(ValueError):
+    """Bad input that a user must fix; the message names the file and line."""
+
+    def __init__(self, path: str | os.PathLike | None, line: int | None, reason: str):
+        self.path = str(path) if path is not None else None
+        self.line = line
+        self.reason = reason
+        where = self.path or "<input>"
+        if line is not None:
+            where = f"{where}:{line}"
+        super().__init__(f"{where}: {reason}")
+
+
+@dataclass
+class Entity:
+    id: str
+    type: str
+    spans: list[tuple[int, int]]
+    text: str
+    negated: bool | None = None
+
+    @property
+    def start(self) -> int:
+        return min(s for s, _ in self.spans)
+
+    @property
+    def end(self) -> int:
+        return max(e for _, e in self.spans)
+
+    def to_dict(self) -> dict:
+        out = {"id": self.id, "type": self.type, "spans": [list(s) for s in self.spans], "text": self.text}
+        if self.negated is not None:
+            out["negated"] = self.negated
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Entity":
+        return cls(
+            id=str(d["id"]),
+            type=str(d["type"]),
+            spans=[(int(s), int(e)) for s, e in d["spans"]],
+            text=str(d.get("text", "")),
+            negated=d.get("negated"),
+        )
+
+
+@dataclass
+class Relation:
+    type: str
+    head: str  # main entity id
+    tail: str  # modifier entity id
+
+    def to_dict(self) -> dict:
+        return {"type": self.type, "head": self.head, "tail": self.tail}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Relation":
+        return cls(type=str(d["type"]), head=str(d["head"]), tail=str(d["tail"]))
+
+
+@dataclass
+class Document:
+    id: str
+    text: str
+    site: str | None = None
+    entities: list[Entity] = field(default_factory=list)
+    relations: list[Relation] = field(default_factory=list)
+
+    def entity(self, entity_id: str) -> Entity:
+        for ent in self.entities:
+            if ent.id == entity_id:
+                return ent
+        raise KeyError(entity_id)
+
+    def to_dict(self) -> dict:
+        return {
+            "id": self.id,
+            "site": self.site,
+            "text": self.text,
+            "entities": [e.to_dict() for e in self.entities],
+            "relations": [r.to_dict() for r in self.relations],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Document":
+        return cls(
+            id=str(d["id"]),
+            site=d.get("site"),
+            text=str(d["text"]),
+            entities=[Entity.from_dict(e) for e in d.get("entities", [])],
+            relations=[Relation.from_dict(r) for r in d.get("relations", [])],
+        )
+
+
+def write_jsonl(docs: Iterable[Document], path: str | os.PathLike) -> Path:
+    """Write documents atomically: a reader never sees a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8", newline="") as fh:
+        for doc in docs:
+            fh.write(json.dumps(doc.to_dict(), ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def iter_jsonl(path: str | os.PathLike) -> Iterator[Document]:
+    path = Path(path)
+    try:
+        fh = open(path, encoding="utf-8", newline="")
+    except OSError as exc:
+        raise InputError(path, None, f"cannot open: {exc.strerror}") from exc
+    with fh:
+        lineno = 0
+        try:
+            for lineno, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    yield Document.from_dict(json.loads(line))
+                except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+                    raise InputError(path, lineno, f"not a document object: {exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise InputError(path, lineno + 1, f"not UTF-8 text ({exc.reason})") from exc
+
+
+def read_jsonl(path: str | os.PathLike) -> list[Document]:
+    return list(iter_jsonl(path))

@@ -1,0 +1,227 @@
+"""FLARE aggregators: short classes that say *when* the pure rules in `aggregation` run.
+
+Every update is screened (`update_validation`) before it can touch the global adapter.
+Accepted updates are summed as they arrive (memory: one accumulator + one update) and
+also spilled to a per-round folder, so that a norm outlier found once the round is
+complete can be removed exactly, and so Fed-MedLoRA+ can weight candidates once their
+losses are known without holding K adapters in memory.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
+from nvflare.app_common.aggregators.model_aggregator import ModelAggregator
+from safetensors.torch import load_file, save_file
+
+from fedmed_components import aggregation
+from fedmed_components.update_validation import Rejection, norm_outliers, update_norm, validate_update
+
+
+@dataclass
+class _Accepted:
+    site: str
+    weight: float
+    norm: float
+    path: Path
+    meta: dict
+
+
+class AdapterAggregator(ModelAggregator):
+    """Base: screening, spilling, streaming sum; subclasses choose the weights."""
+
+    def __init__(self, weighting: str = "supervised_tokens", max_norm_ratio: float = 10.0, allow_rank_change: bool = False):
+        super().__init__()
+        self.weighting = weighting
+        self.max_norm_ratio = max_norm_ratio
+        self.allow_rank_change = allow_rank_change
+        self.reference: dict[str, torch.Tensor] = {}
+        self.round: int | None = None
+        self.rejections: list[Rejection] = []
+        self.last_weights: dict[str, float] = {}
+        self._accepted: dict[str, _Accepted] = {}
+        self._spill: Path | None = None
+        self._averager = aggregation.WeightedAverager()
+
+    # ------------------------------------------------------------ round bookkeeping
+    def begin_round(self, reference: dict[str, torch.Tensor], round_number: int) -> None:
+        self.reset_stats()
+        self.reference = reference
+        self.round = round_number
+
+    def reset_stats(self):
+        self._averager.reset()
+        self._accepted = {}
+        self.rejections = []
+        if self._spill is not None:
+            shutil.rmtree(self._spill, ignore_errors=True)
+        self._spill = Path(tempfile.mkdtemp(prefix="fedmed-round-"))
+
+    @property
+    def accepted_sites(self) -> list[str]:
+        return sorted(self._accepted)
+
+    # ---------------------------------------------------------------- accepting
+    def site_weight(self, meta: dict) -> float:
+        return aggregation.site_weights([meta], by=self.weighting)[0]
+
+    def accept_model(self, model: FLModel) -> bool:
+        meta = dict(model.meta or {})
+        site = str(meta.get("client_name") or meta.get("site") or f"site{len(self._accepted)}")
+        params = model.params or {}
+        if model.params_type == ParamsType.DIFF and params and self.reference:
+            params = {k: self.reference[k] + v.to(self.reference[k].dtype) if k in self.reference else v for k, v in params.items()}
+        rejection = validate_update(
+            params, self.reference, site=site, round=self.round, allow_rank_change=self.allow_rank_change
+        ) if self.reference else None
+        if rejection is None and site in self._accepted:
+            rejection = Rejection(site=site, round=self.round, reason="second update in the same round")
+        if rejection is None:
+            try:
+                weight = self.site_weight(meta)
+            except (KeyError, TypeError, ValueError) as exc:
+                rejection = Rejection(site=site, round=self.round, reason=f"bad aggregation metadata: {exc}")
+        if rejection is not None:
+            self.rejections.append(rejection)
+            self.warning(f"rejected update from {site} in round {self.round}: {rejection.reason}")
+            return False
+        path = self._spill / f"{len(self._accepted)}.safetensors"
+        save_file({k: v.contiguous() for k, v in params.items()}, str(path))
+        norm = update_norm(params, self.reference or None)
+        self._accepted[site] = _Accepted(site, weight, norm, path, meta)
+        self._averager.add(params, weight)
+        self.info(f"accepted update from {site} (weight {weight:g}, update norm {norm:.4g})")
+        return True
+
+    def drop_norm_outliers(self) -> None:
+        if len(self._accepted) < 2:
+            return
+        flagged = norm_outliers({s: a.norm for s, a in self._accepted.items()}, max_ratio=self.max_norm_ratio)
+        if not flagged:
+            return
+        for site, reason in flagged.items():
+            self.rejections.append(Rejection(site=site, round=self.round, reason=reason))
+            self.warning(f"rejected update from {site} in round {self.round}: {reason}")
+            del self._accepted[site]
+        self._averager.reset()
+        for entry in self._accepted.values():
+            self._averager.add(load_file(str(entry.path)), entry.weight)
+
+    # --------------------------------------------------------------- aggregating
+    def aggregate_model(self) -> FLModel:
+        self.drop_norm_outliers()
+        if not self._accepted:
+            raise RuntimeError(f"round {self.round}: no valid update to aggregate")
+        params = self.combine()
+        total = sum(a.weight for a in self._accepted.values())
+        self.last_weights = {s: a.weight / total for s, a in sorted(self._accepted.items())}
+        self.info(f"round {self.round} weights: " + ", ".join(f"{s}={w:.3f}" for s, w in self.last_weights.items()))
+        return FLModel(params=params, params_type=ParamsType.FULL, meta=self.round_meta())
+
+    def combine(self) -> dict[str, torch.Tensor]:
+        return self._averager.result()
+
+    def round_meta(self) -> dict:
+        entries = self._accepted.values()
+        mean = lambda key: _weighted_mean([(a.meta.get(key), a.weight) for a in entries])  # noqa: E731
+        return {
+            "sites": sorted(self._accepted),
+            "weights": dict(self.last_weights),
+            "rejected": [{"site": r.site, "reason": r.reason} for r in self.rejections],
+            "train_loss": mean("train_loss"),
+            "val_loss": mean("val_loss"),
+            "num_supervised_tokens": sum(int(a.meta.get("num_supervised_tokens", 0)) for a in entries),
+        }
+
+    def candidates(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Each accepted site's adapter of this round, read back from the spill folder."""
+        return {site: load_file(str(a.path)) for site, a in sorted(self._accepted.items())}
+
+    def sizes(self) -> dict[str, float]:
+        return {site: float(a.meta.get("num_examples", 1)) for site, a in sorted(self._accepted.items())}
+
+
+class FedMedLoRAAggregator(AdapterAggregator):
+    """Fed-MedLoRA: A and B averaged separately, weighted by supervised tokens."""
+
+
+class FedMedLoRAPlusAggregator(AdapterAggregator):
+    """Fed-MedLoRA+: weights exp(1 - L_k), normalised, from each adapter's validation loss.
+
+    The controller supplies the losses (a server-side evaluator, or the sites scoring
+    each other's candidates) through `set_losses` before `aggregate_model`.
+    """
+
+    def __init__(self, temperature: float = 1.0, use_sizes: bool = False, max_norm_ratio: float = 10.0, allow_rank_change: bool = False):
+        super().__init__(weighting="uniform", max_norm_ratio=max_norm_ratio, allow_rank_change=allow_rank_change)
+        self.temperature = temperature
+        self.use_sizes = use_sizes
+        self._losses: dict[str, float] = {}
+
+    def reset_stats(self):
+        super().reset_stats()
+        self._losses = {}
+
+    def set_losses(self, losses: dict[str, float]) -> None:
+        self._losses = dict(losses)
+
+    def combine(self) -> dict[str, torch.Tensor]:
+        sites = sorted(self._accepted)
+        if set(self._losses) >= set(sites):
+            losses = [self._losses[s] for s in sites]
+            source = "validation losses"
+        else:  # no evaluator answered: fall back to the sites' own validation losses
+            losses = [float(self._accepted[s].meta.get("val_loss", float("nan"))) for s in sites]
+            source = "site-reported validation losses (fallback)"
+        sizes = [self.sizes()[s] for s in sites] if self.use_sizes else None
+        weights = aggregation.fed_medlora_plus_weights(losses, sizes=sizes, temperature=self.temperature)
+        self.info(f"round {self.round} Fed-MedLoRA+ from {source}: " + ", ".join(f"{s}: L={l:.4f} w={w:.3f}" for s, l, w in zip(sites, losses, weights)))
+        for site, weight in zip(sites, weights):
+            self._accepted[site].weight = weight
+        averager = aggregation.WeightedAverager()
+        for site, weight in zip(sites, weights):
+            if weight > 0:
+                averager.add(load_file(str(self._accepted[site].path)), weight)
+        return averager.result()
+
+
+class FedSALoRAAggregator(AdapterAggregator):
+    """FedSA-LoRA baseline: only A is shared; B stays local until the final round."""
+
+    def __init__(self, num_rounds: int, weighting: str = "supervised_tokens", max_norm_ratio: float = 10.0):
+        super().__init__(weighting=weighting, max_norm_ratio=max_norm_ratio)
+        self.num_rounds = num_rounds
+
+    def combine(self) -> dict[str, torch.Tensor]:
+        full = self._averager.result()
+        if self.round is not None and self.round >= self.num_rounds - 1:
+            return full
+        # Sites keep their own B: the global carries the averaged A and the previous B.
+        return {k: (v if aggregation.is_lora_A(k) else self.reference.get(k, v)) for k, v in full.items()}
+
+
+class ExactLoRAAggregator(AdapterAggregator):
+    """Average B·A per layer and project back to rank r by SVD (handles mixed ranks)."""
+
+    def __init__(self, rank: int | None = None, weighting: str = "supervised_tokens", max_norm_ratio: float = 10.0):
+        super().__init__(weighting=weighting, max_norm_ratio=max_norm_ratio, allow_rank_change=True)
+        self.rank = rank
+
+    def combine(self) -> dict[str, torch.Tensor]:
+        sites = sorted(self._accepted)
+        updates = [load_file(str(self._accepted[s].path)) for s in sites]
+        rank = self.rank or max(v.shape[0] for k, v in self.reference.items() if aggregation.is_lora_A(k))
+        adapter, report = aggregation.exact_lora(updates, [self._accepted[s].weight for s in sites], rank=rank)
+        self.info(f"round {self.round} exact aggregation: residual {report.get('total_residual', float('nan')):.3e}")
+        return adapter
+
+
+def _weighted_mean(pairs) -> float:
+    pairs = [(float(v), w) for v, w in pairs if v is not None]
+    total = sum(w for _, w in pairs)
+    return sum(v * w for v, w in pairs) / total if total else float("nan")

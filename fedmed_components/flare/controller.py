@@ -1,0 +1,129 @@
+"""The FedMed round on the server: send, screen and sum, (score), aggregate, persist.
+
+FLARE's FedAvg waits forever for a sampled site and has no step for Fed-MedLoRA+'s
+candidate scoring, so this controller runs the round itself, with a timeout on every
+task: a site that does not answer in time is dropped for that round, not awaited.
+"""
+
+from __future__ import annotations
+
+import time
+
+from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
+from nvflare.app_common.workflows.model_controller import ModelController
+
+from fedmed_components import aggregation
+from fedmed_components.flare.wire import CANDIDATES_TASK, TRAIN_TASK, pack_candidates
+
+LOSS_SOURCES = ("none", "server", "sites")
+
+
+class FedMedController(ModelController):
+    def __init__(
+        self,
+        num_rounds: int = 3,
+        min_clients: int = 1,
+        aggregator_id: str = "aggregator",
+        persistor_id: str = "persistor",
+        loss_source: str = "none",
+        evaluator_id: str | None = None,
+        train_timeout: int = 3600,
+        eval_timeout: int = 1800,
+        task_check_period: float = 0.2,
+    ):
+        super().__init__(persistor_id=persistor_id)
+        if loss_source not in LOSS_SOURCES:
+            raise ValueError(f"loss_source must be one of {LOSS_SOURCES}, not {loss_source!r}")
+        self.num_rounds = num_rounds
+        self.min_clients = min_clients
+        self.aggregator_id = aggregator_id
+        self.loss_source = loss_source
+        self.evaluator_id = evaluator_id
+        self.train_timeout = train_timeout
+        self.eval_timeout = eval_timeout
+        self.task_check_period = task_check_period
+        self.aggregator = None
+        self.evaluator = None
+
+    def run(self) -> None:
+        self.aggregator = self.get_component(self.aggregator_id)
+        if self.loss_source == "server":
+            self.evaluator = self.get_component(self.evaluator_id or "evaluator")
+        model = self.load_model()
+        start = int((model.meta or {}).get("next_round", 0))
+        if start >= self.num_rounds:
+            self.info(f"all {self.num_rounds} rounds already done; nothing to run")
+            return
+        if start:
+            self.info(f"resuming at round {start} of {self.num_rounds}")
+        global_params = model.params
+        for rnd in range(start, self.num_rounds):
+            if self.abort_signal.triggered:
+                return
+            global_params = self.run_round(rnd, global_params)
+            if global_params is None:
+                return
+        self.info(f"finished {self.num_rounds} rounds")
+
+    def run_round(self, rnd: int, global_params: dict):
+        started = time.perf_counter()
+        self.info(f"round {rnd} started")
+        self.aggregator.fl_ctx = self.fl_ctx
+        self.aggregator.begin_round(global_params, rnd)
+        clients = self.sample_clients()
+        outgoing = FLModel(params=global_params, params_type=ParamsType.FULL, current_round=rnd, total_rounds=self.num_rounds, meta=self.aggregator.outgoing_meta() if hasattr(self.aggregator, "outgoing_meta") else {})
+        self.send_model(
+            task_name=TRAIN_TASK,
+            data=outgoing,
+            targets=clients,
+            timeout=self.train_timeout,
+            callback=self.aggregator.accept_model,
+        )
+        while self.get_num_standing_tasks():
+            if self.abort_signal.triggered:
+                return None
+            time.sleep(self.task_check_period)
+        answered = self.aggregator.accepted_sites
+        missing = sorted(set(clients) - answered_set(answered, self.aggregator.rejections))
+        if missing:
+            self.warning(f"round {rnd}: no update from {missing} (timed out or failed); continuing without them")
+        if len(answered) < self.min_clients:
+            self.panic(f"round {rnd}: only {len(answered)} valid updates ({answered}), fewer than min_clients={self.min_clients}")
+            return None
+        if self.loss_source != "none":
+            self.aggregator.set_losses(self.candidate_losses(rnd, answered))
+        result = self.aggregator.aggregate_model()
+        result.meta.update(current_round=rnd, round_seconds=round(time.perf_counter() - started, 3))
+        self.save_model(FLModel(params=result.params, params_type=ParamsType.FULL, meta=result.meta, current_round=rnd))
+        self.info(f"round {rnd} done in {result.meta['round_seconds']:.1f} s with {answered}")
+        return result.params
+
+    def candidate_losses(self, rnd: int, sites: list[str]) -> dict[str, float]:
+        """Each candidate adapter's validation loss, from the server or from the sites."""
+        candidates = self.aggregator.candidates()
+        if self.loss_source == "server":
+            return {site: self.evaluator.loss(state) for site, state in candidates.items()}
+        results = self.send_model_and_wait(
+            task_name=CANDIDATES_TASK,
+            data=FLModel(params=pack_candidates(candidates), params_type=ParamsType.FULL, current_round=rnd),
+            targets=sites,
+            timeout=self.eval_timeout,
+        )
+        names, matrix, sizes = None, [], []
+        for res in results:
+            meta = res.meta or {}
+            if not meta.get("losses"):
+                continue
+            names = names or list(meta["candidates"])
+            matrix.append([float(x) for x in meta["losses"]])
+            sizes.append(int(meta.get("val_tokens", 1)) or 1)
+        if not matrix:
+            self.warning(f"round {rnd}: no site scored the candidates; using site-reported losses")
+            return {}
+        losses = aggregation.combine_site_losses(matrix, sizes)
+        self.info(f"round {rnd}: candidate losses from {len(matrix)} sites: " + ", ".join(f"{n}={v:.4f}" for n, v in zip(names, losses)))
+        return dict(zip(names, losses))
+
+
+def answered_set(accepted: list[str], rejections) -> set[str]:
+    return set(accepted) | {r.site for r in rejections}

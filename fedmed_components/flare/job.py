@@ -1,0 +1,196 @@
+"""One builder for every FedMed job folder, and a bounded simulator run.
+
+`JobSpec` says what a federation runs (algorithm, model, sites, rounds, local steps,
+data); `build_job` turns it into a FLARE `FedJob`; `export_job` writes the folder that
+`nvflare job submit` / the admin console take as is.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ALGORITHMS = ("fed_medlora", "fed_medlora_plus", "fedsa_lora", "fed_exact_lora")
+SITE_SCRIPT = Path(__file__).resolve().parents[2] / "custom" / "fedmed_site.py"
+
+
+@dataclass
+class JobSpec:
+    name: str = "fed_medlora"
+    algorithm: str = "fed_medlora"
+    model: str = "tiny"
+    sites: list[str] = field(default_factory=lambda: ["site-1", "site-2"])
+    num_rounds: int = 3
+    min_clients: int = 1
+    local_steps: int | None = 20
+    local_epochs: float = 1.0
+    batch_size: int = 4
+    max_length: int = 800
+    learning_rate: float = 2e-4
+    rank: int = 16
+    alpha: int = 64
+    data: str = "data"  # site folder root: <data>/<site name>
+    quantize: str = "auto"
+    loss_source: str = "sites"  # Fed-MedLoRA+: sites | server
+    server_val_data: str | None = None
+    weighting: str = "supervised_tokens"
+    max_norm_ratio: float = 10.0
+    train_timeout: int = 3600
+    eval_timeout: int = 1800
+    output_dir: str = "fedmed_adapters"
+    extra_site_args: str = ""
+    scope: str = "clinical"
+
+    def site_args(self) -> str:
+        args = [
+            "--model", self.model, "--data", self.data, "--quantize", self.quantize,
+            "--rank", str(self.rank), "--alpha", str(self.alpha), "--lr", str(self.learning_rate),
+            "--batch-size", str(self.batch_size), "--max-length", str(self.max_length),
+            "--local-epochs", str(self.local_epochs),
+        ]
+        if self.local_steps:
+            args += ["--local-steps", str(self.local_steps)]
+        return shlex.join(args) + (" " + self.extra_site_args if self.extra_site_args else "")
+
+
+def build_aggregator(spec: JobSpec):
+    from fedmed_components.flare import aggregators as agg
+
+    if spec.algorithm == "fed_medlora":
+        return agg.FedMedLoRAAggregator(weighting=spec.weighting, max_norm_ratio=spec.max_norm_ratio)
+    if spec.algorithm == "fed_medlora_plus":
+        return agg.FedMedLoRAPlusAggregator(max_norm_ratio=spec.max_norm_ratio)
+    if spec.algorithm == "fedsa_lora":
+        return agg.FedSALoRAAggregator(num_rounds=spec.num_rounds, weighting=spec.weighting, max_norm_ratio=spec.max_norm_ratio)
+    if spec.algorithm == "fed_exact_lora":
+        return agg.ExactLoRAAggregator(rank=spec.rank, weighting=spec.weighting, max_norm_ratio=spec.max_norm_ratio)
+    raise ValueError(f"unknown algorithm {spec.algorithm!r}; choose from {ALGORITHMS}")
+
+
+def build_job(spec: JobSpec):
+    from nvflare.client.config import ExchangeFormat
+    from nvflare.job_config.api import FedJob
+    from nvflare.job_config.script_runner import FrameworkType, ScriptRunner
+
+    from fedmed_components.flare.controller import FedMedController
+    from fedmed_components.flare.persistor import AdapterPersistor
+
+    loss_source = spec.loss_source if spec.algorithm == "fed_medlora_plus" else "none"
+    job = FedJob(name=spec.name, min_clients=spec.min_clients, meta_props={"scope": spec.scope})
+    job.to_server(
+        AdapterPersistor(model=spec.model, lora={"r": spec.rank, "alpha": spec.alpha}, output_dir=spec.output_dir),
+        id="persistor",
+    )
+    job.to_server(build_aggregator(spec), id="aggregator")
+    if loss_source == "server":
+        from fedmed_components.flare.evaluator import ServerLossEvaluator
+
+        job.to_server(
+            ServerLossEvaluator(model=spec.model, data=spec.server_val_data or spec.data, max_length=spec.max_length),
+            id="evaluator",
+        )
+    job.to_server(
+        FedMedController(
+            num_rounds=spec.num_rounds,
+            min_clients=spec.min_clients,
+            loss_source=loss_source,
+            evaluator_id="evaluator" if loss_source == "server" else None,
+            train_timeout=spec.train_timeout,
+            eval_timeout=spec.eval_timeout,
+        ),
+        id="controller",
+    )
+    runner = ScriptRunner(
+        script=str(SITE_SCRIPT),
+        script_args=spec.site_args(),
+        framework=FrameworkType.PYTORCH,
+        server_expected_format=ExchangeFormat.PYTORCH,
+    )
+    job.to_clients(runner)
+    return job
+
+
+def export_job(spec: JobSpec, job_root: str | os.PathLike) -> Path:
+    job_root = Path(job_root)
+    build_job(spec).export_job(str(job_root))
+    return job_root / spec.name
+
+
+class SimulatorTimeout(RuntimeError):
+    pass
+
+
+def run_simulator(job_folder: str | os.PathLike, workspace: str | os.PathLike, sites: list[str], *, timeout: float = 600, threads: int | None = None, log_file: str | os.PathLike | None = None) -> Path:
+    """Run the FLARE simulator in its own process group, bounded by `timeout`.
+
+    The whole group is stopped however the run ends, so no simulator or site process
+    outlives it. Returns the simulator workspace.
+    """
+    workspace = Path(workspace)
+    workspace.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        sys.executable, "-m", "nvflare.cli", "simulator", str(job_folder),
+        "-w", str(workspace), "-c", ",".join(sites), "-t", str(threads or len(sites)),
+    ]
+    log_path = Path(log_file) if log_file else workspace / "simulator.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            stop_process_group(proc)
+            raise SimulatorTimeout(f"simulator did not finish within {timeout:.0f} s; log: {log_path}")
+        except BaseException:
+            stop_process_group(proc)
+            raise
+        finally:
+            stop_process_group(proc)  # orphans of a finished run, too
+    if rc != 0:
+        raise RuntimeError(f"simulator exited with {rc}; log: {log_path}\n{tail(log_path)}")
+    return workspace
+
+
+def stop_process_group(proc: subprocess.Popen, grace: float = 5.0) -> None:
+    try:
+        pgid = os.getpgid(proc.pid)
+    except ProcessLookupError:
+        pgid = proc.pid
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 0)):
+        try:
+            os.killpg(pgid, sig)
+        except (ProcessLookupError, PermissionError):
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if not _group_alive(pgid):
+                return
+            time.sleep(0.1)
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def spec_dict(spec: JobSpec) -> dict:
+    return asdict(spec)

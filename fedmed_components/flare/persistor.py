@@ -1,0 +1,124 @@
+"""Adapter persistor: the server's global LoRA adapter, kept as PEFT folders.
+
+The server never loads base weights: the first adapter is built from the model's config
+on the meta device (or read from a given PEFT folder). Every round is written atomically
+as ``round_NNN/``, the latest as ``global/`` and the best so far as ``best/``;
+``state.json`` records the last finished round so a restarted job resumes after it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+from nvflare.apis.fl_context import FLContext
+from nvflare.app_common.abstract.model_learnable import ModelLearnable, ModelLearnableKey, make_model_learnable
+from nvflare.app_common.abstract.model_persistor import ModelPersistor
+from nvflare.app_common.app_constant import AppConstants
+
+from fedmed_components.modeling import (
+    LoraSettings,
+    initial_adapter_from_config,
+    load_adapter_folder,
+    resolve_model,
+    save_adapter_folder,
+)
+
+STATE_FILE = "state.json"
+
+
+class AdapterPersistor(ModelPersistor):
+    def __init__(
+        self,
+        model: str = "tiny",
+        lora: dict | None = None,
+        output_dir: str = "fedmed_adapters",
+        initial_adapter: str | None = None,
+        best_metric: str = "val_loss",
+        best_mode: str = "min",
+        keep_rounds: bool = True,
+        resume: bool = True,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.model = model
+        self.lora = LoraSettings.from_dict(lora or {})
+        self.output_dir = output_dir
+        self.initial_adapter = initial_adapter
+        self.best_metric = best_metric
+        self.best_mode = best_mode
+        self.keep_rounds = keep_rounds
+        self.resume = resume
+        self.seed = seed
+        self._root: Path | None = None
+
+    def root(self, fl_ctx: FLContext) -> Path:
+        """output_dir as given if absolute (survives job restarts), else inside the run dir."""
+        if self._root is None:
+            path = Path(self.output_dir)
+            if not path.is_absolute():
+                run_dir = fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id())
+                path = Path(run_dir) / path
+            path.mkdir(parents=True, exist_ok=True)
+            self._root = path
+        return self._root
+
+    def _state(self, fl_ctx) -> dict:
+        file = self.root(fl_ctx) / STATE_FILE
+        return json.loads(file.read_text()) if file.exists() else {}
+
+    def load_model(self, fl_ctx: FLContext) -> ModelLearnable:
+        state = self._state(fl_ctx) if self.resume else {}
+        if state.get("last_round") is not None and (self.root(fl_ctx) / "global").exists():
+            tensors, _, _ = load_adapter_folder(self.root(fl_ctx) / "global")
+            next_round = int(state["last_round"]) + 1
+            self.log_info(fl_ctx, f"resuming from {self.root(fl_ctx) / 'global'}: next round {next_round}")
+            return make_model_learnable(tensors, {"next_round": next_round, "resumed": True})
+        if self.initial_adapter:
+            tensors, _, _ = load_adapter_folder(self.initial_adapter)
+            self.log_info(fl_ctx, f"initial adapter from {self.initial_adapter}")
+        else:
+            tensors = initial_adapter_from_config(resolve_model(self.model), self.lora, seed=self.seed)
+            self.log_info(fl_ctx, f"initial adapter built from the config of {self.model} ({len(tensors)} tensors)")
+        return make_model_learnable(tensors, {"next_round": 0})
+
+    def save_model(self, learnable: ModelLearnable, fl_ctx: FLContext):
+        meta = dict(learnable.get(ModelLearnableKey.META) or {})
+        weights = learnable[ModelLearnableKey.WEIGHTS]
+        rnd = meta.get("current_round", fl_ctx.get_prop(AppConstants.CURRENT_ROUND))
+        root = self.root(fl_ctx)
+        record = {k: v for k, v in meta.items() if isinstance(v, (int, float, str, list, dict, bool)) or v is None}
+        base = resolve_model(self.model)
+        if self.keep_rounds and rnd is not None:
+            save_adapter_folder(weights, self.lora, base, root / f"round_{int(rnd):03d}", extra_meta=record)
+        save_adapter_folder(weights, self.lora, base, root / "global", extra_meta=record)
+        state = self._state(fl_ctx)
+        metric = meta.get(self.best_metric)
+        if _is_better(metric, state.get("best_value"), self.best_mode):
+            save_adapter_folder(weights, self.lora, base, root / "best", extra_meta=record)
+            state.update(best_round=rnd, best_value=metric, best_metric=self.best_metric)
+        state.update(last_round=rnd, history=state.get("history", []) + [record])
+        _write_json_atomic(root / STATE_FILE, state)
+        self.log_info(fl_ctx, f"saved global adapter of round {rnd} to {root / 'global'}")
+
+    def get_model_inventory(self, fl_ctx: FLContext):
+        return {}
+
+    def get_model(self, model_file: str, fl_ctx: FLContext):
+        return None
+
+
+def _is_better(value, best, mode: str) -> bool:
+    if value is None or not isinstance(value, (int, float)) or math.isnan(value):
+        return False
+    if best is None:
+        return True
+    return value < best if mode == "min" else value > best
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)

@@ -1,0 +1,24 @@
+"""Task names and payload layouts shared by the server components and the site script."""
+
+from __future__ import annotations
+
+TRAIN_TASK = "train"
+VALIDATE_TASK = "validate"
+SUBMIT_MODEL_TASK = "submit_model"
+CANDIDATES_TASK = "score_candidates"  # Fed-MedLoRA+ with losses measured at the sites
+
+_SEP = "::"
+
+
+def pack_candidates(candidates: dict[str, dict]) -> dict:
+    """One flat params dict holding every site's round adapter, prefixed by site name."""
+    return {f"{site}{_SEP}{key}": tensor for site, state in candidates.items() for key, tensor in state.items()}
+
+
+def unpack_candidates(params: dict) -> tuple[list[str], list[dict]]:
+    grouped: dict[str, dict] = {}
+    for flat_key, tensor in params.items():
+        site, key = flat_key.split(_SEP, 1)
+        grouped.setdefault(site, {})[key] = tensor
+    names = sorted(grouped)
+    return names, [grouped[name] for name in names]

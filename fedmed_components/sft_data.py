@@ -1,0 +1,48 @@
+"""From annotated documents to tokenised supervised examples (the paper's two tasks)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fedmed_components.document import Document
+
+
+@dataclass
+class SFTConfig:
+    tasks: tuple[str, ...] = ("ner", "modifier")
+    output_format: str = "html"
+    max_length: int = 800
+    train_on_prompt: bool = False
+    include_empty_modifier_examples: bool = True
+
+
+def build_examples(docs: list[Document], config: SFTConfig, types: set[str] | None = None):
+    """Sentence-level prompt/answer pairs for every document (text only, no tokens)."""
+    from fedmed_components.prompts import document_examples
+
+    examples = []
+    for doc in docs:
+        examples += document_examples(
+            doc,
+            tasks=config.tasks,
+            output_format=config.output_format,
+            types=types,
+            include_empty_modifier_examples=config.include_empty_modifier_examples,
+        )
+    return examples
+
+
+def tokenize_examples(examples, tokenizer, config: SFTConfig) -> list[dict]:
+    """Tokenise with the chat template; examples with no supervised token left are dropped."""
+    from fedmed_components.prompts import tokenize_example
+
+    out = []
+    for example in examples:
+        item = tokenize_example(tokenizer, example, config.max_length, train_on_prompt=config.train_on_prompt)
+        if item["num_supervised_tokens"] > 0:
+            out.append(item)
+    return out
+
+
+def build_sft_dataset(docs: list[Document], tokenizer, config: SFTConfig, types: set[str] | None = None) -> list[dict]:
+    return tokenize_examples(build_examples(docs, config, types), tokenizer, config)

@@ -1,0 +1,235 @@
+"""What one hospital does each round, without FLARE: the pure site runtime.
+
+`SiteRuntime` loads the base model once, keeps it across rounds, and answers the three
+things the federation asks of a site: train from a global adapter, report a validation
+loss, and score candidate adapters on its own validation split (Fed-MedLoRA+ without
+central data). The FLARE client script in ``custom/`` only moves these in and out.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from fedmed_components.document import Document, InputError, read_jsonl
+from fedmed_components.modeling import (
+    LoraSettings,
+    attach_lora,
+    get_adapter_state,
+    load_base_model,
+    load_tokenizer,
+    resolve_model,
+    set_adapter_state,
+)
+from fedmed_components.sft_data import SFTConfig, build_sft_dataset
+from fedmed_components.training import LocalTrainer, RoundStats, TrainSettings
+
+log = logging.getLogger("fedmed.site")
+
+
+@dataclass
+class SiteConfig:
+    model: str = "tiny"
+    data: str = ""
+    mapping: str | None = None  # kiwi | maccrobat | phee for non-JSONL corpora
+    quantize: str = "auto"  # auto (4bit on CUDA) | 4bit | 8bit | none
+    device: str | None = None
+    gradient_checkpointing: bool = False
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    val_fraction: float = 0.1
+    max_train_examples: int | None = None
+    max_val_examples: int | None = 64
+    seed: int = 0
+
+
+@dataclass
+class SiteData:
+    train: list[Document]
+    val: list[Document]
+    types: set[str] | None  # the types this site annotates (None: full schema)
+
+
+def load_site_data(folder: str | os.PathLike, *, mapping: str | None = None, val_fraction: float = 0.1, seed: int = 0) -> SiteData:
+    """A site folder holds train.jsonl (+ val.jsonl) or a corpus that is split here."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise InputError(folder, None, "site data folder does not exist")
+    train_file, val_file = folder / "train.jsonl", folder / "val.jsonl"
+    if train_file.exists():
+        train = read_jsonl(train_file)
+        val = read_jsonl(val_file) if val_file.exists() else []
+    else:
+        from fedmed_components.corpora import load_corpus
+
+        train, val = load_corpus(folder, mapping=mapping), []
+    if not train:
+        raise InputError(folder, None, "site has no training documents")
+    if not val and val_fraction > 0 and len(train) > 1:
+        shuffled = sorted(train, key=lambda d: d.id)
+        random.Random(seed).shuffle(shuffled)
+        n_val = max(1, int(round(len(shuffled) * val_fraction)))
+        val, train = shuffled[:n_val], shuffled[n_val:]
+    return SiteData(train=train, val=val, types=_annotated_types(folder, mapping))
+
+
+def _annotated_types(folder: Path, mapping: str | None) -> set[str] | None:
+    """Partial-schema sites declare their types (manifest.json or corpus mapping)."""
+    import json
+
+    manifest = folder / "manifest.json"
+    if manifest.exists():
+        types = json.loads(manifest.read_text()).get("annotated_types")
+        if types:
+            return set(types)
+    if mapping:
+        from fedmed_components.schema import get_mapping
+
+        return set(get_mapping(mapping).annotated_types)
+    return None
+
+
+class SiteRuntime:
+    """One site's model, data and trainer, loaded once and reused every round."""
+
+    def __init__(self, config: SiteConfig, site_name: str = "site"):
+        self.config = config
+        self.site_name = site_name
+        torch.manual_seed(config.seed)
+        self.model_path = resolve_model(config.model)
+        self.tokenizer = load_tokenizer(self.model_path)
+        base = load_base_model(
+            self.model_path,
+            quantize=config.quantize,
+            device=config.device,
+            gradient_checkpointing=config.gradient_checkpointing,
+        )
+        self.model = attach_lora(base, config.lora)
+        self.device = next(self.model.parameters()).device
+        self.trainer = LocalTrainer(self.model, self.tokenizer.pad_token_id, config.train, device=self.device)
+        self.data: SiteData | None = None
+        self.train_examples: list[dict] = []
+        self.val_examples: list[dict] = []
+
+    def load_data(self, folder: str | os.PathLike) -> SiteData:
+        cfg = self.config
+        self.data = load_site_data(folder, mapping=cfg.mapping, val_fraction=cfg.val_fraction, seed=cfg.seed)
+        sft = SFTConfig(**{**cfg.sft.__dict__, "max_length": cfg.train.max_length, "train_on_prompt": cfg.train.train_on_prompt})
+        self.train_examples = _cap(build_sft_dataset(self.data.train, self.tokenizer, sft, self.data.types), cfg.max_train_examples, cfg.seed)
+        self.val_examples = _cap(build_sft_dataset(self.data.val, self.tokenizer, sft, self.data.types), cfg.max_val_examples, cfg.seed)
+        if not self.train_examples:
+            raise InputError(folder, None, "no training example could be built from the site's documents")
+        log.info(
+            "%s: %d train docs -> %d examples, %d val docs -> %d examples",
+            self.site_name, len(self.data.train), len(self.train_examples), len(self.data.val), len(self.val_examples),
+        )
+        return self.data
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        return get_adapter_state(self.model)
+
+    def set_adapter(self, state: dict[str, torch.Tensor]) -> None:
+        """Load a global adapter; a rank other than the site's is projected by SVD."""
+        own = self.adapter_state()
+        if any(tuple(state[k].shape) != tuple(own[k].shape) for k in own if k in state):
+            from fedmed_components.aggregation import exact_lora
+
+            state, _ = exact_lora([state], [1.0], rank=self.config.lora.r)
+        set_adapter_state(self.model, {k: v.to(own[k].dtype) for k, v in state.items()})
+
+    def train(self, global_state: dict[str, torch.Tensor] | None, *, progress: bool = False, on_step=None) -> tuple[dict[str, torch.Tensor], RoundStats]:
+        if global_state:
+            self.set_adapter(global_state)
+        stats = self.trainer.train_round(self.train_examples, progress=progress, on_step=on_step)
+        return self.adapter_state(), stats
+
+    @property
+    def val_supervised_tokens(self) -> int:
+        return sum(ex["num_supervised_tokens"] for ex in self.val_examples)
+
+    def validation_loss(self) -> tuple[float, int]:
+        return self.trainer.evaluate_loss(self.val_examples)
+
+    def score_candidates(self, candidates: list[dict[str, torch.Tensor]]) -> list[float]:
+        """Validation loss of each candidate adapter; the site's own adapter is restored."""
+        own = self.adapter_state()
+        losses = []
+        try:
+            for state in candidates:
+                self.set_adapter(state)
+                losses.append(self.validation_loss()[0])
+        finally:
+            set_adapter_state(self.model, own)
+        return losses
+
+
+def _cap(items: list, limit: int | None, seed: int) -> list:
+    if not limit or len(items) <= limit:
+        return items
+    return random.Random(seed).sample(items, limit)
+
+
+def add_site_arguments(parser) -> None:
+    """Site options shared by the FLARE site script and `fedmed train-local`."""
+    d, t, lo = SiteConfig(), TrainSettings(), LoraSettings()
+    parser.add_argument("--model", default=d.model, help="tiny | smollm2-135m | HF id | local folder")
+    parser.add_argument("--data", default=d.data, help="site data folder; <data>/<site name> is used when it exists")
+    parser.add_argument("--mapping", default=None, help="corpus mapping for BRAT/BioC data: kiwi | maccrobat | phee")
+    parser.add_argument("--quantize", default=d.quantize, choices=["auto", "4bit", "8bit", "none"], help="base model quantisation (auto: NF4 on CUDA)")
+    parser.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--rank", type=int, default=lo.r, help="LoRA rank of this site")
+    parser.add_argument("--alpha", type=int, default=lo.alpha)
+    parser.add_argument("--target-modules", default=",".join(lo.target_modules))
+    parser.add_argument("--lr", type=float, default=t.learning_rate)
+    parser.add_argument("--batch-size", type=int, default=t.batch_size)
+    parser.add_argument("--max-length", type=int, default=t.max_length)
+    parser.add_argument("--local-epochs", type=float, default=t.local_epochs)
+    parser.add_argument("--local-steps", type=int, default=None, help="steps per round (overrides --local-epochs)")
+    parser.add_argument("--warmup-ratio", type=float, default=t.warmup_ratio)
+    parser.add_argument("--keep-optimizer-state", action="store_true", help="do not restart AdamW each round")
+    parser.add_argument("--train-on-prompt", action="store_true", help="loss on prompt+answer (reference code)")
+    parser.add_argument("--tasks", default="ner,modifier", help="ner,modifier")
+    parser.add_argument("--val-fraction", type=float, default=d.val_fraction)
+    parser.add_argument("--max-train-examples", type=int, default=None)
+    parser.add_argument("--max-val-examples", type=int, default=d.max_val_examples)
+    parser.add_argument("--seed", type=int, default=d.seed)
+
+
+def site_config_from_args(args) -> SiteConfig:
+    return SiteConfig(
+        model=args.model,
+        data=args.data,
+        mapping=args.mapping,
+        quantize=args.quantize,
+        device=args.device,
+        gradient_checkpointing=args.gradient_checkpointing,
+        lora=LoraSettings(r=args.rank, alpha=args.alpha, target_modules=args.target_modules.split(",")),
+        train=TrainSettings(
+            learning_rate=args.lr,
+            batch_size=args.batch_size,
+            max_length=args.max_length,
+            local_epochs=args.local_epochs,
+            max_steps=args.local_steps,
+            warmup_ratio=args.warmup_ratio,
+            keep_optimizer_state=args.keep_optimizer_state,
+            train_on_prompt=args.train_on_prompt,
+            seed=args.seed,
+        ),
+        sft=SFTConfig(tasks=tuple(args.tasks.split(","))),
+        val_fraction=args.val_fraction,
+        max_train_examples=args.max_train_examples,
+        max_val_examples=args.max_val_examples,
+        seed=args.seed,
+    )
+
+
+def site_data_folder(data: str, site_name: str) -> Path:
+    per_site = Path(data) / site_name
+    return per_site if per_site.is_dir() else Path(data)
