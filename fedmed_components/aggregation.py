@@ -1,0 +1,515 @@
+"""Aggregation rules for LoRA adapters, as pure functions over ``dict[str, Tensor]``.
+
+No FLARE import: every rule here can be unit-tested (and benchmarked) on its own; the
+classes in ``flare/aggregators.py`` only decide *when* to call them.
+
+Adapters are keyed by PEFT state-dict names (``get_peft_model_state_dict``), e.g.
+``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`` (shape ``[r, in]``)
+and ``...q_proj.lora_B.weight`` (shape ``[out, r]``); the layer's update is
+``scaling * B @ A`` with ``scaling = alpha / r``.
+
+Rules
+-----
+``fed_medlora``
+    Fed-MedLoRA: per-tensor weighted average, A and B averaged separately (as the
+    paper does); a site's weight is its number of supervised tokens in the round
+    (``site_weights``).
+``fed_medlora_plus_weights``
+    Fed-MedLoRA+: ``w_k = exp(1 - L_k) / sum_j exp(1 - L_j)`` from the validation loss
+    ``L_k`` of site k's adapter, then the same per-tensor average. The rule needs every
+    candidate adapter until all K losses are known, so a Fed-MedLoRA+ server keeps K
+    candidates (in memory or spilled to disk) for the round; that is inherent to the
+    rule, unlike Fed-MedLoRA, which streams (``WeightedAverager``).
+``fedsa_lora`` / ``fedsa_final``
+    FedSA-LoRA baseline: only the A matrices are shared; B stays at the sites until the
+    final round, where everything is averaged.
+``exact_lora``
+    Averages the layer updates ``B_k @ A_k`` themselves (sites may use different ranks)
+    and projects the average back to rank r with a truncated SVD computed from the small
+    ``R x R`` core (``R = sum_k r_k``), never from the ``out x in`` matrix.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "WeightedAverager",
+    "combine_site_losses",
+    "exact_lora",
+    "fed_medlora",
+    "fed_medlora_plus_weights",
+    "fedsa_final",
+    "fedsa_lora",
+    "is_lora_A",
+    "is_lora_B",
+    "is_lora_key",
+    "lora_partner",
+    "normalize_weights",
+    "site_weights",
+]
+
+_A_PARTS = ("lora_A", "lora_embedding_A")
+_B_PARTS = ("lora_B", "lora_embedding_B")
+_PARTNER = {"lora_A": "lora_B", "lora_B": "lora_A", "lora_embedding_A": "lora_embedding_B", "lora_embedding_B": "lora_embedding_A"}
+_OTHER_LORA_PARTS = ("lora_magnitude_vector",)  # DoRA
+
+
+# --------------------------------------------------------------------------- key names
+def _lora_part(key: str) -> tuple[int, str] | None:
+    """Index and name of the ``lora_A``/``lora_B``/``lora_embedding_*`` component of a key."""
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if part in _PARTNER:
+            return i, part
+    return None
+
+
+def is_lora_A(key: str) -> bool:
+    """True for a LoRA down-projection (``lora_A``, ``lora_embedding_A``) tensor name."""
+    found = _lora_part(key)
+    return found is not None and found[1] in _A_PARTS
+
+
+def is_lora_B(key: str) -> bool:
+    """True for a LoRA up-projection (``lora_B``, ``lora_embedding_B``) tensor name."""
+    found = _lora_part(key)
+    return found is not None and found[1] in _B_PARTS
+
+
+def is_lora_key(key: str) -> bool:
+    """True for any tensor a LoRA/DoRA adapter legitimately carries."""
+    return _lora_part(key) is not None or any(part in _OTHER_LORA_PARTS for part in key.split("."))
+
+
+def lora_partner(key: str) -> str | None:
+    """The name of the other factor of the same layer (A -> B, B -> A), or None."""
+    found = _lora_part(key)
+    if found is None:
+        return None
+    parts = key.split(".")
+    parts[found[0]] = _PARTNER[found[1]]
+    return ".".join(parts)
+
+
+def _layer_name(key: str) -> str:
+    """``...q_proj.lora_A.weight`` -> ``...q_proj`` (used in reports)."""
+    found = _lora_part(key)
+    return key if found is None else ".".join(key.split(".")[: found[0]])
+
+
+def _is_factor_weight(key: str) -> bool:
+    """A/B factor matrices (not a ``lora_B.bias``)."""
+    return _lora_part(key) is not None and not key.endswith(".bias")
+
+
+# ----------------------------------------------------------------------------- weights
+def normalize_weights(weights: Sequence[float]) -> list[float]:
+    """Weights scaled to sum to 1; negative, non-finite or all-zero weights are a ValueError."""
+    values = [float(w) for w in weights]
+    if not values:
+        raise ValueError("no weights given")
+    for i, w in enumerate(values):
+        if not math.isfinite(w):
+            raise ValueError(f"weight {i} is not finite: {w}")
+        if w < 0:
+            raise ValueError(f"weight {i} is negative: {w}")
+    total = math.fsum(values)
+    if total <= 0:
+        raise ValueError("weights sum to zero")
+    return [w / total for w in values]
+
+
+_META_KEYS = {"supervised_tokens": "num_supervised_tokens", "examples": "num_examples"}
+
+
+def site_weights(metas: Sequence[Mapping], by: str = "supervised_tokens") -> list[float]:
+    """Raw (unnormalised) aggregation weights read from each update's meta.
+
+    ``by="supervised_tokens"`` reads ``num_supervised_tokens`` (Fed-MedLoRA's weight),
+    ``"examples"`` reads ``num_examples``, ``"uniform"`` gives 1.0 to every site. The
+    weights are left unnormalised so that a streaming aggregator can take them one
+    update at a time; ``fed_medlora`` and ``WeightedAverager`` normalise.
+    """
+    if by == "uniform":
+        return [1.0] * len(metas)
+    if by not in _META_KEYS:
+        raise ValueError(f"unknown weighting {by!r}: use 'supervised_tokens', 'examples' or 'uniform'")
+    name = _META_KEYS[by]
+    weights = []
+    for i, meta in enumerate(metas):
+        if name not in meta or meta[name] is None:
+            raise ValueError(f"update {i}: meta has no {name!r} (needed for weighting by {by})")
+        value = meta[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"update {i}: {name} must be a number, got {value!r}")
+        value = float(value)
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"update {i}: {name} must be a finite non-negative number, got {value!r}")
+        weights.append(value)
+    return weights
+
+
+def fed_medlora_plus_weights(
+    losses: Sequence[float], sizes: Sequence[float] | None = None, temperature: float = 1.0
+) -> list[float]:
+    """Fed-MedLoRA+ weights ``exp(1 - L_k / T) / sum_j exp(1 - L_j / T)``.
+
+    This is ``softmax(-L / T)`` (the constant 1 cancels), computed stably by subtracting
+    the largest exponent. With ``sizes`` each weight is multiplied by its site's size
+    and the weights renormalised (the reference code ignores sizes). A site whose loss
+    is not finite (NaN: the evaluation failed; inf: diverged) gets weight 0; if no loss
+    is finite, ValueError.
+    """
+    losses = [float(loss) for loss in losses]
+    if not losses:
+        raise ValueError("no losses given")
+    temperature = float(temperature)
+    if not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be a positive number, got {temperature}")
+    if sizes is not None:
+        sizes = [float(s) for s in sizes]
+        if len(sizes) != len(losses):
+            raise ValueError(f"{len(sizes)} sizes for {len(losses)} losses")
+        for i, s in enumerate(sizes):
+            if not math.isfinite(s) or s < 0:
+                raise ValueError(f"size {i} must be a finite non-negative number, got {s}")
+    logits = [(1.0 - loss) / temperature if math.isfinite(loss) else None for loss in losses]
+    finite = [z for z in logits if z is not None]
+    if not finite:
+        raise ValueError(f"no finite validation loss among {losses}: cannot weight the sites")
+    top = max(finite)
+    raw = [math.exp(z - top) if z is not None else 0.0 for z in logits]
+    if sizes is not None:
+        raw = [r * s for r, s in zip(raw, sizes)]
+    total = math.fsum(raw)
+    if total <= 0:
+        raise ValueError("every site with a finite loss has size 0")
+    return [r / total for r in raw]
+
+
+def combine_site_losses(
+    loss_matrix: Sequence[Sequence[float]], val_sizes: Sequence[float], *, exclude_self: bool = False
+) -> list[float]:
+    """Candidate losses from client-side evaluation (Fed-MedLoRA+ without a server val set).
+
+    ``loss_matrix[e][c]`` is the mean validation loss that evaluating site ``e`` measured
+    for candidate adapter ``c``; ``val_sizes[e]`` is the size of site e's validation set
+    (e.g. supervised tokens). Each candidate's loss is the size-weighted mean over the
+    evaluating sites. Non-finite entries (an evaluation that failed) are skipped; a
+    candidate no site could score gets NaN (and so weight 0 in
+    ``fed_medlora_plus_weights``). ``exclude_self`` (square matrix, evaluator i ==
+    candidate i) leaves out each site's score of its own adapter, which is optimistic.
+    """
+    rows = [[float(x) for x in row] for row in loss_matrix]
+    sizes = [float(s) for s in val_sizes]
+    if not rows:
+        raise ValueError("empty loss matrix")
+    if len(sizes) != len(rows):
+        raise ValueError(f"{len(sizes)} validation sizes for {len(rows)} evaluating sites")
+    n_candidates = len(rows[0])
+    if any(len(row) != n_candidates for row in rows):
+        raise ValueError("ragged loss matrix: every evaluating site must score every candidate")
+    if exclude_self and len(rows) != n_candidates:
+        raise ValueError("exclude_self needs a square loss matrix (site i evaluates candidate i)")
+    for e, s in enumerate(sizes):
+        if not math.isfinite(s) or s < 0:
+            raise ValueError(f"validation size {e} must be a finite non-negative number, got {s}")
+    combined = []
+    for c in range(n_candidates):
+        pairs = [
+            (rows[e][c], sizes[e])
+            for e in range(len(rows))
+            if math.isfinite(rows[e][c]) and sizes[e] > 0 and not (exclude_self and e == c)
+        ]
+        total = math.fsum(s for _, s in pairs)
+        combined.append(math.fsum(loss * s for loss, s in pairs) / total if total > 0 else float("nan"))
+    return combined
+
+
+# ------------------------------------------------------------------- streaming average
+def _check_weight(weight: float) -> float:
+    w = float(weight)
+    if not math.isfinite(w) or w < 0:
+        raise ValueError(f"weight must be a finite non-negative number, got {weight!r}")
+    return w
+
+
+class WeightedAverager:
+    """Streaming weighted average of adapters: ``sum_k w_k x_k / sum_k w_k`` per tensor.
+
+    Keeps one running sum per tensor in ``accumulate_dtype`` (float32 by default) and
+    never the updates themselves, so server memory is one accumulator plus the update
+    being added, whatever the number of sites. Weights need not be normalised
+    (e.g. supervised-token counts). Same inputs in the same order give bit-identical
+    results; ``fed_medlora`` is this class run over a list.
+    """
+
+    def __init__(self, accumulate_dtype: torch.dtype = torch.float32):
+        if not accumulate_dtype.is_floating_point:
+            raise ValueError(f"accumulate_dtype must be a floating dtype, got {accumulate_dtype}")
+        self.accumulate_dtype = accumulate_dtype
+        self.reset()
+
+    def reset(self) -> None:
+        self._sums: dict[str, Tensor] = {}
+        self._dtypes: dict[str, torch.dtype] = {}
+        self._total = 0.0
+        self.count = 0
+
+    @property
+    def total_weight(self) -> float:
+        return self._total
+
+    def add(self, update: Mapping[str, Tensor], weight: float) -> None:
+        """Add ``weight * update``; a rejected update (ValueError) leaves the sum untouched."""
+        w = _check_weight(weight)
+        if not update:
+            raise ValueError("empty update")
+        for key, tensor in update.items():
+            if not isinstance(tensor, Tensor):
+                raise ValueError(f"{key}: not a tensor ({type(tensor).__name__})")
+            if not tensor.is_floating_point():
+                raise ValueError(f"{key}: not a floating-point tensor ({tensor.dtype})")
+        if self.count == 0:
+            self._sums = {k: t.to(self.accumulate_dtype, copy=True).mul_(w) for k, t in update.items()}
+            self._dtypes = {k: t.dtype for k, t in update.items()}
+        else:
+            if update.keys() != self._sums.keys():
+                missing = sorted(self._sums.keys() - update.keys())
+                extra = sorted(update.keys() - self._sums.keys())
+                raise ValueError(f"update keys differ from the first update's: missing {missing[:3]}, extra {extra[:3]}")
+            for key, tensor in update.items():
+                if tensor.shape != self._sums[key].shape:
+                    raise ValueError(f"{key}: shape {tuple(tensor.shape)} differs from {tuple(self._sums[key].shape)}")
+            for key, tensor in update.items():
+                acc = self._sums[key]
+                acc.add_(tensor.to(acc.device), alpha=w)
+        self._total += w
+        self.count += 1
+
+    def result(self) -> dict[str, Tensor]:
+        """The weighted average, in the dtype of the first update's tensors (state kept)."""
+        if self.count == 0:
+            raise ValueError("no update was added")
+        if self._total <= 0:
+            raise ValueError("the weights of the added updates sum to zero")
+        return {k: s.div(self._total).to(self._dtypes[k]) for k, s in self._sums.items()}
+
+
+def _check_updates(updates: Sequence[Mapping[str, Tensor]], weights: Sequence[float]) -> list[float]:
+    if not updates:
+        raise ValueError("no updates to aggregate")
+    if len(updates) != len(weights):
+        raise ValueError(f"{len(weights)} weights for {len(updates)} updates")
+    return normalize_weights(weights)
+
+
+# --------------------------------------------------------------------------------- rules
+def fed_medlora(
+    updates: Sequence[Mapping[str, Tensor]],
+    weights: Sequence[float],
+    *,
+    accumulate_dtype: torch.dtype = torch.float32,
+) -> dict[str, Tensor]:
+    """Fed-MedLoRA: per-tensor weighted average (A and B separately), weights normalised.
+
+    Accumulates in ``accumulate_dtype`` (float32, or float64) and returns each tensor in
+    the dtype of the first update. Raises ValueError on negative, non-finite or
+    zero-sum weights and on updates whose keys or shapes differ.
+    """
+    _check_updates(updates, weights)
+    averager = WeightedAverager(accumulate_dtype)
+    for update, weight in zip(updates, weights):
+        averager.add(update, weight)
+    return averager.result()
+
+
+def fedsa_lora(
+    updates: Sequence[Mapping[str, Tensor]],
+    weights: Sequence[float],
+    *,
+    accumulate_dtype: torch.dtype = torch.float32,
+) -> dict[str, Tensor]:
+    """FedSA-LoRA: average only the A matrices; the result holds only A keys (B stays local)."""
+    _check_updates(updates, weights)
+    shared = [{k: v for k, v in update.items() if is_lora_A(k)} for update in updates]
+    if not shared[0]:
+        raise ValueError("no lora_A tensor in the updates")
+    return fed_medlora(shared, weights, accumulate_dtype=accumulate_dtype)
+
+
+def fedsa_final(
+    updates: Sequence[Mapping[str, Tensor]],
+    weights: Sequence[float],
+    *,
+    accumulate_dtype: torch.dtype = torch.float32,
+) -> dict[str, Tensor]:
+    """FedSA-LoRA's final round: A and B both averaged, giving one global adapter."""
+    return fed_medlora(updates, weights, accumulate_dtype=accumulate_dtype)
+
+
+# --------------------------------------------------------------------- exact aggregation
+def _as_matrices(a: Tensor, b: Tensor, key: str) -> tuple[Tensor, Tensor]:
+    """A as ``[r, in_features]`` and B as ``[out, r]`` (conv LoRA: 1x1 B, flattened A)."""
+    if a.ndim < 2 or b.ndim < 2:
+        raise ValueError(f"{key}: LoRA factors must have at least 2 dimensions")
+    if any(d != 1 for d in b.shape[2:]):
+        raise ValueError(f"{key}: lora_B with a kernel larger than 1x1 is not supported")
+    r = a.shape[0]
+    if b.shape[1] != r:
+        raise ValueError(f"{key}: lora_A has rank {r} but lora_B has rank {b.shape[1]}")
+    return a.reshape(r, -1), b.reshape(b.shape[0], r)
+
+
+def _orthogonal_factors(left: Tensor, right: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD of ``left @ right`` (``[out, R] @ [R, in]``) via QR of each factor.
+
+    ``left @ right = (Qb U) diag(S) (Qa V)^T`` with ``left = Qb Rb``, ``right^T = Qa Ra``
+    and ``Rb Ra^T = U S V^T``: exact, and the only SVD is of a matrix at most ``R x R``.
+    Returns ``(Qb U, S, V^T Qa^T)``.
+    """
+    qb, rb = torch.linalg.qr(left)
+    qa, ra = torch.linalg.qr(right.T)
+    u, s, vh = torch.linalg.svd(rb @ ra.T, full_matrices=False)
+    return qb @ u, s, vh @ qa.T
+
+
+def _product_norm(left: Tensor, right: Tensor) -> float:
+    """``||left @ right||_F`` without forming the product."""
+    _, rb = torch.linalg.qr(left)
+    _, ra = torch.linalg.qr(right.T)
+    return float(torch.linalg.matrix_norm(rb @ ra.T))
+
+
+def exact_lora(
+    updates: Sequence[Mapping[str, Tensor]],
+    weights: Sequence[float],
+    rank: int | None = None,
+    scalings: Sequence[float] | None = None,
+    *,
+    target_scaling: float | None = None,
+    compute_dtype: torch.dtype = torch.float64,
+) -> tuple[dict[str, Tensor], dict]:
+    """Average the layer updates ``B_k @ A_k`` and project back to rank ``rank``.
+
+    For each layer, ``M = sum_k w_k s_k B_k A_k = [w_1 s_1 B_1 ... w_K s_K B_K] @ [A_1; ...; A_K]``
+    (``s_k`` = ``scalings[k]``, the site's ``alpha / r_k``, default 1; sites may have
+    different ranks ``r_k``). The SVD of M is computed exactly from QR factors of the two
+    stacked matrices and the ``R x R`` core (``R = sum r_k``); the top ``rank`` singular
+    triplets give ``B = U sqrt(S)``, ``A = sqrt(S) V^T`` (balanced), scaled so that
+    ``target_scaling * B @ A`` approximates M. ``rank`` defaults to the largest site rank
+    of the layer; when M has fewer than ``rank`` non-zero singular values the extra
+    rows of A and columns of B are zero (they then get no gradient if trained further).
+    ``target_scaling`` defaults to the sites' common scaling (required when the
+    scalings differ). Tensors that are not A/B factors (DoRA magnitudes, ``lora_B.bias``)
+    are averaged per tensor.
+
+    Returns ``(adapter, report)``: the adapter in the first update's dtypes, and
+    ``report = {"rank", "total_residual", "naive_total_residual", "layers": {layer:
+    {"ranks", "rank", "norm", "residual", "naive_residual"}}}``, where ``residual`` is
+    ``||M - s B A||_F / ||M||_F`` and ``naive_residual`` the same for averaging A and B
+    separately (``s * avg(B) @ avg(A)``; None when the site ranks differ).
+    """
+    w = _check_updates(updates, weights)
+    n = len(updates)
+    if scalings is None:
+        s = [1.0] * n
+    else:
+        s = [float(x) for x in scalings]
+        if len(s) != n:
+            raise ValueError(f"{len(s)} scalings for {n} updates")
+        if any(not math.isfinite(x) or x <= 0 for x in s):
+            raise ValueError(f"scalings must be positive numbers, got {s}")
+    if target_scaling is None:
+        if len(set(s)) > 1:
+            raise ValueError(
+                f"the sites' LoRA scalings differ ({s}): pass target_scaling, the alpha/r the global adapter is loaded with"
+            )
+        target_scaling = s[0]
+    target_scaling = float(target_scaling)
+    if not math.isfinite(target_scaling) or target_scaling <= 0:
+        raise ValueError(f"target_scaling must be a positive number, got {target_scaling}")
+    if rank is not None and (int(rank) != rank or rank < 1):
+        raise ValueError(f"rank must be a positive integer, got {rank}")
+
+    keys = list(updates[0].keys())
+    for i, update in enumerate(updates[1:], start=1):
+        if update.keys() != updates[0].keys():
+            raise ValueError(f"update {i} has different tensor names from update 0")
+    a_keys = [k for k in keys if is_lora_A(k) and _is_factor_weight(k)]
+    b_keys = {k for k in keys if is_lora_B(k) and _is_factor_weight(k)}
+    for key in a_keys:
+        if lora_partner(key) not in b_keys:
+            raise ValueError(f"{key} has no matching {lora_partner(key)}")
+    paired_b = {lora_partner(k) for k in a_keys}
+    if b_keys - paired_b:
+        raise ValueError(f"lora_B without lora_A: {sorted(b_keys - paired_b)[:3]}")
+    others = [k for k in keys if k not in paired_b and k not in set(a_keys)]
+
+    adapter: dict[str, Tensor] = {}
+    layers: dict[str, dict] = {}
+    residual_sq = naive_sq = norm_sq = 0.0
+    naive_defined = True
+    for a_key in a_keys:
+        b_key = lora_partner(a_key)
+        a_mats, b_mats = [], []
+        for update in updates:
+            a, b = _as_matrices(update[a_key], update[b_key], a_key)
+            a_mats.append(a.to(compute_dtype))
+            b_mats.append(b.to(compute_dtype))
+        ranks = [a.shape[0] for a in a_mats]
+        if len({a.shape[1] for a in a_mats}) > 1 or len({b.shape[0] for b in b_mats}) > 1:
+            raise ValueError(f"{a_key}: the sites' layer shapes differ")
+        out_rank = int(rank) if rank is not None else max(ranks)
+        coef = [w_k * s_k / target_scaling for w_k, s_k in zip(w, s)]
+        left = torch.cat([c * b for c, b in zip(coef, b_mats)], dim=1)  # [out, R]
+        right = torch.cat(a_mats, dim=0)  # [R, in]
+        u, sv, vh = _orthogonal_factors(left, right)
+        k = min(out_rank, sv.numel())
+        root = sv[:k].sqrt()
+        b_new = left.new_zeros(left.shape[0], out_rank)
+        a_new = right.new_zeros(out_rank, right.shape[1])
+        b_new[:, :k] = u[:, :k] * root
+        a_new[:k] = root[:, None] * vh[:k]
+
+        total = float(sv.square().sum())
+        kept_out = float(sv[k:].square().sum())
+        norm = math.sqrt(total)
+        layer = {
+            "ranks": ranks,
+            "rank": out_rank,
+            "norm": norm * target_scaling,
+            "residual": math.sqrt(kept_out) / norm if norm > 0 else 0.0,
+            "naive_residual": None,
+        }
+        residual_sq += kept_out
+        norm_sq += total
+        if len(set(ranks)) == 1:
+            b_bar = sum(w_k * b for w_k, b in zip(w, b_mats))
+            a_bar = sum(w_k * a for w_k, a in zip(w, a_mats))
+            diff = _product_norm(torch.cat([left, -b_bar], dim=1), torch.cat([right, a_bar], dim=0))
+            layer["naive_residual"] = diff / norm if norm > 0 else 0.0
+            naive_sq += diff * diff
+        else:
+            naive_defined = False
+        layers[_layer_name(a_key)] = layer
+
+        a0, b0 = updates[0][a_key], updates[0][b_key]
+        adapter[a_key] = a_new.reshape(out_rank, *a0.shape[1:]).to(a0.dtype)
+        adapter[b_key] = b_new.reshape(b0.shape[0], out_rank, *b0.shape[2:]).to(b0.dtype)
+
+    if others:
+        adapter.update(fed_medlora([{k: u[k] for k in others} for u in updates], weights))
+    adapter = {k: adapter[k] for k in keys}
+    report = {
+        "rank": rank,
+        "total_residual": math.sqrt(residual_sq / norm_sq) if norm_sq > 0 else 0.0,
+        "naive_total_residual": (math.sqrt(naive_sq / norm_sq) if norm_sq > 0 else 0.0) if naive_defined and a_keys else None,
+        "layers": layers,
+    }
+    return adapter, report
