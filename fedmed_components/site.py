@@ -131,6 +131,15 @@ class SiteRuntime:
         )
         return self.data
 
+    def load_validation(self, path: str | os.PathLike) -> None:
+        """Validation-only data (the server's held-out set): a JSONL file or a site folder."""
+        path = Path(path)
+        docs = read_jsonl(path) if path.is_file() else load_site_data(path, mapping=self.config.mapping, val_fraction=0).train
+        sft = SFTConfig(**{**self.config.sft.__dict__, "max_length": self.config.train.max_length})
+        self.val_examples = _cap(build_sft_dataset(docs, self.tokenizer, sft), self.config.max_val_examples, self.config.seed)
+        if not self.val_examples:
+            raise InputError(path, None, "no validation example could be built")
+
     def adapter_state(self) -> dict[str, torch.Tensor]:
         return get_adapter_state(self.model)
 

@@ -1,0 +1,42 @@
+"""Server-held validation set for Fed-MedLoRA+ (the paper's reference setting).
+
+This is the one place the server loads base weights: only when the federation chose
+loss_source="server" and gave the server a validation set. Hospitals that cannot give
+the server notes use loss_source="sites" instead (see README, security posture).
+"""
+
+from __future__ import annotations
+
+from nvflare.apis.fl_component import FLComponent
+
+
+class ServerLossEvaluator(FLComponent):
+    def __init__(self, model: str = "tiny", data: str = "", max_length: int = 800, batch_size: int = 4, max_examples: int = 64, quantize: str = "auto"):
+        super().__init__()
+        self.model = model
+        self.data = data
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.max_examples = max_examples
+        self.quantize = quantize
+        self._runtime = None
+
+    def _load(self):
+        from fedmed_components.site import SiteConfig, SiteRuntime
+        from fedmed_components.training import TrainSettings
+
+        config = SiteConfig(
+            model=self.model,
+            quantize=self.quantize,
+            train=TrainSettings(max_length=self.max_length, batch_size=self.batch_size),
+            val_fraction=1.0,
+            max_val_examples=self.max_examples,
+        )
+        runtime = SiteRuntime(config, site_name="server")
+        runtime.load_validation(self.data)
+        return runtime
+
+    def loss(self, adapter_state) -> float:
+        if self._runtime is None:
+            self._runtime = self._load()
+        return self._runtime.score_candidates([adapter_state])[0]
