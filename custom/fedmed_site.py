@@ -44,6 +44,8 @@ def main():
         rnd = incoming.current_round
         if task == TRAIN_TASK:
             global_state = incoming.params or None
+            if global_state and (incoming.meta or {}).get("load") == "lora_A":  # FedSA-LoRA: B stays local
+                global_state = {**runtime.adapter_state(), **{k: v for k, v in global_state.items() if ".lora_A." in k}}
             started = time.perf_counter()
             state, stats = runtime.train(global_state)
             val_loss, val_tokens = runtime.validation_loss()

@@ -188,7 +188,7 @@ def add_site_arguments(parser) -> None:
     """Site options shared by the FLARE site script and `fedmed train-local`."""
     d, t, lo = SiteConfig(), TrainSettings(), LoraSettings()
     parser.add_argument("--model", default=d.model, help="tiny | smollm2-135m | HF id | local folder")
-    parser.add_argument("--data", default=d.data, help="site data folder; <data>/<site name> is used when it exists")
+    parser.add_argument("--data", default=d.data, help="site data folder (default: $FEDMED_DATA); <data>/<site name> is used when it exists")
     parser.add_argument("--mapping", default=None, help="corpus mapping for BRAT/BioC data: kiwi | maccrobat | phee")
     parser.add_argument("--quantize", default=d.quantize, choices=["auto", "4bit", "8bit", "none"], help="base model quantisation (auto: NF4 on CUDA)")
     parser.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
@@ -240,5 +240,10 @@ def site_config_from_args(args) -> SiteConfig:
 
 
 def site_data_folder(data: str, site_name: str) -> Path:
-    per_site = Path(data) / site_name
-    return per_site if per_site.is_dir() else Path(data)
+    """--data, else $FEDMED_DATA (each hospital points it at its own notes);
+    <root>/<site name> is used when it exists, so one root can serve a simulator run."""
+    root = data or os.environ.get("FEDMED_DATA", "")
+    if not root:
+        raise InputError(None, None, f"{site_name}: no site data; pass --data or set FEDMED_DATA")
+    per_site = Path(root) / site_name
+    return per_site if per_site.is_dir() else Path(root)

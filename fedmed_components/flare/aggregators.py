@@ -62,6 +62,10 @@ class AdapterAggregator(ModelAggregator):
             shutil.rmtree(self._spill, ignore_errors=True)
         self._spill = Path(tempfile.mkdtemp(prefix="fedmed-round-"))
 
+    def outgoing_meta(self) -> dict:
+        """Instructions that travel with the global adapter to the sites."""
+        return {}
+
     @property
     def accepted_sites(self) -> list[str]:
         return sorted(self._accepted)
@@ -95,7 +99,7 @@ class AdapterAggregator(ModelAggregator):
         norm = update_norm(params, self.reference or None)
         self._accepted[site] = _Accepted(site, weight, norm, path, meta)
         self._averager.add(params, weight)
-        self.info(f"accepted update from {site} (weight {weight:g}, update norm {norm:.4g})")
+        self.info(f"accepted update from {site}: {len(params)} LoRA tensors, weight {weight:g}, update norm {norm:.4g}")
         return True
 
     def drop_norm_outliers(self) -> None:
@@ -196,6 +200,10 @@ class FedSALoRAAggregator(AdapterAggregator):
     def __init__(self, num_rounds: int, weighting: str = "supervised_tokens", max_norm_ratio: float = 10.0):
         super().__init__(weighting=weighting, max_norm_ratio=max_norm_ratio)
         self.num_rounds = num_rounds
+
+    def outgoing_meta(self) -> dict:
+        # After round 0 each site keeps its own B and takes only the shared A.
+        return {"load": "lora_A"} if self.round else {}
 
     def combine(self) -> dict[str, torch.Tensor]:
         full = self._averager.result()

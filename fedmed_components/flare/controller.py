@@ -71,7 +71,7 @@ class FedMedController(ModelController):
         self.aggregator.fl_ctx = self.fl_ctx
         self.aggregator.begin_round(global_params, rnd)
         clients = self.sample_clients()
-        outgoing = FLModel(params=global_params, params_type=ParamsType.FULL, current_round=rnd, total_rounds=self.num_rounds, meta=self.aggregator.outgoing_meta() if hasattr(self.aggregator, "outgoing_meta") else {})
+        outgoing = FLModel(params=global_params, params_type=ParamsType.FULL, current_round=rnd, total_rounds=self.num_rounds, meta=self.aggregator.outgoing_meta())
         self.send_model(
             task_name=TRAIN_TASK,
             data=outgoing,

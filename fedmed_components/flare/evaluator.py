@@ -7,6 +7,8 @@ the server notes use loss_source="sites" instead (see README, security posture).
 
 from __future__ import annotations
 
+import os
+
 from nvflare.apis.fl_component import FLComponent
 
 
@@ -32,8 +34,11 @@ class ServerLossEvaluator(FLComponent):
             val_fraction=1.0,
             max_val_examples=self.max_examples,
         )
+        data = self.data or os.environ.get("FEDMED_SERVER_VAL_DATA", "")
+        if not data:
+            raise ValueError("Fed-MedLoRA+ with loss_source=server needs the server's validation data: set the job's server_val_data or $FEDMED_SERVER_VAL_DATA")
         runtime = SiteRuntime(config, site_name="server")
-        runtime.load_validation(self.data)
+        runtime.load_validation(data)
         return runtime
 
     def loss(self, adapter_state) -> float:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -35,7 +36,7 @@ class JobSpec:
     learning_rate: float = 2e-4
     rank: int = 16
     alpha: int = 64
-    data: str = "data"  # site folder root: <data>/<site name>
+    data: str = ""  # site folder root (<data>/<site name>); empty: each site's $FEDMED_DATA
     quantize: str = "auto"
     loss_source: str = "sites"  # Fed-MedLoRA+: sites | server
     server_val_data: str | None = None
@@ -49,13 +50,15 @@ class JobSpec:
 
     def site_args(self) -> str:
         args = [
-            "--model", self.model, "--data", self.data, "--quantize", self.quantize,
+            "--model", self.model, "--quantize", self.quantize,
             "--rank", str(self.rank), "--alpha", str(self.alpha), "--lr", str(self.learning_rate),
             "--batch-size", str(self.batch_size), "--max-length", str(self.max_length),
             "--local-epochs", str(self.local_epochs),
         ]
         if self.local_steps:
             args += ["--local-steps", str(self.local_steps)]
+        if self.data:
+            args += ["--data", self.data]
         return shlex.join(args) + (" " + self.extra_site_args if self.extra_site_args else "")
 
 
@@ -92,7 +95,7 @@ def build_job(spec: JobSpec):
         from fedmed_components.flare.evaluator import ServerLossEvaluator
 
         job.to_server(
-            ServerLossEvaluator(model=spec.model, data=spec.server_val_data or spec.data, max_length=spec.max_length),
+            ServerLossEvaluator(model=spec.model, data=spec.server_val_data or "", max_length=spec.max_length, quantize=spec.quantize),
             id="evaluator",
         )
     job.to_server(
@@ -107,7 +110,7 @@ def build_job(spec: JobSpec):
         id="controller",
     )
     runner = ScriptRunner(
-        script=str(SITE_SCRIPT),
+        script=SITE_SCRIPT.name,  # relative: FLARE runs it from the app's custom/ folder
         script_args=spec.site_args(),
         framework=FrameworkType.PYTORCH,
         server_expected_format=ExchangeFormat.PYTORCH,
@@ -117,9 +120,19 @@ def build_job(spec: JobSpec):
 
 
 def export_job(spec: JobSpec, job_root: str | os.PathLike) -> Path:
-    job_root = Path(job_root)
-    build_job(spec).export_job(str(job_root))
-    return job_root / spec.name
+    """Write the job folder. Sites and server run the installed fedmed_components, so
+    the copy of the package that FLARE adds to app/custom is removed (one source)."""
+    job_root = Path(job_root).resolve()
+    cwd = os.getcwd()
+    os.chdir(SITE_SCRIPT.parent)  # FLARE resolves the script relative to the cwd
+    try:
+        build_job(spec).export_job(str(job_root))
+    finally:
+        os.chdir(cwd)
+    job_dir = job_root / spec.name
+    for copied in job_dir.glob("app*/custom/fedmed_components"):
+        shutil.rmtree(copied)
+    return job_dir
 
 
 class SimulatorTimeout(RuntimeError):

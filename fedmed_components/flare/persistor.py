@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 from nvflare.apis.fl_context import FLContext
-from nvflare.app_common.abstract.model_learnable import ModelLearnable, ModelLearnableKey, make_model_learnable
+from nvflare.app_common.abstract.model import ModelLearnable, ModelLearnableKey, make_model_learnable
 from nvflare.app_common.abstract.model_persistor import ModelPersistor
 from nvflare.app_common.app_constant import AppConstants
 
@@ -44,7 +44,8 @@ class AdapterPersistor(ModelPersistor):
     ):
         super().__init__()
         self.model = model
-        self.lora = LoraSettings.from_dict(lora or {})
+        self.lora = dict(lora or {})  # kept as given: FLARE exports constructor args by name
+        self.lora_settings = LoraSettings.from_dict(self.lora)
         self.output_dir = output_dir
         self.initial_adapter = initial_adapter
         self.best_metric = best_metric
@@ -80,7 +81,7 @@ class AdapterPersistor(ModelPersistor):
             tensors, _, _ = load_adapter_folder(self.initial_adapter)
             self.log_info(fl_ctx, f"initial adapter from {self.initial_adapter}")
         else:
-            tensors = initial_adapter_from_config(resolve_model(self.model), self.lora, seed=self.seed)
+            tensors = initial_adapter_from_config(resolve_model(self.model), self.lora_settings, seed=self.seed)
             self.log_info(fl_ctx, f"initial adapter built from the config of {self.model} ({len(tensors)} tensors)")
         return make_model_learnable(tensors, {"next_round": 0})
 
@@ -92,12 +93,12 @@ class AdapterPersistor(ModelPersistor):
         record = {k: v for k, v in meta.items() if isinstance(v, (int, float, str, list, dict, bool)) or v is None}
         base = resolve_model(self.model)
         if self.keep_rounds and rnd is not None:
-            save_adapter_folder(weights, self.lora, base, root / f"round_{int(rnd):03d}", extra_meta=record)
-        save_adapter_folder(weights, self.lora, base, root / "global", extra_meta=record)
+            save_adapter_folder(weights, self.lora_settings, base, root / f"round_{int(rnd):03d}", extra_meta=record)
+        save_adapter_folder(weights, self.lora_settings, base, root / "global", extra_meta=record)
         state = self._state(fl_ctx)
         metric = meta.get(self.best_metric)
         if _is_better(metric, state.get("best_value"), self.best_mode):
-            save_adapter_folder(weights, self.lora, base, root / "best", extra_meta=record)
+            save_adapter_folder(weights, self.lora_settings, base, root / "best", extra_meta=record)
             state.update(best_round=rnd, best_value=metric, best_metric=self.best_metric)
         state.update(last_round=rnd, history=state.get("history", []) + [record])
         _write_json_atomic(root / STATE_FILE, state)

@@ -1,0 +1,93 @@
+"""`fedmed job export|simulate`: write FLARE job folders from one builder, or run one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# The committed jobs/ folders: `fedmed job export --all --out jobs` regenerates them.
+COMMITTED_JOBS = {
+    "fed_medlora": dict(algorithm="fed_medlora"),
+    "fed_medlora_plus": dict(algorithm="fed_medlora_plus", loss_source="sites"),
+    "fed_medlora_plus_server": dict(algorithm="fed_medlora_plus", loss_source="server"),
+    "fedsa_lora": dict(algorithm="fedsa_lora"),
+    "fed_exact_lora": dict(algorithm="fed_exact_lora"),
+}
+
+
+def register(subparsers) -> None:
+    from fedmed_components.flare.job import ALGORITHMS, JobSpec
+
+    d = JobSpec()
+    job = subparsers.add_parser("job", help="export FLARE job folders (nvflare job submit takes them as is) or simulate one")
+    sub = job.add_subparsers(dest="job_command", metavar="SUBCOMMAND")
+
+    export = sub.add_parser("export", help="write a job folder", description="Write a FLARE job folder for one algorithm (or --all committed ones).")
+    export.add_argument("--out", default="jobs", help="folder that receives <name>/")
+    export.add_argument("--all", action="store_true", help="export every committed job (fed_medlora, fed_medlora_plus, ...)")
+    export.add_argument("--name", default=None, help="job name (default: the algorithm)")
+    export.add_argument("--algorithm", default=d.algorithm, choices=ALGORITHMS)
+    export.add_argument("--loss-source", default=d.loss_source, choices=["sites", "server"], help="Fed-MedLoRA+: who measures candidate losses")
+    export.add_argument("--server-val-data", default=None, help="Fed-MedLoRA+ with --loss-source server: the server's validation JSONL")
+    export.add_argument("--model", default=d.model, help="tiny | smollm2-135m | HF id | folder (same name at every site)")
+    export.add_argument("--sites", default=",".join(d.sites), help="comma-separated site names (simulator)")
+    export.add_argument("--rounds", type=int, default=d.num_rounds)
+    export.add_argument("--min-clients", type=int, default=d.min_clients)
+    export.add_argument("--local-steps", type=int, default=d.local_steps, help="local steps per round (0: use --local-epochs)")
+    export.add_argument("--local-epochs", type=float, default=d.local_epochs)
+    export.add_argument("--batch-size", type=int, default=d.batch_size)
+    export.add_argument("--max-length", type=int, default=d.max_length)
+    export.add_argument("--lr", type=float, default=d.learning_rate)
+    export.add_argument("--rank", type=int, default=d.rank)
+    export.add_argument("--alpha", type=int, default=d.alpha)
+    export.add_argument("--data", default=d.data, help="site data root (default: each site's $FEDMED_DATA)")
+    export.add_argument("--quantize", default=d.quantize, choices=["auto", "4bit", "8bit", "none"])
+    export.add_argument("--train-timeout", type=int, default=d.train_timeout, help="seconds a site has for a round before it is dropped")
+    export.add_argument("--output-dir", default=d.output_dir, help="where the server keeps adapters (absolute: survives restarts)")
+    export.add_argument("--site-args", default="", help="extra arguments for the site script")
+    export.set_defaults(func=_export)
+
+    sim = sub.add_parser("simulate", help="run a job folder in the FLARE simulator, bounded by a timeout",
+                         description="Run a job folder in the FLARE simulator in its own process group; every process it started is stopped when it ends.")
+    sim.add_argument("job_folder")
+    sim.add_argument("--sites", default=",".join(d.sites), help="comma-separated site names")
+    sim.add_argument("--workspace", required=True, help="simulator workspace (one per run)")
+    sim.add_argument("--timeout", type=float, default=1800, help="wall-clock limit in seconds")
+    sim.add_argument("--data", default=None, help="site data root, exported to the sites as FEDMED_DATA")
+    sim.set_defaults(func=_simulate)
+
+
+def spec_from_args(args, **overrides):
+    from fedmed_components.flare.job import JobSpec
+
+    values = dict(
+        name=args.name or args.algorithm, algorithm=args.algorithm, loss_source=args.loss_source,
+        server_val_data=args.server_val_data, model=args.model, sites=args.sites.split(","),
+        num_rounds=args.rounds, min_clients=args.min_clients, local_steps=args.local_steps or None,
+        local_epochs=args.local_epochs, batch_size=args.batch_size, max_length=args.max_length,
+        learning_rate=args.lr, rank=args.rank, alpha=args.alpha, data=args.data, quantize=args.quantize,
+        train_timeout=args.train_timeout, output_dir=args.output_dir, extra_site_args=args.site_args,
+    )
+    values.update(overrides)
+    return JobSpec(**values)
+
+
+def _export(args) -> int:
+    from fedmed_components.flare.job import export_job
+
+    specs = [spec_from_args(args, name=name, **extra) for name, extra in COMMITTED_JOBS.items()] if args.all else [spec_from_args(args)]
+    for spec in specs:
+        folder = export_job(spec, Path(args.out))
+        print(f"wrote {folder}")
+    return 0
+
+
+def _simulate(args) -> int:
+    import os
+
+    from fedmed_components.flare.job import run_simulator
+
+    if args.data:
+        os.environ["FEDMED_DATA"] = str(Path(args.data).resolve())
+    workspace = run_simulator(args.job_folder, args.workspace, args.sites.split(","), timeout=args.timeout)
+    print(f"simulator finished; workspace {workspace}")
+    return 0
