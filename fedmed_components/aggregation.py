@@ -245,18 +245,23 @@ class WeightedAverager:
     Keeps one running sum per tensor in ``accumulate_dtype`` (float32 by default) and
     never the updates themselves, so server memory is one accumulator plus the update
     being added, whatever the number of sites. Weights need not be normalised
-    (e.g. supervised-token counts). Same inputs in the same order give bit-identical
-    results; ``fed_medlora`` is this class run over a list.
+    (e.g. supervised-token counts). ``reset()`` keeps the accumulator's memory for the
+    next round (same tensor names and shapes: no new allocation); ``reset(release=True)``
+    frees it. Same inputs in the same order give bit-identical results; ``fed_medlora``
+    is this class run over a list.
     """
 
     def __init__(self, accumulate_dtype: torch.dtype = torch.float32):
         if not accumulate_dtype.is_floating_point:
             raise ValueError(f"accumulate_dtype must be a floating dtype, got {accumulate_dtype}")
         self.accumulate_dtype = accumulate_dtype
+        self._sums: dict[str, Tensor] = {}
         self.reset()
 
-    def reset(self) -> None:
-        self._sums: dict[str, Tensor] = {}
+    def reset(self, release: bool = False) -> None:
+        """Start a new average; ``release`` also frees the accumulator buffers."""
+        if release:
+            self._sums = {}
         self._dtypes: dict[str, torch.dtype] = {}
         self._total = 0.0
         self.count = 0
@@ -264,6 +269,19 @@ class WeightedAverager:
     @property
     def total_weight(self) -> float:
         return self._total
+
+    def _reusable(self, update: Mapping[str, Tensor]) -> bool:
+        return update.keys() == self._sums.keys() and all(
+            t.shape == self._sums[k].shape and t.device == self._sums[k].device for k, t in update.items()
+        )
+
+    @staticmethod
+    def _start(acc: Tensor, tensor: Tensor, weight: float) -> None:
+        """``acc = weight * tensor``, computed in acc's dtype."""
+        if tensor.dtype == acc.dtype:
+            torch.mul(tensor, weight, out=acc)
+        else:
+            acc.copy_(tensor).mul_(weight)
 
     def add(self, update: Mapping[str, Tensor], weight: float) -> None:
         """Add ``weight * update``; a rejected update (ValueError) leaves the sum untouched."""
@@ -276,7 +294,12 @@ class WeightedAverager:
             if not tensor.is_floating_point():
                 raise ValueError(f"{key}: not a floating-point tensor ({tensor.dtype})")
         if self.count == 0:
-            self._sums = {k: t.to(self.accumulate_dtype, copy=True).mul_(w) for k, t in update.items()}
+            if not self._reusable(update):
+                self._sums = {
+                    k: torch.empty(t.shape, dtype=self.accumulate_dtype, device=t.device) for k, t in update.items()
+                }
+            for key, tensor in update.items():
+                self._start(self._sums[key], tensor, w)
             self._dtypes = {k: t.dtype for k, t in update.items()}
         else:
             if update.keys() != self._sums.keys():
@@ -288,17 +311,17 @@ class WeightedAverager:
                     raise ValueError(f"{key}: shape {tuple(tensor.shape)} differs from {tuple(self._sums[key].shape)}")
             for key, tensor in update.items():
                 acc = self._sums[key]
-                acc.add_(tensor.to(acc.device), alpha=w)
+                acc.add_(tensor.to(acc.device), alpha=w)  # computed in acc's dtype
         self._total += w
         self.count += 1
 
     def result(self) -> dict[str, Tensor]:
-        """The weighted average, in the dtype of the first update's tensors (state kept)."""
+        """The weighted average as new tensors in the first update's dtypes (state kept)."""
         if self.count == 0:
             raise ValueError("no update was added")
         if self._total <= 0:
             raise ValueError("the weights of the added updates sum to zero")
-        return {k: s.div(self._total).to(self._dtypes[k]) for k, s in self._sums.items()}
+        return {k: self._sums[k].div(self._total).to(dtype) for k, dtype in self._dtypes.items()}
 
 
 def _check_updates(updates: Sequence[Mapping[str, Tensor]], weights: Sequence[float]) -> list[float]:
