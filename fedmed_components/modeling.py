@@ -295,15 +295,12 @@ def attach_lora(model, settings: LoraSettings):
 # -------------------------------------------------------------------- adapter state
 
 
-def is_lora_key(key: str) -> bool:
-    return ".lora_A." in key or ".lora_B." in key
-
-
 def get_adapter_state(peft_model) -> dict[str, torch.Tensor]:
     """The adapter tensors only (detached CPU copies), keyed by PEFT names."""
     from peft import get_peft_model_state_dict
 
-    state = get_peft_model_state_dict(peft_model)
+    # save_embedding_layers=False: PEFT would otherwise add base embedding weights
+    state = get_peft_model_state_dict(peft_model, save_embedding_layers=False)
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
 
 
@@ -311,7 +308,7 @@ def set_adapter_state(peft_model, state: dict[str, torch.Tensor]) -> None:
     """Load adapter tensors by PEFT name; any key mismatch is an error, never a silent skip."""
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-    expected = get_peft_model_state_dict(peft_model)
+    expected = get_peft_model_state_dict(peft_model, save_embedding_layers=False)
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))
     if missing or extra:

@@ -147,9 +147,12 @@ class SiteRuntime:
         """Load a global adapter; a rank other than the site's is projected by SVD."""
         own = self.adapter_state()
         if any(tuple(state[k].shape) != tuple(own[k].shape) for k in own if k in state):
-            from fedmed_components.aggregation import exact_lora
+            from fedmed_components.aggregation import exact_lora, is_lora_A
 
-            state, _ = exact_lora([state], [1.0], rank=self.config.lora.r)
+            # LoRA's scaling is alpha / r: keep the product B·A·scaling when changing rank.
+            global_rank = next(v.shape[0] for k, v in state.items() if is_lora_A(k))
+            alpha = self.config.lora.alpha
+            state, _ = exact_lora([state], [1.0], rank=self.config.lora.r, scalings=[alpha / global_rank], target_scaling=alpha / self.config.lora.r)
         set_adapter_state(self.model, {k: v.to(own[k].dtype) for k, v in state.items()})
 
     def train(self, global_state: dict[str, torch.Tensor] | None, *, progress: bool = False, on_step=None) -> tuple[dict[str, torch.Tensor], RoundStats]:

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from fedmed_components import modeling
+from fedmed_components.aggregation import is_lora_key
 from fedmed_components.modeling import LoraSettings
 
 
@@ -34,7 +35,7 @@ def test_initial_adapter_from_config_matches_peft_shapes(tiny_model_path):
     peft_state = modeling.get_adapter_state(model)
     init = modeling.initial_adapter_from_config(tiny_model_path, settings)
     assert {k: tuple(v.shape) for k, v in init.items()} == {k: tuple(v.shape) for k, v in peft_state.items()}
-    assert all(modeling.is_lora_key(k) for k in init)
+    assert all(is_lora_key(k) for k in init)
     assert all(torch.count_nonzero(v) == 0 for k, v in init.items() if ".lora_B." in k)
     assert all(torch.count_nonzero(v) > 0 for k, v in init.items() if ".lora_A." in k)
     modeling.set_adapter_state(model, init)  # loads by PEFT names without complaint

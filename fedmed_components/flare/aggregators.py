@@ -35,6 +35,9 @@ class _Accepted:
 class AdapterAggregator(ModelAggregator):
     """Base: screening, spilling, streaming sum; subclasses choose the weights."""
 
+    # Sum updates as they arrive; rules that need every update first read the spill.
+    streaming = True
+
     def __init__(self, weighting: str = "supervised_tokens", max_norm_ratio: float = 10.0, allow_rank_change: bool = False):
         super().__init__()
         self.weighting = weighting
@@ -98,7 +101,8 @@ class AdapterAggregator(ModelAggregator):
         save_file({k: v.contiguous() for k, v in params.items()}, str(path))
         norm = update_norm(params, self.reference or None)
         self._accepted[site] = _Accepted(site, weight, norm, path, meta)
-        self._averager.add(params, weight)
+        if self.streaming:
+            self._averager.add(params, weight)
         self.info(f"accepted update from {site}: {len(params)} LoRA tensors, weight {weight:g}, update norm {norm:.4g}")
         return True
 
@@ -112,9 +116,10 @@ class AdapterAggregator(ModelAggregator):
             self.rejections.append(Rejection(site=site, round=self.round, reason=reason))
             self.warning(f"rejected update from {site} in round {self.round}: {reason}")
             del self._accepted[site]
-        self._averager.reset()
-        for entry in self._accepted.values():
-            self._averager.add(load_file(str(entry.path)), entry.weight)
+        if self.streaming:
+            self._averager.reset()
+            for entry in self._accepted.values():
+                self._averager.add(load_file(str(entry.path)), entry.weight)
 
     # --------------------------------------------------------------- aggregating
     def aggregate_model(self) -> FLModel:
@@ -161,6 +166,8 @@ class FedMedLoRAPlusAggregator(AdapterAggregator):
     each other's candidates) through `set_losses` before `aggregate_model`.
     """
 
+    streaming = False  # weights are known only once every candidate has been scored
+
     def __init__(self, temperature: float = 1.0, use_sizes: bool = False, max_norm_ratio: float = 10.0, allow_rank_change: bool = False):
         super().__init__(weighting="uniform", max_norm_ratio=max_norm_ratio, allow_rank_change=allow_rank_change)
         self.temperature = temperature
@@ -183,7 +190,11 @@ class FedMedLoRAPlusAggregator(AdapterAggregator):
             losses = [float(self._accepted[s].meta.get("val_loss", float("nan"))) for s in sites]
             source = "site-reported validation losses (fallback)"
         sizes = [self.sizes()[s] for s in sites] if self.use_sizes else None
-        weights = aggregation.fed_medlora_plus_weights(losses, sizes=sizes, temperature=self.temperature)
+        try:
+            weights = aggregation.fed_medlora_plus_weights(losses, sizes=sizes, temperature=self.temperature)
+        except ValueError as exc:  # no finite loss at all: do not lose the round
+            self.warning(f"round {self.round}: {exc}; falling back to uniform weights")
+            weights = [1.0 / len(sites)] * len(sites)
         self.info(f"round {self.round} Fed-MedLoRA+ from {source}: " + ", ".join(f"{s}: L={l:.4f} w={w:.3f}" for s, l, w in zip(sites, losses, weights)))
         for site, weight in zip(sites, weights):
             self._accepted[site].weight = weight
@@ -216,15 +227,22 @@ class FedSALoRAAggregator(AdapterAggregator):
 class ExactLoRAAggregator(AdapterAggregator):
     """Average B·A per layer and project back to rank r by SVD (handles mixed ranks)."""
 
-    def __init__(self, rank: int | None = None, weighting: str = "supervised_tokens", max_norm_ratio: float = 10.0):
+    streaming = False  # the SVD needs every site's factors
+
+    def __init__(self, rank: int | None = None, alpha: float = 64, weighting: str = "supervised_tokens", max_norm_ratio: float = 10.0):
         super().__init__(weighting=weighting, max_norm_ratio=max_norm_ratio, allow_rank_change=True)
         self.rank = rank
+        self.alpha = alpha  # every site uses the job's alpha; its scaling is alpha / own rank
 
     def combine(self) -> dict[str, torch.Tensor]:
         sites = sorted(self._accepted)
         updates = [load_file(str(self._accepted[s].path)) for s in sites]
         rank = self.rank or max(v.shape[0] for k, v in self.reference.items() if aggregation.is_lora_A(k))
-        adapter, report = aggregation.exact_lora(updates, [self._accepted[s].weight for s in sites], rank=rank)
+        site_ranks = [next(v.shape[0] for k, v in u.items() if aggregation.is_lora_A(k)) for u in updates]
+        adapter, report = aggregation.exact_lora(
+            updates, [self._accepted[s].weight for s in sites], rank=rank,
+            scalings=[self.alpha / r for r in site_ranks], target_scaling=self.alpha / rank,
+        )
         self.info(f"round {self.round} exact aggregation: residual {report.get('total_residual', float('nan')):.3e}")
         return adapter
 

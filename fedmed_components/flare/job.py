@@ -72,7 +72,7 @@ def build_aggregator(spec: JobSpec):
     if spec.algorithm == "fedsa_lora":
         return agg.FedSALoRAAggregator(num_rounds=spec.num_rounds, weighting=spec.weighting, max_norm_ratio=spec.max_norm_ratio)
     if spec.algorithm == "fed_exact_lora":
-        return agg.ExactLoRAAggregator(rank=spec.rank, weighting=spec.weighting, max_norm_ratio=spec.max_norm_ratio)
+        return agg.ExactLoRAAggregator(rank=spec.rank, alpha=spec.alpha, weighting=spec.weighting, max_norm_ratio=spec.max_norm_ratio)
     raise ValueError(f"unknown algorithm {spec.algorithm!r}; choose from {ALGORITHMS}")
 
 
