@@ -17,7 +17,7 @@ COMMAND_MODULES = [
     "predict",
     "merge",
     "job",
-    "model",
+    "poc",
 ]
 
 

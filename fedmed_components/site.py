@@ -113,30 +113,37 @@ class SiteRuntime:
         self.model = attach_lora(base, config.lora)
         self.device = next(self.model.parameters()).device
         self.trainer = LocalTrainer(self.model, self.tokenizer.pad_token_id, config.train, device=self.device)
-        self.data: SiteData | None = None
         self.train_examples: list[dict] = []
         self.val_examples: list[dict] = []
 
-    def load_data(self, folder: str | os.PathLike) -> SiteData:
+    def _sft_config(self) -> SFTConfig:
         cfg = self.config
-        self.data = load_site_data(folder, mapping=cfg.mapping, val_fraction=cfg.val_fraction, seed=cfg.seed)
-        sft = SFTConfig(**{**cfg.sft.__dict__, "max_length": cfg.train.max_length, "train_on_prompt": cfg.train.train_on_prompt})
-        self.train_examples = _cap(build_sft_dataset(self.data.train, self.tokenizer, sft, self.data.types), cfg.max_train_examples, cfg.seed)
-        self.val_examples = _cap(build_sft_dataset(self.data.val, self.tokenizer, sft, self.data.types), cfg.max_val_examples, cfg.seed)
+        return SFTConfig(**{**cfg.sft.__dict__, "max_length": cfg.train.max_length, "train_on_prompt": cfg.train.train_on_prompt})
+
+    def load_data(self, *folders: str | os.PathLike) -> list[SiteData]:
+        """One site folder, or several pooled (the centralised baseline); each keeps its own types."""
+        cfg, sft = self.config, self._sft_config()
+        loaded, train, val = [], [], []
+        for folder in folders:
+            data = load_site_data(folder, mapping=cfg.mapping, val_fraction=cfg.val_fraction, seed=cfg.seed)
+            train += build_sft_dataset(data.train, self.tokenizer, sft, data.types)
+            val += build_sft_dataset(data.val, self.tokenizer, sft, data.types)
+            loaded.append(data)
+        self.train_examples = _cap(train, cfg.max_train_examples, cfg.seed)
+        self.val_examples = _cap(val, cfg.max_val_examples, cfg.seed)
         if not self.train_examples:
-            raise InputError(folder, None, "no training example could be built from the site's documents")
+            raise InputError(folders[0], None, "no training example could be built from the site's documents")
         log.info(
-            "%s: %d train docs -> %d examples, %d val docs -> %d examples",
-            self.site_name, len(self.data.train), len(self.train_examples), len(self.data.val), len(self.val_examples),
+            "%s: %d train docs -> %d examples, %d val docs -> %d examples", self.site_name,
+            sum(len(d.train) for d in loaded), len(self.train_examples), sum(len(d.val) for d in loaded), len(self.val_examples),
         )
-        return self.data
+        return loaded
 
     def load_validation(self, path: str | os.PathLike) -> None:
         """Validation-only data (the server's held-out set): a JSONL file or a site folder."""
         path = Path(path)
         docs = read_jsonl(path) if path.is_file() else load_site_data(path, mapping=self.config.mapping, val_fraction=0).train
-        sft = SFTConfig(**{**self.config.sft.__dict__, "max_length": self.config.train.max_length})
-        self.val_examples = _cap(build_sft_dataset(docs, self.tokenizer, sft), self.config.max_val_examples, self.config.seed)
+        self.val_examples = _cap(build_sft_dataset(docs, self.tokenizer, self._sft_config()), self.config.max_val_examples, self.config.seed)
         if not self.val_examples:
             raise InputError(path, None, "no validation example could be built")
 

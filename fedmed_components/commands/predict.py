@@ -1,0 +1,70 @@
+"""`fedmed predict`: extract entities and modifiers from raw notes with a trained adapter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "predict",
+        help="run a base model + adapter over raw .txt notes (or JSONL) and write BRAT + JSONL",
+        description=(
+            "Split each note into sentences, predict main entities, then each entity's "
+            "modifiers (batched greedy decoding, left padding, KV cache), and reassemble "
+            "the spans at note offsets. Writes <out>/brat/*.ann|*.txt and <out>/predictions.jsonl."
+        ),
+    )
+    p.add_argument("--model", default="smollm2-135m", help="tiny | smollm2-135m | HF id | folder")
+    p.add_argument("--adapter", default=None, help="PEFT adapter folder (omit for zero-shot)")
+    p.add_argument("--input", required=True, help="folder of .txt notes, or a JSONL documents file")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--quantize", default="auto", choices=["auto", "4bit", "8bit", "none"])
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--tasks", default="ner,modifier", help="ner or ner,modifier")
+    p.set_defaults(func=_run)
+
+
+def read_notes(path: Path):
+    from fedmed_components.document import Document, InputError, read_jsonl
+
+    if path.is_file():
+        return [Document(id=d.id, text=d.text, site=d.site) for d in read_jsonl(path)]
+    notes = []
+    for txt in sorted(path.glob("*.txt")):
+        try:
+            with open(txt, encoding="utf-8", newline="") as fh:  # keep CRLF: offsets count it
+                notes.append(Document(id=txt.stem, text=fh.read()))
+        except UnicodeDecodeError as exc:
+            raise InputError(txt, None, f"not UTF-8 text ({exc.reason})") from exc
+    if not notes:
+        raise InputError(path, None, "no .txt notes found")
+    return notes
+
+
+def _run(args) -> int:
+    from fedmed_components.document import write_jsonl
+    from fedmed_components.inference import GenerationSettings, predict_documents
+    from fedmed_components.modeling import load_adapter_folder, load_base_model, load_tokenizer, resolve_model
+
+    notes = read_notes(Path(args.input))
+    model_path = resolve_model(args.model)
+    tokenizer = load_tokenizer(model_path)
+    model = load_base_model(model_path, quantize=args.quantize)
+    if args.adapter:
+        from peft import PeftModel
+
+        load_adapter_folder(args.adapter)  # fail early, with the folder's name, on a bad adapter
+        model = PeftModel.from_pretrained(model, args.adapter)
+    preds, report = predict_documents(
+        model, tokenizer, notes, tasks=tuple(args.tasks.split(",")),
+        settings=GenerationSettings(batch_size=args.batch_size), progress=True,
+    )
+    out = Path(args.out)
+    write_jsonl(preds, out / "predictions.jsonl")
+    from fedmed_components.brat import write_brat_dir
+
+    write_brat_dir(preds, out / "brat")
+    n_ent = sum(len(d.entities) for d in preds)
+    print(f"{len(preds)} notes, {report.sentences} sentences, {n_ent} spans, {report.parse_failures} parse failures -> {out}")
+    return 0
