@@ -25,7 +25,7 @@ SITE_SCRIPT = Path(__file__).resolve().parents[2] / "custom" / "fedmed_site.py"
 class JobSpec:
     name: str = "fed_medlora"
     algorithm: str = "fed_medlora"
-    model: str = "tiny"
+    model: str = "smollm2-135m"  # the embedded default; any HF id or folder in production
     sites: list[str] = field(default_factory=lambda: ["site-1", "site-2"])
     num_rounds: int = 3
     min_clients: int = 1

@@ -32,7 +32,7 @@ STATE_FILE = "state.json"
 class AdapterPersistor(ModelPersistor):
     def __init__(
         self,
-        model: str = "tiny",
+        model: str = "smollm2-135m",
         lora: dict | None = None,
         output_dir: str = "fedmed_adapters",
         initial_adapter: str | None = None,
