@@ -104,7 +104,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     )
     _reset_store(out / "global_adapter_store")
     job_dir = export_job(spec, out / "jobs")
-    print(f"[3/4] FLARE simulator: {cfg.algorithm}, {cfg.rounds} rounds x {cfg.local_steps} local steps, {len(sites)} sites (log: {out / 'simulator' / 'simulator.log'})")
+    print(f"[3/4] FLARE simulator: {cfg.algorithm}, {cfg.rounds} rounds x {cfg.local_steps} local steps, {len(sites)} sites (log: {out / 'simulator.log'})")
     sim_started = time.perf_counter()
     run_simulator(job_dir, out / "simulator", sites, timeout=cfg.timeout)
     sim_seconds = time.perf_counter() - sim_started

@@ -140,62 +140,85 @@ class SimulatorTimeout(RuntimeError):
 
 
 def run_simulator(job_folder: str | os.PathLike, workspace: str | os.PathLike, sites: list[str], *, timeout: float = 600, threads: int | None = None, log_file: str | os.PathLike | None = None) -> Path:
-    """Run the FLARE simulator in its own process group, bounded by `timeout`.
+    """Run the FLARE simulator bounded by `timeout`; every process it started is stopped.
 
-    The whole group is stopped however the run ends, so no simulator or site process
-    outlives it. Returns the simulator workspace.
+    The simulator's site workers start sessions of their own, so killing its process
+    group is not enough: the whole process tree is collected and stopped, and any
+    straggler still naming this workspace on its command line as well. The simulator
+    wipes its workspace at start, so the log lives beside it. Returns the workspace.
     """
-    workspace = Path(workspace)
-    workspace.mkdir(parents=True, exist_ok=True)
+    workspace = Path(workspace).resolve()
+    workspace.parent.mkdir(parents=True, exist_ok=True)
+    log_path = Path(log_file) if log_file else workspace.with_name(workspace.name + ".log")
     cmd = [
         sys.executable, "-m", "nvflare.cli", "simulator", str(job_folder),
         "-w", str(workspace), "-c", ",".join(sites), "-t", str(threads or len(sites)),
     ]
-    log_path = Path(log_file) if log_file else workspace / "simulator.log"
-    with open(log_path, "w") as log:
+    with open(log_path, "w") as log, _terminate_raises():
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         try:
             rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            stop_process_group(proc)
-            raise SimulatorTimeout(f"simulator did not finish within {timeout:.0f} s; log: {log_path}")
-        except BaseException:
-            stop_process_group(proc)
-            raise
+            raise SimulatorTimeout(f"simulator did not finish within {timeout:.0f} s; log: {log_path}") from None
         finally:
-            stop_process_group(proc)  # orphans of a finished run, too
+            stop_process_tree(proc.pid, marker=str(workspace))
     if rc != 0:
         raise RuntimeError(f"simulator exited with {rc}; log: {log_path}\n{tail(log_path)}")
     return workspace
 
 
-def stop_process_group(proc: subprocess.Popen, grace: float = 5.0) -> None:
-    try:
-        pgid = os.getpgid(proc.pid)
-    except ProcessLookupError:
-        pgid = proc.pid
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 0)):
-        try:
-            os.killpg(pgid, sig)
-        except (ProcessLookupError, PermissionError):
-            return
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            if not _group_alive(pgid):
-                return
-            time.sleep(0.1)
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        pass
+class _terminate_raises:
+    """Turn SIGTERM into an exception while a run is under way, so cleanup runs."""
 
+    def __enter__(self):
+        import threading
 
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._raise)
+        return self
+
+    @staticmethod
+    def _raise(signum, frame):
+        raise KeyboardInterrupt(f"terminated by signal {signum}")
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
         return False
+
+
+def stop_process_tree(pid: int, *, marker: str | None = None, grace: float = 5.0) -> None:
+    """SIGTERM a process, its descendants and any process whose command line holds
+    `marker`; SIGKILL whatever is left after `grace` seconds."""
+    import psutil
+
+    procs = []
+    try:
+        root = psutil.Process(pid)
+        procs = [root] + root.children(recursive=True)
+    except psutil.NoSuchProcess:
+        pass
+    if marker:
+        me = os.getpid()
+        for p in psutil.process_iter(["pid", "cmdline"]):
+            try:
+                if p.pid != me and marker in " ".join(p.info["cmdline"] or []) and p not in procs:
+                    procs.append(p)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=grace)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=grace)
 
 
 def tail(path: Path, lines: int = 40) -> str:

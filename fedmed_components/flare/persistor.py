@@ -54,6 +54,12 @@ class AdapterPersistor(ModelPersistor):
         self.resume = resume
         self.seed = seed
         self._root: Path | None = None
+        # The server must serialise torch tensors as tensors: without this FOBS falls
+        # back to a generic decomposer and the sites cannot rebuild the adapter.
+        from nvflare.app_opt.pt.decomposers import TensorDecomposer
+        from nvflare.fuel.utils import fobs
+
+        fobs.register(TensorDecomposer)
 
     def root(self, fl_ctx: FLContext) -> Path:
         """output_dir as given if absolute (survives job restarts), else inside the run dir."""
