@@ -80,7 +80,10 @@ def main():
             names, candidates = unpack_candidates(incoming.params)
             losses = runtime.score_candidates(candidates)
             log.info("%s round %s: candidate losses %s", site, rnd, dict(zip(names, [round(x, 4) for x in losses])))
-            flare.send(FLModel(meta={"site": site, "candidates": names, "losses": losses, "val_tokens": runtime.val_supervised_tokens}))
+            flare.send(FLModel(
+                metrics={f"loss/{name}": loss for name, loss in zip(names, losses)},
+                meta={"site": site, "candidates": names, "losses": losses, "val_tokens": runtime.val_supervised_tokens},
+            ))
         elif task == SUBMIT_MODEL_TASK:
             flare.send(FLModel(params=runtime.adapter_state(), params_type=ParamsType.FULL, meta={"site": site}))
         else:

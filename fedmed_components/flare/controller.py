@@ -72,11 +72,15 @@ class FedMedController(ModelController):
         self.aggregator.begin_round(global_params, rnd)
         clients = self.sample_clients()
         outgoing = FLModel(params=global_params, params_type=ParamsType.FULL, current_round=rnd, total_rounds=self.num_rounds, meta=self.aggregator.outgoing_meta())
-        self.send_model(
+        # A failed or silent site must not stop the round while min_clients can still answer.
+        self.broadcast_model(
             task_name=TRAIN_TASK,
             data=outgoing,
             targets=clients,
+            min_responses=self.min_clients,
             timeout=self.train_timeout,
+            wait_time_after_min_received=self.train_timeout,
+            blocking=False,
             callback=self.aggregator.accept_model,
         )
         while self.get_num_standing_tasks():
@@ -103,11 +107,13 @@ class FedMedController(ModelController):
         candidates = self.aggregator.candidates()
         if self.loss_source == "server":
             return {site: self.evaluator.loss(state) for site, state in candidates.items()}
-        results = self.send_model_and_wait(
+        results = self.broadcast_model(
             task_name=CANDIDATES_TASK,
             data=FLModel(params=pack_candidates(candidates), params_type=ParamsType.FULL, current_round=rnd),
             targets=sites,
+            min_responses=min(self.min_clients, len(sites)),
             timeout=self.eval_timeout,
+            wait_time_after_min_received=self.eval_timeout,
         )
         names, matrix, sizes = None, [], []
         for res in results:
