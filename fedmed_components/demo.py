@@ -19,8 +19,8 @@ log = logging.getLogger("fedmed.demo")
 
 # Settings measured to finish in time on a 2-core CPU (see README).
 PRESETS = {
-    "tiny": dict(rounds=2, local_steps=12, batch_size=8, lr=3e-3, rank=8, alpha=16, max_length=256, docs_per_site=8, test_docs=4),
-    "smollm2-135m": dict(rounds=3, local_steps=14, batch_size=4, lr=1e-3, rank=8, alpha=16, max_length=256, docs_per_site=10, test_docs=4),
+    "tiny": dict(rounds=2, local_steps=12, batch_size=8, lr=3e-3, rank=8, alpha=16, max_length=256, docs_per_site=8, test_docs=2),
+    "smollm2-135m": dict(rounds=3, local_steps=10, batch_size=4, lr=1e-3, rank=8, alpha=16, max_length=256, docs_per_site=10, test_docs=1),
 }
 
 

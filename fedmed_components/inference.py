@@ -22,13 +22,17 @@ class GenerationSettings:
     batch_size: int = 16
     max_new_tokens: int = 256
     # answer length <= input tokens * factor + slack (tags add tokens)
-    length_factor: float = 2.0
-    length_slack: int = 24
+    length_factor: float = 2.5
+    length_slack: int = 32
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompt_texts: list[str], settings: GenerationSettings | None = None, progress: bool = False) -> list[str]:
-    """Greedy completions for already chat-rendered prompts, in input order."""
+def generate(model, tokenizer, prompt_texts: list[str], settings: GenerationSettings | None = None, progress: bool = False, answer_lengths: list[int] | None = None) -> list[str]:
+    """Greedy completions for already chat-rendered prompts, in input order.
+
+    answer_lengths: the token length of the text each answer rewrites (the sentence),
+    which bounds the new tokens; without it the prompt length is used.
+    """
     from tqdm.auto import tqdm
 
     settings = settings or GenerationSettings()
@@ -44,7 +48,8 @@ def generate(model, tokenizer, prompt_texts: list[str], settings: GenerationSett
         idx = order[start : start + settings.batch_size]
         batch = tokenizer.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt", padding=True)
         longest = batch["input_ids"].shape[1]
-        budget = min(settings.max_new_tokens, int(longest * settings.length_factor) + settings.length_slack)
+        base = max(answer_lengths[i] for i in idx) if answer_lengths else longest
+        budget = min(settings.max_new_tokens, int(base * settings.length_factor) + settings.length_slack)
         generated = model.generate(
             input_ids=batch["input_ids"].to(device),
             attention_mask=batch["attention_mask"].to(device),
@@ -104,7 +109,8 @@ def predict_documents(
     preds = [Document(id=doc.id, text=doc.text, site=doc.site) for doc in docs]
 
     prompts = [render_chat(tokenizer, ner_prompt(s, output_format=output_format))[0] for _, _, s in sentences]
-    ner_outputs = generate(model, tokenizer, prompts, settings, progress)
+    lengths = [len(tokenizer(s, add_special_tokens=False)["input_ids"]) for _, _, s in sentences]
+    ner_outputs = generate(model, tokenizer, prompts, settings, progress, answer_lengths=lengths)
     mains = []  # (doc index, sentence start, sentence, (type, start, end), entity id)
     for (d, offset, sentence), output in zip(sentences, ner_outputs):
         parsed = parse_ner(output, sentence, output_format=output_format)
@@ -115,7 +121,8 @@ def predict_documents(
 
     if "modifier" in tasks and mains:
         prompts = [render_chat(tokenizer, modifier_prompt(sent, main, output_format=output_format))[0] for _, _, sent, main, _ in mains]
-        mod_outputs = generate(model, tokenizer, prompts, settings, progress)
+        lengths = [len(tokenizer(sent, add_special_tokens=False)["input_ids"]) for _, _, sent, _, _ in mains]
+        mod_outputs = generate(model, tokenizer, prompts, settings, progress, answer_lengths=lengths)
         for (d, offset, sentence, _main, head_id), output in zip(mains, mod_outputs):
             parsed = parse_modifiers(output, sentence, output_format=output_format)
             report.modifier_parse_failures += int(parsed.failed)

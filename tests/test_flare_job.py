@@ -90,3 +90,26 @@ def test_sites_send_only_lora_tensors(tmp_path, site_data, tiny_model_path):
         assert f"accepted update from {site}: {n_keys} LoRA tensors" in log
     history = json.loads((store / "state.json").read_text())["history"]
     assert all(entry["rejected"] == [] for entry in history)
+
+
+@pytest.mark.parametrize("algorithm, extra", [
+    ("fedsa_lora", {}),
+    ("fed_exact_lora", {}),
+    ("fed_medlora_plus", {"loss_source": "server"}),
+])
+def test_every_algorithm_runs_and_produces_an_adapter(tmp_path, site_data, tiny_model_path, algorithm, extra):
+    if extra.get("loss_source") == "server":
+        extra = {**extra, "server_val_data": str(site_data / "site-1" / "val.jsonl")}
+    spec, workspace, store = _run(tmp_path, site_data, tiny_model_path, algorithm=algorithm, name=algorithm, **extra)
+    state, _, meta = load_adapter_folder(store / "global")
+    initial = initial_adapter_from_config(tiny_model_path, LoraSettings(r=4, alpha=8))
+    assert state.keys() == initial.keys()
+    assert all(torch.isfinite(v).all() for v in state.values())
+    assert any(not torch.equal(state[k], initial[k]) for k in state)
+    assert meta["current_round"] == 1
+    log = _server_log(workspace)
+    if algorithm == "fed_medlora_plus":
+        assert "Fed-MedLoRA+ from validation losses" in log
+    if algorithm == "fed_exact_lora":
+        assert "exact aggregation: residual" in log
+    assert _no_processes_left(str(tmp_path / "ws"))

@@ -1,0 +1,76 @@
+"""What a site answers to each FLARE task: FLModel in, FLModel out (testable without FLARE running)."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
+
+from fedmed_components.flare.wire import CANDIDATES_TASK, SUBMIT_MODEL_TASK, TRAIN_TASK, VALIDATE_TASK, unpack_candidates
+from fedmed_components.modeling import adapter_num_bytes
+
+log = logging.getLogger("fedmed.site")
+
+
+def train(runtime, incoming: FLModel, send: str = "full") -> FLModel:
+    global_state = incoming.params or None
+    if global_state and (incoming.meta or {}).get("load") == "lora_A":  # FedSA-LoRA: B stays local
+        global_state = {**runtime.adapter_state(), **{k: v for k, v in global_state.items() if ".lora_A." in k}}
+    started = time.perf_counter()
+    state, stats = runtime.train(global_state)
+    val_loss, val_tokens = runtime.validation_loss()
+    params, ptype = state, ParamsType.FULL
+    if send == "diff" and global_state:
+        params = {k: state[k] - global_state[k].to(state[k].dtype) for k in state}
+        ptype = ParamsType.DIFF
+    meta = {
+        "site": runtime.site_name,
+        "num_supervised_tokens": stats.num_supervised_tokens,
+        "num_examples": stats.num_examples,
+        "train_loss": stats.train_loss,
+        "val_loss": val_loss,
+        "val_tokens": val_tokens,
+        "steps": stats.steps,
+        "rank": runtime.config.lora.r,
+        "NUM_STEPS_CURRENT_ROUND": stats.steps,
+    }
+    log.info(
+        "%s round %s: %d steps, %d supervised tokens, train loss %.4f, val loss %.4f, %.0f tok/s, payload %.2f MB, %.1f s",
+        runtime.site_name, incoming.current_round, stats.steps, stats.num_supervised_tokens, stats.train_loss, val_loss,
+        stats.tokens_per_second, adapter_num_bytes(params) / 1e6, time.perf_counter() - started,
+    )
+    return FLModel(params=params, params_type=ptype, meta=meta, metrics={"val_loss": val_loss})
+
+
+def validate(runtime, incoming: FLModel) -> FLModel:
+    if incoming.params:
+        runtime.set_adapter(incoming.params)
+    val_loss, val_tokens = runtime.validation_loss()
+    return FLModel(metrics={"val_loss": val_loss}, meta={"site": runtime.site_name, "val_tokens": val_tokens})
+
+
+def score_candidates(runtime, incoming: FLModel) -> FLModel:
+    names, candidates = unpack_candidates(incoming.params)
+    losses = runtime.score_candidates(candidates)
+    log.info("%s round %s: candidate losses %s", runtime.site_name, incoming.current_round, dict(zip(names, [round(x, 4) for x in losses])))
+    return FLModel(
+        metrics={f"loss/{name}": loss for name, loss in zip(names, losses)},  # FLARE needs params or metrics
+        meta={"site": runtime.site_name, "candidates": names, "losses": losses, "val_tokens": runtime.val_supervised_tokens},
+    )
+
+
+def submit_model(runtime, incoming: FLModel) -> FLModel:
+    return FLModel(params=runtime.adapter_state(), params_type=ParamsType.FULL, meta={"site": runtime.site_name})
+
+
+def handle(runtime, task: str, incoming: FLModel, send: str = "full") -> FLModel:
+    if task == TRAIN_TASK:
+        return train(runtime, incoming, send)
+    if task == VALIDATE_TASK:
+        return validate(runtime, incoming)
+    if task == CANDIDATES_TASK:
+        return score_candidates(runtime, incoming)
+    if task == SUBMIT_MODEL_TASK:
+        return submit_model(runtime, incoming)
+    raise ValueError(f"{runtime.site_name}: unknown task {task!r}")

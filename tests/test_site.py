@@ -1,0 +1,115 @@
+"""The site side with the tiny model on CPU: train / validate / score / submit tasks."""
+
+import math
+
+import pytest
+import torch
+from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
+
+from fedmed_components.aggregation import is_lora_key
+from fedmed_components.document import InputError, write_jsonl
+from fedmed_components.flare import site_tasks
+from fedmed_components.flare.wire import pack_candidates
+from fedmed_components.modeling import LoraSettings
+from fedmed_components.site import SiteConfig, SiteRuntime, load_site_data, site_data_folder
+from fedmed_components.training import TrainSettings
+
+META_FIELDS = {"num_supervised_tokens", "num_examples", "train_loss", "val_loss", "steps", "rank", "site"}
+
+
+@pytest.fixture(scope="module")
+def site_folder(tmp_path_factory):
+    from fedmed_components.synth import generate_site_corpus
+
+    root = tmp_path_factory.mktemp("site")
+    docs = generate_site_corpus("site-a", 4, seed=3, style="general_medicine")
+    write_jsonl(docs[:3], root / "train.jsonl")
+    write_jsonl(docs[3:], root / "val.jsonl")
+    return root
+
+
+def make_runtime(site_folder, rank=4, **train) -> SiteRuntime:
+    config = SiteConfig(
+        model="tiny", quantize="none", device="cpu", lora=LoraSettings(r=rank, alpha=8),
+        train=TrainSettings(max_steps=2, batch_size=4, max_length=160, learning_rate=1e-2, **train), max_val_examples=6,
+    )
+    runtime = SiteRuntime(config, site_name="site-a")
+    runtime.load_data(site_folder)
+    return runtime
+
+
+@pytest.fixture(scope="module")
+def runtime(site_folder, tiny_model_path):
+    return make_runtime(site_folder)
+
+
+def test_train_task_sends_only_the_adapter_with_metadata(runtime):
+    from peft import get_peft_model_state_dict
+
+    global_state = runtime.adapter_state()
+    out = site_tasks.handle(runtime, "train", FLModel(params=global_state, current_round=0))
+    assert out.params.keys() == get_peft_model_state_dict(runtime.model).keys()
+    assert all(is_lora_key(k) for k in out.params)
+    assert META_FIELDS <= set(out.meta)
+    assert out.meta["steps"] == 2 and out.meta["num_supervised_tokens"] > 0 and math.isfinite(out.meta["val_loss"])
+    assert any(not torch.equal(out.params[k], global_state[k]) for k in global_state)
+
+
+def test_diff_mode_sends_the_change(runtime):
+    global_state = runtime.adapter_state()
+    out = site_tasks.handle(runtime, "train", FLModel(params=global_state, current_round=1), send="diff")
+    assert out.params_type == ParamsType.DIFF
+    now = runtime.adapter_state()
+    assert all(torch.allclose(global_state[k] + out.params[k], now[k], atol=1e-6) for k in now)
+
+
+def test_validate_and_submit_model(runtime):
+    out = site_tasks.handle(runtime, "validate", FLModel(params={}))
+    assert math.isfinite(out.metrics["val_loss"]) and out.meta["val_tokens"] > 0
+    submitted = site_tasks.handle(runtime, "submit_model", FLModel(params={}))
+    current = runtime.adapter_state()
+    assert all(torch.equal(submitted.params[k], current[k]) for k in current)
+
+
+def test_score_candidates_returns_losses_and_restores_own_adapter(runtime):
+    own = runtime.adapter_state()
+    zeros = {k: torch.zeros_like(v) for k, v in own.items()}
+    out = site_tasks.handle(runtime, "score_candidates", FLModel(params=pack_candidates({"site-a": own, "site-b": zeros})))
+    assert out.meta["candidates"] == ["site-a", "site-b"]
+    own_loss, _ = runtime.validation_loss()
+    assert out.meta["losses"][0] == pytest.approx(own_loss, rel=1e-5)
+    assert out.meta["losses"][0] != pytest.approx(out.meta["losses"][1])
+    assert all(torch.equal(runtime.adapter_state()[k], own[k]) for k in own)
+
+
+def test_fedsa_keeps_local_B(runtime):
+    own = runtime.adapter_state()
+    incoming = {k: v + 1 for k, v in own.items()}
+    runtime.trainer.settings.learning_rate = 0.0  # isolate what was loaded
+    try:
+        out = site_tasks.handle(runtime, "train", FLModel(params=incoming, meta={"load": "lora_A"}))
+    finally:
+        runtime.trainer.settings.learning_rate = 1e-2
+    for k in own:
+        expected = incoming[k] if ".lora_A." in k else own[k]
+        assert torch.allclose(out.params[k], expected), k
+
+
+def test_a_site_with_another_rank_takes_the_global_adapter(site_folder, runtime):
+    other = make_runtime(site_folder, rank=2)
+    global_state = runtime.adapter_state()  # rank 4
+    out = site_tasks.handle(other, "train", FLModel(params=global_state))
+    assert all(v.shape[0] == 2 for k, v in out.params.items() if ".lora_A." in k)
+    assert out.meta["rank"] == 2
+
+
+def test_missing_or_empty_site_data_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.delenv("FEDMED_DATA", raising=False)
+    with pytest.raises(InputError, match="does not exist"):
+        load_site_data(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "train.jsonl").write_text("")
+    with pytest.raises(InputError, match="no training documents"):
+        load_site_data(tmp_path / "empty")
+    with pytest.raises(InputError, match="FEDMED_DATA"):
+        site_data_folder("", "site-x")
