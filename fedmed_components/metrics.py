@@ -1,132 +1,202 @@
 """n2c2-2018-style scoring of entities and relations, strict and lenient.
 
-strict: same type and the same span(s). lenient: same type and any character overlap.
-Each gold and each prediction is matched at most once (greedy, largest overlap first,
-ties by position: deterministic). A relation is correct when its type matches and its
-head and tail are each matched entities in the same mode. Documents are paired by id:
-a gold document with no prediction counts all its gold as missed; a prediction for a
-document not in gold is an error (scoring the wrong set silently is worse).
+- strict: same type and the same span(s) (every fragment of a discontinuous entity);
+- lenient: same type and at least one character of overlap.
+Each gold and each predicted entity is matched at most once: candidate pairs are taken
+greedily, exact matches first, then largest overlap first, ties by gold then
+prediction order, so the result is deterministic and every strict match is also a
+lenient one. A relation is correct when its type matches
+and its head and tail are each matched, in the same mode, to the gold relation's head
+and tail; a duplicated prediction is one true positive and one false positive.
+
+Documents are paired by id. A gold document with no prediction counts all its gold as
+missed. A prediction for a document that is not in gold, duplicate ids, or the same id
+with a different text raise `ScoringError`: scoring the wrong set silently is worse.
+`types` restricts scoring to the types a (partial-schema) site annotates; relations
+count only when both arguments are of those types.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 
-from fedmed_components.document import Document
+from fedmed_components.document import Document, Entity, Relation
 
 MODES = ("strict", "lenient")
 
 
+class ScoringError(ValueError):
+    """Gold and predictions cannot be paired up."""
+
+
 def prf(tp: int, fp: int, fn: int) -> dict:
+    """Precision, recall, F1 (0.0 where undefined) with the counts."""
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     return {"precision": precision, "recall": recall, "f1": f1, "tp": tp, "fp": fp, "fn": fn}
 
 
-def _overlap(a, b) -> int:
+# ------------------------------------------------------------------ matching
+
+
+def _fragments(ent: Entity) -> tuple[tuple[int, int], ...]:
+    return tuple(sorted((int(s), int(e)) for s, e in ent.spans))
+
+
+def _overlap(a: Entity, b: Entity) -> int:
     return sum(max(0, min(e1, e2) - max(s1, s2)) for s1, e1 in a.spans for s2, e2 in b.spans)
 
 
-def match_entities(gold: list, pred: list, mode: str) -> dict[str, str]:
-    """pred entity id -> gold entity id, one-to-one."""
-    candidates = []
+def _candidates(gold: list[Entity], pred: list[Entity], mode: str) -> list[tuple[bool, int, int, int]]:
+    """(not exact, -overlap, gold index, pred index) of every pair that may match in `mode`.
+
+    Exact pairs sort first in both modes, so the lenient matching contains the strict
+    one and a relation correct in strict mode stays correct in lenient mode.
+    """
+    pairs = []
     for gi, g in enumerate(gold):
+        g_frags = _fragments(g)
         for pi, p in enumerate(pred):
             if g.type != p.type:
                 continue
-            if mode == "strict":
-                if sorted(g.spans) == sorted(p.spans):
-                    candidates.append((-(g.end - g.start), gi, pi))
-            else:
-                ov = _overlap(g, p)
-                if ov > 0:
-                    candidates.append((-ov, gi, pi))
-    pairs, used_g, used_p = {}, set(), set()
-    for _, gi, pi in sorted(candidates):
-        if gi not in used_g and pi not in used_p:
-            used_g.add(gi)
-            used_p.add(pi)
+            exact = g_frags == _fragments(p)
+            overlap = _overlap(g, p) if exact or mode == "lenient" else 0
+            if exact or overlap > 0:
+                pairs.append((not exact, -overlap, gi, pi))
+    return sorted(pairs)
+
+
+def match_entities(gold: list[Entity], pred: list[Entity], mode: str) -> dict[str, str]:
+    """pred entity id -> gold entity id, one-to-one, greedy best overlap first."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}")
+    pairs, used_gold, used_pred = {}, set(), set()
+    for *_, gi, pi in _candidates(gold, pred, mode):
+        if gi not in used_gold and pi not in used_pred:
+            used_gold.add(gi)
+            used_pred.add(pi)
             pairs[pred[pi].id] = gold[gi].id
     return pairs
 
 
-def _restrict(doc: Document, types: set[str] | None):
+def _count_relations(gold: list[Relation], pred: list[Relation], pairs: dict[str, str]) -> Counter:
+    remaining = Counter((r.type, r.head, r.tail) for r in gold)
+    tp = 0
+    for r in pred:
+        key = (r.type, pairs.get(r.head), pairs.get(r.tail))
+        if remaining[key] > 0:
+            remaining[key] -= 1
+            tp += 1
+    return Counter(tp=tp, fp=len(pred) - tp, fn=len(gold) - tp)
+
+
+# ------------------------------------------------------------------ documents
+
+
+def _restrict(doc: Document, types: set[str] | None) -> tuple[list[Entity], list[Relation]]:
     ents = [e for e in doc.entities if types is None or e.type in types]
     kept = {e.id for e in ents}
-    rels = [r for r in doc.relations if r.head in kept and r.tail in kept]
-    return ents, rels
+    return ents, [r for r in doc.relations if r.head in kept and r.tail in kept]
+
+
+def _by_id(docs: list[Document], which: str) -> dict[str, Document]:
+    out: dict[str, Document] = {}
+    for doc in docs:
+        if doc.id in out:
+            raise ScoringError(f"{which}: document id {doc.id!r} appears twice")
+        out[doc.id] = doc
+    return out
+
+
+def _pair_documents(gold: list[Document], pred: list[Document]) -> list[tuple[Document, Document]]:
+    gold_by_id, pred_by_id = _by_id(gold, "gold"), _by_id(pred, "predictions")
+    unknown = sorted(set(pred_by_id) - set(gold_by_id))
+    if unknown:
+        raise ScoringError(f"predictions for {len(unknown)} document(s) not in gold, e.g. {unknown[:5]}")
+    pairs = []
+    for doc_id, g in gold_by_id.items():
+        p = pred_by_id.get(doc_id) or Document(id=doc_id, text=g.text)
+        if p.text and g.text and p.text != g.text:
+            raise ScoringError(f"document {doc_id!r}: predicted text differs from the gold text (offsets would not agree)")
+        pairs.append((g, p))
+    return pairs
+
+
+def _score_pair(g_doc: Document, p_doc: Document, types, ent: dict, per_type: dict, rel: dict) -> None:
+    g_ents, g_rels = _restrict(g_doc, types)
+    p_ents, p_rels = _restrict(p_doc, types)
+    for mode in MODES:
+        pairs = match_entities(g_ents, p_ents, mode)
+        ent[mode].update(tp=len(pairs), fp=len(p_ents) - len(pairs), fn=len(g_ents) - len(pairs))
+        matched = Counter(e.type for e in p_ents if e.id in pairs)
+        gold_n, pred_n = Counter(e.type for e in g_ents), Counter(e.type for e in p_ents)
+        for t in set(gold_n) | set(pred_n):
+            per_type[mode].setdefault(t, Counter()).update(tp=matched[t], fp=pred_n[t] - matched[t], fn=gold_n[t] - matched[t])
+        rel[mode].update(_count_relations(g_rels, p_rels, pairs))
 
 
 def score_documents(gold: list[Document], pred: list[Document], types: set[str] | None = None, parse_failures: int = 0) -> dict:
-    """The `fedmed eval --json` object of DESIGN.md."""
-    pred_by_id = {d.id: d for d in pred}
-    unknown = sorted(set(pred_by_id) - {d.id for d in gold})
-    if unknown:
-        raise ValueError(f"predictions for documents not in gold: {unknown[:5]}")
+    """The `fedmed eval --json` object of DESIGN.md (micro-averaged over documents)."""
     types = set(types) if types else None
     ent = {m: Counter() for m in MODES}
-    per_type = {m: {} for m in MODES}
     rel = {m: Counter() for m in MODES}
-    for g_doc in gold:
-        p_doc = pred_by_id.get(g_doc.id, Document(id=g_doc.id, text=g_doc.text))
-        g_ents, g_rels = _restrict(g_doc, types)
-        p_ents, p_rels = _restrict(p_doc, types)
-        g_type = {e.id: e.type for e in g_ents}
-        p_type = {e.id: e.type for e in p_ents}
-        for mode in MODES:
-            pairs = match_entities(g_ents, p_ents, mode)
-            ent[mode].update(tp=len(pairs), fp=len(p_ents) - len(pairs), fn=len(g_ents) - len(pairs))
-            matched_types = Counter(p_type[p] for p in pairs)
-            for t, n in Counter(g_type.values()).items():
-                per_type[mode].setdefault(t, Counter()).update(fn=n - matched_types[t])
-            for t, n in Counter(p_type.values()).items():
-                per_type[mode].setdefault(t, Counter()).update(fp=n - matched_types[t])
-            for t, n in matched_types.items():
-                per_type[mode].setdefault(t, Counter()).update(tp=n)
-            gold_rels = Counter((r.type, r.head, r.tail) for r in g_rels)
-            tp = 0
-            for r in p_rels:
-                key = (r.type, pairs.get(r.head), pairs.get(r.tail))
-                if gold_rels[key] > 0:
-                    gold_rels[key] -= 1
-                    tp += 1
-            rel[mode].update(tp=tp, fp=len(p_rels) - tp, fn=len(g_rels) - tp)
-    all_types = sorted(set(per_type["strict"]) | set(per_type["lenient"]))
+    per_type: dict[str, dict[str, Counter]] = {m: {} for m in MODES}
+    pairs = _pair_documents(gold, pred)
+    for g_doc, p_doc in pairs:
+        _score_pair(g_doc, p_doc, types, ent, per_type, rel)
+
+    def as_prf(counts: Counter) -> dict:
+        return prf(counts["tp"], counts["fp"], counts["fn"])
+
     return {
-        "documents": len(gold),
+        "documents": len(pairs),
         "entities": {
-            **{m: prf(ent[m]["tp"], ent[m]["fp"], ent[m]["fn"]) for m in MODES},
-            "per_type": {t: {m: prf(**{k: per_type[m].get(t, Counter())[k] for k in ("tp", "fp", "fn")}) for m in MODES} for t in all_types},
+            **{m: as_prf(ent[m]) for m in MODES},
+            "per_type": {t: {m: as_prf(per_type[m][t]) for m in MODES} for t in sorted(per_type["strict"])},
         },
-        "relations": {m: prf(rel[m]["tp"], rel[m]["fp"], rel[m]["fn"]) for m in MODES},
+        "relations": {m: as_prf(rel[m]) for m in MODES},
         "parse_failures": int(parse_failures),
     }
 
 
+# ------------------------------------------------------------------ display
+
+
 def format_table(result: dict) -> str:
-    lines = [f"{result['documents']} documents, {result['parse_failures']} parse failures", ""]
-    header = f"{'':18s} {'P':>6s} {'R':>6s} {'F1':>6s} {'tp':>6s} {'fp':>6s} {'fn':>6s}   (strict | lenient F1)"
-    lines.append(header)
+    """The score object as an aligned text table (strict and lenient side by side)."""
+    head = (f"{'':22s} {'strict P':>8s} {'R':>6s} {'F1':>6s} {'tp':>6s} {'fp':>6s} {'fn':>6s}"
+            f"   {'lenient P':>9s} {'R':>6s} {'F1':>6s}")
+    lines = [f"{result['documents']} documents, {result['parse_failures']} parse failures", "", head]
 
     def row(label: str, scores: dict) -> str:
         s, l = scores["strict"], scores["lenient"]
-        return f"{label:18s} {s['precision']:6.3f} {s['recall']:6.3f} {s['f1']:6.3f} {s['tp']:6d} {s['fp']:6d} {s['fn']:6d}   | {l['f1']:.3f}"
+        return (
+            f"{label:22s} {s['precision']:8.3f} {s['recall']:6.3f} {s['f1']:6.3f} {s['tp']:6d} {s['fp']:6d} {s['fn']:6d}"
+            f"   {l['precision']:9.3f} {l['recall']:6.3f} {l['f1']:6.3f}"
+        )
 
     lines.append(row("entities (micro)", result["entities"]))
-    for t, scores in result["entities"]["per_type"].items():
-        lines.append(row(f"  {t}", scores))
+    lines += [row(f"  {t}", scores) for t, scores in result["entities"]["per_type"].items()]
     lines.append(row("relations", result["relations"]))
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------ BERT baseline
+
+
 def bio_tags(doc: Document, token_offsets: list[tuple[int, int]], types: set[str] | None = None) -> list[str]:
-    """BIO label per token (first matching entity wins; covering span of each entity)."""
+    """BIO label per token: a token overlapping an entity's covering span belongs to it.
+
+    Entities are taken in text order, longer first; one that would share a token with
+    an entity already tagged is left out (BIO is flat). Empty offsets (special tokens)
+    stay "O".
+    """
     tags = ["O"] * len(token_offsets)
-    for ent in sorted(doc.entities, key=lambda e: (e.start, -e.end)):
+    for ent in sorted(doc.entities, key=lambda e: (e.start, -e.end, e.type)):
         if types is not None and ent.type not in types:
             continue
-        inside = [i for i, (s, e) in enumerate(token_offsets) if e > s and s >= ent.start and e <= ent.end]
+        inside = [i for i, (s, e) in enumerate(token_offsets) if e > s and s < ent.end and e > ent.start]
         if not inside or any(tags[i] != "O" for i in inside):
             continue
         tags[inside[0]] = f"B-{ent.type}"
@@ -136,10 +206,15 @@ def bio_tags(doc: Document, token_offsets: list[tuple[int, int]], types: set[str
 
 
 def seqeval_scores(true_seqs: list[list[str]], pred_seqs: list[list[str]]) -> dict:
-    from seqeval.metrics import f1_score, precision_score, recall_score
+    """Entity-level micro P/R/F1 of BIO sequences (seqeval, conlleval rules) and per type."""
+    from seqeval.metrics import classification_report, f1_score, precision_score, recall_score
 
+    report = classification_report(true_seqs, pred_seqs, output_dict=True, zero_division=0)
+    per_type = {t: {"precision": v["precision"], "recall": v["recall"], "f1": v["f1-score"], "support": int(v["support"])}
+                for t, v in report.items() if not t.endswith(" avg")}
     return {
-        "precision": precision_score(true_seqs, pred_seqs),
-        "recall": recall_score(true_seqs, pred_seqs),
-        "f1": f1_score(true_seqs, pred_seqs),
+        "precision": precision_score(true_seqs, pred_seqs, zero_division=0),
+        "recall": recall_score(true_seqs, pred_seqs, zero_division=0),
+        "f1": f1_score(true_seqs, pred_seqs, zero_division=0),
+        "per_type": per_type,
     }

@@ -2,28 +2,40 @@
 
 - NER: the model rewrites the input sentence as HTML with
   ``<span class="problem|treatment|test|drug">`` around the main entities.
-- Modifiers: one main entity is marked in the input with ``<main class="TYPE">``;
-  the model rewrites the sentence with that entity's modifiers wrapped in
+- Modifiers: one main entity is marked in the input with ``<main class="TYPE">``
+  (a tag the answers never use, so a copied marker cannot pass for an answer); the
+  model rewrites the sentence with that entity's modifiers wrapped in
   ``<span class="MODIFIER">``.
-A JSON variant answers ``[{"type": ..., "text": ...}, ...]`` in sentence order.
+- ``output_format="json"``: the answer is ``[{"type": ..., "text": ...}, ...]`` in
+  sentence order instead of the tagged sentence.
 
-Entities are tagged by their covering span (a discontinuous entity becomes one tag
-from its first to its last character); an entity that overlaps one already tagged in
-the same answer cannot be expressed in flat HTML and is left out (counted by
-`answer_coverage`).
+What flat tags cannot express, and what is done instead (deterministic):
+
+- a discontinuous entity is tagged by its covering span (first to last character);
+- of spans that overlap in one answer, the earliest-starting (then the longest, then
+  the first type alphabetically) is kept and the others are left out; each left-out
+  span is listed in ``Example.unexpressed``;
+- an entity that crosses a sentence boundary belongs to no sentence and is left out.
+``document_examples(..., stats=Counter())`` counts all three.
+
+Sentences come from `segmentation.split_sentences`; span offsets in an `Example` are
+relative to its sentence (add ``sentence_start`` for note offsets).
 """
 
 from __future__ import annotations
 
+import bisect
 import json
+from collections import Counter
 from dataclasses import dataclass
 
-from fedmed_components.document import Document
+from fedmed_components.document import Document, Entity
 from fedmed_components.schema import MAIN_TYPES, MODIFIER_TYPES
 from fedmed_components.segmentation import split_sentences
 
 SYSTEM_PROMPT = "You are a clinical information extraction assistant."
 IGNORE_INDEX = -100
+OUTPUT_FORMATS = ("html", "json")
 
 Span = tuple[str, int, int]  # (type, start, end) relative to the sentence
 
@@ -36,67 +48,164 @@ class Example:
     sentence: str
     prompt: str
     answer: str
-    main: Span | None = None
-    spans: tuple[Span, ...] = ()
+    main: Span | None = None  # the marked main entity (modifier task)
+    spans: tuple[Span, ...] = ()  # the gold spans the answer expresses
+    unexpressed: tuple[Span, ...] = ()  # gold spans left out (overlapping another)
 
 
-def _flat(spans: list[Span]) -> list[Span]:
-    """Sorted, non-overlapping spans (first and longest wins)."""
+# ------------------------------------------------------------------ answers
+
+
+def flatten_spans(spans: list[Span]) -> tuple[list[Span], list[Span]]:
+    """(kept, left out): non-overlapping spans in sentence order; earliest then longest wins."""
     kept: list[Span] = []
+    dropped: list[Span] = []
     for span in sorted(set(spans), key=lambda s: (s[1], -(s[2] - s[1]), s[0])):
-        if not kept or span[1] >= kept[-1][2]:
+        if kept and span[1] < kept[-1][2]:
+            dropped.append(span)
+        else:
             kept.append(span)
-    return kept
+    return kept, dropped
 
 
 def tag_html(sentence: str, spans: list[Span], tag: str = "span") -> str:
+    """The sentence with each (flattened) span wrapped in <tag class="TYPE">."""
     out, cursor = [], 0
-    for etype, start, end in _flat(spans):
+    for etype, start, end in flatten_spans(spans)[0]:
         out += [sentence[cursor:start], f'<{tag} class="{etype}">', sentence[start:end], f"</{tag}>"]
         cursor = end
     out.append(sentence[cursor:])
     return "".join(out)
 
 
-def _json_answer(sentence: str, spans: list[Span]) -> str:
-    return json.dumps([{"type": t, "text": sentence[s:e]} for t, s, e in _flat(spans)], ensure_ascii=False)
+def json_answer(sentence: str, spans: list[Span]) -> str:
+    items = [{"type": t, "text": sentence[s:e]} for t, s, e in flatten_spans(spans)[0]]
+    return json.dumps(items, ensure_ascii=False)
 
 
-def _types_phrase(types) -> str:
-    return ", ".join(types)
+def _answer(sentence: str, spans: list[Span], output_format: str) -> str:
+    _check_format(output_format)
+    return json_answer(sentence, spans) if output_format == "json" else tag_html(sentence, spans)
+
+
+def _check_format(output_format: str) -> None:
+    if output_format not in OUTPUT_FORMATS:
+        raise ValueError(f"output_format must be one of {OUTPUT_FORMATS}, not {output_format!r}")
+
+
+# ------------------------------------------------------------------ prompts
+
+
+def _how(output_format: str, what: str) -> str:
+    _check_format(output_format)
+    if output_format == "json":
+        return 'Answer with a JSON list of {"type": ..., "text": ...} objects in sentence order.'
+    return f'Rewrite the sentence as HTML, wrapping each {what} in <span class="TYPE">...</span>.'
+
+
+def _ordered(types, reference: tuple[str, ...]) -> list[str]:
+    wanted = set(types)
+    return [t for t in reference if t in wanted]
 
 
 def ner_prompt(sentence: str, output_format: str = "html", types=MAIN_TYPES) -> str:
-    wanted = [t for t in MAIN_TYPES if t in set(types)]
-    if output_format == "json":
-        how = 'Answer with a JSON list of {"type": ..., "text": ...} objects in sentence order.'
-    else:
-        how = 'Rewrite the sentence as HTML, wrapping each entity in <span class="TYPE">...</span>.'
-    return f"Extract the clinical entities ({_types_phrase(wanted)}) from the sentence. {how}\nSentence: {sentence}"
+    """Ask for the main entities of `types` (a partial-schema site lists only its own)."""
+    names = ", ".join(_ordered(types, MAIN_TYPES))
+    return f"Extract the clinical entities ({names}) from the sentence. {_how(output_format, 'entity')}\nSentence: {sentence}"
 
 
 def ner_answer(sentence: str, spans: list[Span], output_format: str = "html") -> str:
-    return _json_answer(sentence, spans) if output_format == "json" else tag_html(sentence, spans)
+    return _answer(sentence, spans, output_format)
 
 
 def modifier_prompt(sentence: str, main: Span, output_format: str = "html", types=MODIFIER_TYPES) -> str:
+    """Ask for the modifiers of the main entity marked with <main class="TYPE">."""
+    names = ", ".join(_ordered(types, MODIFIER_TYPES))
     marked = tag_html(sentence, [main], tag="main")
-    if output_format == "json":
-        how = 'Answer with a JSON list of {"type": ..., "text": ...} objects in sentence order.'
-    else:
-        how = 'Rewrite the sentence as HTML, wrapping each modifier in <span class="TYPE">...</span>.'
     return (
-        f"Find the modifiers ({_types_phrase(t for t in MODIFIER_TYPES if t in set(types))}) of the {main[0]} "
-        f"marked with <main>. {how}\nSentence: {marked}"
+        f"Find the modifiers ({names}) of the {main[0]} marked with <main>. "
+        f"{_how(output_format, 'modifier')}\nSentence: {marked}"
     )
 
 
 def modifier_answer(sentence: str, main: Span, modifiers: list[Span], output_format: str = "html") -> str:
-    return _json_answer(sentence, modifiers) if output_format == "json" else tag_html(sentence, modifiers)
+    """The sentence with `main`'s modifiers tagged (the main entity itself is not marked)."""
+    return _answer(sentence, modifiers, output_format)
 
 
-def _inside(ent, start: int, end: int) -> bool:
-    return ent.start >= start and ent.end <= end
+# ------------------------------------------------------------------ documents
+
+
+def _relative(ent: Entity, start: int) -> Span:
+    return (ent.type, ent.start - start, ent.end - start)
+
+
+def _modifiers_by_head(doc: Document, modifier_types: list[str]) -> dict[str, list[Entity]]:
+    by_id = {e.id: e for e in doc.entities}
+    tails: dict[str, list[Entity]] = {}
+    for rel in doc.relations:  # hasAttr and hasTemporal: head = main, tail = modifier
+        tail = by_id.get(rel.tail)
+        if tail is not None and tail.type in modifier_types:
+            tails.setdefault(rel.head, []).append(tail)
+    return tails
+
+
+def _sentence_of(ent: Entity, sentences: list[tuple[int, int]], starts: list[int]) -> int | None:
+    """Index of the sentence that holds the whole entity, None if it crosses a boundary."""
+    i = bisect.bisect_right(starts, ent.start) - 1
+    if i >= 0 and ent.end <= sentences[i][1]:
+        return i
+    return None
+
+
+@dataclass
+class _ExampleMaker:
+    """Builds the examples of one note in one output format and (partial) schema."""
+
+    doc_id: str
+    output_format: str
+    main_types: list[str]
+    modifier_types: list[str]
+    stats: Counter
+
+    def ner(self, s_start: int, sentence: str, mains: list[Entity]) -> Example:
+        kept, dropped = flatten_spans([_relative(e, s_start) for e in mains])
+        self.stats["overlapping_main"] += len(dropped)
+        prompt = ner_prompt(sentence, self.output_format, self.main_types)
+        answer = ner_answer(sentence, kept, self.output_format)
+        return Example(self.doc_id, "ner", s_start, sentence, prompt, answer, spans=tuple(kept), unexpressed=tuple(dropped))
+
+    def modifier(self, sentence_range: tuple[int, int], sentence: str, ent: Entity, modifiers: list[Entity]) -> Example:
+        s_start, s_end = sentence_range
+        main = _relative(ent, s_start)
+        inside = [m for m in modifiers if s_start <= m.start and m.end <= s_end]
+        self.stats["relations"] += len(modifiers)
+        self.stats["cross_sentence_relation"] += len(modifiers) - len(inside)
+        kept, dropped = flatten_spans([_relative(m, s_start) for m in inside])
+        self.stats["overlapping_modifier"] += len(dropped)
+        prompt = modifier_prompt(sentence, main, self.output_format, self.modifier_types)
+        answer = modifier_answer(sentence, main, kept, self.output_format)
+        return Example(self.doc_id, "modifier", s_start, sentence, prompt, answer, main=main,
+                       spans=tuple(kept), unexpressed=tuple(dropped))
+
+
+def _mains_by_sentence(
+    doc: Document, main_types: list[str], sentences: list[tuple[int, int]], stats: Counter
+) -> dict[int, list[Entity]]:
+    """Main entities per sentence index; those crossing a sentence boundary are counted."""
+    starts = [start for start, _ in sentences]
+    by_sentence: dict[int, list[Entity]] = {}
+    for ent in doc.entities:
+        if ent.type not in main_types:
+            continue
+        stats["main_entities"] += 1
+        stats["discontinuous_main"] += len(ent.spans) > 1
+        index = _sentence_of(ent, sentences, starts)
+        if index is None:
+            stats["cross_sentence_main"] += 1
+        else:
+            by_sentence.setdefault(index, []).append(ent)
+    return by_sentence
 
 
 def document_examples(
@@ -105,50 +214,89 @@ def document_examples(
     output_format: str = "html",
     types: set[str] | None = None,
     include_empty_modifier_examples: bool = True,
+    stats: Counter | None = None,
 ) -> list[Example]:
-    """Sentence-level examples; `types` limits a partial-schema site to what it annotates."""
+    """Sentence-level examples of one note, in text order.
+
+    NER: one example per sentence (with no entities too: the model must learn to copy).
+    Modifiers: one example per main entity, including those without modifiers unless
+    `include_empty_modifier_examples` is False. `types` limits a partial-schema site to
+    the types it annotates (its prompts then name only those). `stats`, if given,
+    counts entities and what could not be expressed.
+    """
+    _check_format(output_format)
     allowed = set(types) if types else set(MAIN_TYPES) | set(MODIFIER_TYPES)
-    main_types = [t for t in MAIN_TYPES if t in allowed]
-    mod_types = [t for t in MODIFIER_TYPES if t in allowed]
-    by_id = {e.id: e for e in doc.entities}
-    tails: dict[str, list[str]] = {}
-    for rel in doc.relations:
-        tails.setdefault(rel.head, []).append(rel.tail)
+    make = _ExampleMaker(doc.id, output_format, _ordered(allowed, MAIN_TYPES), _ordered(allowed, MODIFIER_TYPES),
+                         stats if stats is not None else Counter())
+    sentences = split_sentences(doc.text)
+    mains_in = _mains_by_sentence(doc, make.main_types, sentences, make.stats)
+    tails = _modifiers_by_head(doc, make.modifier_types)
     examples = []
-    for s_start, s_end in split_sentences(doc.text):
-        sentence = doc.text[s_start:s_end]
-        mains = [e for e in doc.entities if e.type in main_types and _inside(e, s_start, s_end)]
-        rel_spans = [(e.type, e.start - s_start, e.end - s_start) for e in mains]
-        if "ner" in tasks and main_types:
-            examples.append(Example(doc.id, "ner", s_start, sentence, ner_prompt(sentence, output_format, main_types),
-                                    ner_answer(sentence, rel_spans, output_format), spans=tuple(_flat(rel_spans))))
-        if "modifier" not in tasks or not mod_types:
+    for index, (s_start, s_end) in enumerate(sentences):
+        sentence, mains = doc.text[s_start:s_end], mains_in.get(index, [])
+        if "ner" in tasks and make.main_types:
+            examples.append(make.ner(s_start, sentence, mains))
+        if "modifier" not in tasks or not make.modifier_types:
             continue
-        for ent, main in zip(mains, rel_spans):
-            mods = [by_id[t] for t in tails.get(ent.id, []) if t in by_id]
-            mods = [(m.type, m.start - s_start, m.end - s_start) for m in mods if m.type in mod_types and _inside(m, s_start, s_end)]
-            if not mods and not include_empty_modifier_examples:
-                continue
-            examples.append(Example(doc.id, "modifier", s_start, sentence, modifier_prompt(sentence, main, output_format, mod_types),
-                                    modifier_answer(sentence, main, mods, output_format), main=main, spans=tuple(_flat(mods))))
+        for ent in mains:
+            example = make.modifier((s_start, s_end), sentence, ent, tails.get(ent.id, []))
+            if example.spans or example.unexpressed or include_empty_modifier_examples:
+                examples.append(example)
     return examples
 
 
+# ------------------------------------------------------------------ chat and tokens
+
+
+def _plain_template(messages: list[dict]) -> str:
+    """For a tokenizer without a chat template (a base model): a fixed instruction format."""
+    parts = [m["content"] + "\n\n" for m in messages if m["role"] == "system"]
+    parts += [f"### Input:\n{m['content']}\n\n" for m in messages if m["role"] == "user"]
+    return "".join(parts) + "### Response:\n"
+
+
 def render_chat(tokenizer, prompt: str, answer: str | None = None, system: str | None = SYSTEM_PROMPT) -> tuple[str, str | None]:
-    """(prompt text ending in the assistant turn, prompt + answer + end-of-turn)."""
+    """(prompt text ending where the assistant's answer begins, that + answer + eos).
+
+    Uses the tokenizer's chat template. A template that rejects the system role gets
+    the system text prepended to the user turn; a tokenizer without a template gets a
+    plain "### Input / ### Response" format.
+    """
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    prompt_text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if not getattr(tokenizer, "chat_template", None):
+        prompt_text = _plain_template(messages)
+    else:
+        try:
+            prompt_text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception:  # jinja raise_exception("System role not supported") and alike
+            if not system:
+                raise
+            merged = [{"role": "user", "content": f"{system}\n\n{prompt}"}]
+            prompt_text = tokenizer.apply_chat_template(merged, tokenize=False, add_generation_prompt=True)
     if answer is None:
         return prompt_text, None
     return prompt_text, prompt_text + answer + (tokenizer.eos_token or "")
 
 
+def _ids(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 def tokenize_example(tokenizer, example: Example, max_length: int, train_on_prompt: bool = False) -> dict:
-    """input_ids and labels; the loss is on the answer only unless train_on_prompt."""
-    prompt_text, _ = render_chat(tokenizer, example.prompt)
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    answer_ids = tokenizer(example.answer + (tokenizer.eos_token or ""), add_special_tokens=False)["input_ids"]
-    input_ids = (prompt_ids + answer_ids)[:max_length]
+    """input_ids and labels (-100 on the prompt unless train_on_prompt), cut at max_length.
+
+    The prompt is tokenised alone, as at inference; the full text is tokenised whole
+    when that keeps the prompt's tokens as its prefix, else prompt and answer tokens
+    are concatenated. Truncation drops tokens from the right; num_supervised_tokens
+    counts the labelled tokens that are left (Fed-MedLoRA's aggregation weight).
+    """
+    prompt_text, full_text = render_chat(tokenizer, example.prompt, example.answer)
+    prompt_ids = _ids(tokenizer, prompt_text)
+    full_ids = _ids(tokenizer, full_text)
+    if full_ids[: len(prompt_ids)] != prompt_ids:
+        full_ids = prompt_ids + _ids(tokenizer, full_text[len(prompt_text) :])
+    answer_ids = full_ids[len(prompt_ids) :]
     prompt_labels = list(prompt_ids) if train_on_prompt else [IGNORE_INDEX] * len(prompt_ids)
-    labels = (prompt_labels + list(answer_ids))[:max_length]
+    input_ids = full_ids[:max_length]
+    labels = (prompt_labels + answer_ids)[:max_length]
     return {"input_ids": input_ids, "labels": labels, "num_supervised_tokens": sum(1 for x in labels if x != IGNORE_INDEX)}

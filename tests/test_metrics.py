@@ -1,104 +1,183 @@
 """n2c2-style scoring: exact counts on hand-made cases, and lenient >= strict always."""
 
+import copy
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedmed_components.document import Document, Entity, Relation
-from fedmed_components.metrics import bio_tags, format_table, score_documents, seqeval_scores
+from fedmed_components.metrics import (
+    ScoringError,
+    bio_tags,
+    format_table,
+    match_entities,
+    score_documents,
+    seqeval_scores,
+)
 
-TEXT = "Patient denies chest pain and severe headache today."
-
-
-def ent(i, t, s, e):
-    return Entity(id=f"T{i}", type=t, spans=[(s, e)], text=TEXT[s:e])
-
-
-def doc(ents, rels=()):
-    return Document(id="d1", text=TEXT, entities=list(ents), relations=[Relation("hasAttr", h, t) for h, t in rels])
-
-
-GOLD = doc([ent(1, "negation", 8, 14), ent(2, "problem", 15, 25), ent(3, "severity", 30, 36), ent(4, "problem", 37, 45)],
-           [("T2", "T1"), ("T4", "T3")])
+TEXT = "Severe chest pain, no fever. Aspirin 81 mg daily."
 
 
-def counts(result, group, mode):
-    m = result[group][mode]
-    return m["tp"], m["fp"], m["fn"]
+def gold_doc():
+    ents = [
+        Entity("T1", "severity", [(0, 6)], "Severe"),
+        Entity("T2", "problem", [(7, 17)], "chest pain"),
+        Entity("T3", "negation", [(19, 21)], "no"),
+        Entity("T4", "problem", [(22, 27)], "fever"),
+        Entity("T5", "drug", [(29, 36)], "Aspirin"),
+        Entity("T6", "strength", [(37, 42)], "81 mg"),
+    ]
+    rels = [Relation("hasAttr", "T2", "T1"), Relation("hasAttr", "T4", "T3"), Relation("hasAttr", "T5", "T6")]
+    return Document("d1", TEXT, entities=ents, relations=rels)
+
+
+def pred_doc(*ents, rels=()):
+    return Document("d1", TEXT, entities=list(ents), relations=list(rels))
+
+
+def counts(m):
+    return (m["tp"], m["fp"], m["fn"])
 
 
 def test_gold_against_itself_is_perfect():
-    r = score_documents([GOLD], [GOLD])
+    result = score_documents([gold_doc()], [copy.deepcopy(gold_doc())])
     for mode in ("strict", "lenient"):
-        assert r["entities"][mode]["f1"] == 1.0 and r["relations"][mode]["f1"] == 1.0
-    assert r["documents"] == 1 and set(r) == {"documents", "entities", "relations", "parse_failures"}
+        assert result["entities"][mode]["f1"] == 1.0 and result["relations"][mode]["f1"] == 1.0
+        assert all(v[mode]["f1"] == 1.0 for v in result["entities"]["per_type"].values())
+    assert set(result) == {"documents", "entities", "relations", "parse_failures"}
+    assert set(result["entities"]) == {"strict", "lenient", "per_type"}
+    assert set(result["entities"]["strict"]) == {"precision", "recall", "f1", "tp", "fp", "fn"}
 
 
 def test_boundary_shift_is_lenient_only():
-    pred = doc([ent(1, "negation", 8, 14), ent(2, "problem", 15, 20), ent(3, "severity", 30, 36), ent(4, "problem", 37, 45)],
-               [("T2", "T1"), ("T4", "T3")])
-    r = score_documents([GOLD], [pred])
-    assert counts(r, "entities", "strict") == (3, 1, 1)
-    assert counts(r, "entities", "lenient") == (4, 0, 0)
-    assert counts(r, "relations", "strict") == (1, 1, 1)  # head "chest" not strictly matched
-    assert counts(r, "relations", "lenient") == (2, 0, 0)
-    assert r["entities"]["per_type"]["problem"]["strict"]["tp"] == 1
+    shifted = [Entity("P1", "problem", [(13, 17)], "pain"), Entity("P2", "severity", [(0, 6)], "Severe")]
+    result = score_documents([gold_doc()], [pred_doc(*shifted, rels=[Relation("hasAttr", "P1", "P2")])], types={"problem", "severity"})
+    assert counts(result["entities"]["strict"]) == (1, 1, 2)
+    assert counts(result["entities"]["lenient"]) == (2, 0, 1)
+    assert counts(result["relations"]["strict"]) == (0, 1, 1)  # head "pain" not strictly matched
+    assert counts(result["relations"]["lenient"]) == (1, 0, 0)
 
 
-def test_type_error_counts_as_fp_and_fn():
-    pred = doc([ent(1, "negation", 8, 14), ent(2, "test", 15, 25), ent(3, "severity", 30, 36), ent(4, "problem", 37, 45)])
-    r = score_documents([GOLD], [pred])
-    assert counts(r, "entities", "strict") == (3, 1, 1) == counts(r, "entities", "lenient")
-    assert r["entities"]["per_type"]["test"]["strict"]["fp"] == 1
-    assert r["entities"]["per_type"]["problem"]["strict"]["fn"] == 1
+def test_type_error_matches_in_neither_mode():
+    pred = pred_doc(Entity("P1", "test", [(7, 17)], "chest pain"))
+    result = score_documents([gold_doc()], [pred])
+    assert counts(result["entities"]["strict"]) == (0, 1, 6) == counts(result["entities"]["lenient"])
+    assert counts(result["entities"]["per_type"]["test"]["strict"]) == (0, 1, 0)
+    assert counts(result["entities"]["per_type"]["problem"]["lenient"]) == (0, 0, 2)
 
 
 def test_duplicate_predictions_match_once():
-    pred = doc([ent(1, "problem", 15, 25), ent(2, "problem", 15, 25), ent(3, "problem", 15, 21)])
-    r = score_documents([GOLD], [pred], types={"problem"})
-    assert counts(r, "entities", "strict") == (1, 2, 1)
-    assert counts(r, "entities", "lenient") == (1, 2, 1)  # "chest " overlaps only the already matched gold
+    same = [Entity(f"P{i}", "problem", [(7, 17)], "chest pain") for i in range(2)] + [Entity("P3", "problem", [(7, 13)], "chest ")]
+    result = score_documents([gold_doc()], [pred_doc(*same)], types={"problem"})
+    assert counts(result["entities"]["strict"]) == (1, 2, 1)
+    assert counts(result["entities"]["lenient"]) == (1, 2, 1)  # "chest " overlaps only the gold already matched
+    # two overlapping predictions, one gold: the exact one wins, then the larger overlap
+    two = [Entity("P1", "problem", [(7, 12)], "chest"), Entity("P2", "problem", [(7, 17)], "chest pain")]
+    assert match_entities(gold_doc().entities, two, "lenient") == {"P2": "T2"}
+    two = [Entity("P1", "problem", [(7, 12)], "chest"), Entity("P2", "problem", [(8, 17)], "hest pain")]
+    assert match_entities(gold_doc().entities, two, "lenient") == {"P2": "T2"}
 
 
-def test_relation_argument_mismatch():
-    pred = doc(GOLD.entities, [("T2", "T3"), ("T4", "T3")])  # negation swapped for severity on chest pain
-    r = score_documents([GOLD], [pred])
-    assert counts(r, "relations", "strict") == (1, 1, 1) == counts(r, "relations", "lenient")
+def test_one_prediction_spanning_two_gold_entities_matches_one():
+    wide = Entity("P1", "problem", [(7, 27)], "chest pain, no fever")
+    result = score_documents([gold_doc()], [pred_doc(wide)], types={"problem"})
+    assert counts(result["entities"]["lenient"]) == (1, 0, 1)
 
 
-def test_missing_prediction_document_and_unknown_document():
-    r = score_documents([GOLD], [])
-    assert counts(r, "entities", "strict") == (0, 0, 4)
-    with pytest.raises(ValueError, match="not in gold"):
-        score_documents([GOLD], [Document(id="other", text="x")])
+def test_relation_needs_both_arguments_matched_in_the_same_mode():
+    ents = [Entity("P1", "problem", [(7, 17)], "chest pain"), Entity("P2", "severity", [(0, 6)], "Severe"),
+            Entity("P3", "drug", [(29, 36)], "Aspirin"), Entity("P4", "strength", [(37, 40)], "81 "),
+            Entity("P5", "problem", [(22, 27)], "fever")]
+    rels = [Relation("hasAttr", "P1", "P2"),  # right
+            Relation("hasAttr", "P3", "P4"),  # tail boundary off: lenient only
+            Relation("hasAttr", "P5", "P2"),  # wrong tail
+            Relation("hasAttr", "P1", "P2")]  # duplicate
+    result = score_documents([gold_doc()], [pred_doc(*ents, rels=rels)])
+    assert counts(result["relations"]["strict"]) == (1, 3, 2)
+    assert counts(result["relations"]["lenient"]) == (2, 2, 1)
+    swapped = score_documents([gold_doc()], [pred_doc(*ents, rels=[Relation("hasAttr", "P2", "P1")])])
+    assert counts(swapped["relations"]["lenient"]) == (0, 1, 3)
+    other_type = score_documents([gold_doc()], [pred_doc(*ents, rels=[Relation("hasTemporal", "P1", "P2")])])
+    assert counts(other_type["relations"]["strict"]) == (0, 1, 3)
 
 
-def test_types_restrict_scoring_for_partial_schema_sites():
-    pred = doc([ent(2, "problem", 15, 25), ent(4, "problem", 37, 45), ent(9, "test", 0, 7)])
-    r = score_documents([GOLD], [pred], types={"problem"})
-    assert counts(r, "entities", "strict") == (2, 0, 0)
+def test_discontinuous_spans_need_every_fragment_for_strict():
+    gold = Document("g", "left and right knee", entities=[Entity("T1", "bodyloc", [(0, 4), (15, 19)], "left knee")])
+    covering = Document("g", gold.text, entities=[Entity("P1", "bodyloc", [[0, 19]], "left and right knee")])
+    exact = Document("g", gold.text, entities=[Entity("P1", "bodyloc", [[15, 19], [0, 4]], "knee left")])
+    assert counts(score_documents([gold], [covering])["entities"]["strict"]) == (0, 1, 1)
+    assert counts(score_documents([gold], [covering])["entities"]["lenient"]) == (1, 0, 0)
+    assert counts(score_documents([gold], [exact])["entities"]["strict"]) == (1, 0, 0)
 
 
-def test_format_table_lists_types():
-    text = format_table(score_documents([GOLD], [GOLD]))
-    assert "negation" in text and "relations" in text
+def test_types_restrict_partial_schema_sites():
+    pred = pred_doc(Entity("P1", "problem", [(7, 17)], "chest pain"), Entity("P2", "test", [(29, 36)], "Aspirin"))
+    result = score_documents([gold_doc()], [pred], types={"problem", "negation"})
+    assert counts(result["entities"]["strict"]) == (1, 0, 2)
+    assert set(result["entities"]["per_type"]) == {"problem", "negation"}
+    assert counts(result["relations"]["strict"]) == (0, 0, 1)  # only fever -> no is in scope
 
 
-spans = st.tuples(st.sampled_from(["problem", "test"]), st.integers(0, 45), st.integers(1, 8))
+def test_document_pairing():
+    other = Document("d2", "Cough.", entities=[Entity("T1", "problem", [(0, 5)], "Cough")])
+    result = score_documents([gold_doc(), other], [copy.deepcopy(gold_doc())], parse_failures=3)
+    assert result["documents"] == 2 and result["parse_failures"] == 3
+    assert counts(result["entities"]["strict"]) == (6, 0, 1)
+    assert counts(score_documents([gold_doc()], [])["entities"]["strict"]) == (0, 0, 6)
+    with pytest.raises(ScoringError, match="not in gold"):
+        score_documents([gold_doc()], [gold_doc(), other])
+    with pytest.raises(ValueError, match="twice"):
+        score_documents([gold_doc(), gold_doc()], [])
+    with pytest.raises(ScoringError, match="text differs"):
+        score_documents([gold_doc()], [Document("d1", TEXT.upper())])
 
 
-@settings(max_examples=150, deadline=None)
-@given(st.lists(spans, max_size=6), st.lists(spans, max_size=6))
-def test_lenient_is_never_below_strict(gold_spans, pred_spans):
-    g = doc([ent(i, t, s, min(s + n, len(TEXT))) for i, (t, s, n) in enumerate(gold_spans)])
-    p = doc([ent(i, t, s, min(s + n, len(TEXT))) for i, (t, s, n) in enumerate(pred_spans)])
-    r = score_documents([g], [p])
-    assert r["entities"]["lenient"]["tp"] >= r["entities"]["strict"]["tp"]
-    assert r["entities"]["lenient"]["f1"] >= r["entities"]["strict"]["f1"]
+def test_empty_everything_scores_zero_without_dividing_by_zero():
+    result = score_documents([Document("e", "")], [Document("e", "")])
+    assert result["entities"]["strict"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "tp": 0, "fp": 0, "fn": 0}
+
+
+def test_format_table_lists_types_and_relations():
+    table = format_table(score_documents([gold_doc()], [gold_doc()]))
+    assert "1 documents, 0 parse failures" in table
+    for label in ("entities (micro)", "  problem", "  strength", "relations"):
+        assert label in table
+    assert len({len(line) for line in table.splitlines()[2:]}) == 1  # aligned columns
+
+
+# ---------------------------------------------------------------- property: lenient >= strict
+
+span = st.tuples(st.integers(0, 30), st.integers(1, 8)).map(lambda t: (t[0], t[0] + t[1]))
+entity_lists = st.lists(st.tuples(st.sampled_from(["problem", "drug"]), span), max_size=8)
+
+
+def _doc(items, prefix):
+    ents = [Entity(f"{prefix}{i}", t, [s], "") for i, (t, s) in enumerate(items)]
+    rels = [Relation("hasAttr", a.id, b.id) for a, b in zip(ents, ents[1:])]
+    return Document("p", "x" * 40, entities=ents, relations=rels)
+
+
+@settings(max_examples=200, deadline=None)
+@given(entity_lists, entity_lists)
+def test_lenient_is_never_below_strict(gold_items, pred_items):
+    result = score_documents([_doc(gold_items, "T")], [_doc(pred_items, "P")])
+    for group in (result["entities"], result["relations"], *result["entities"]["per_type"].values()):
+        strict, lenient = group["strict"], group["lenient"]
+        assert lenient["tp"] >= strict["tp"] and lenient["f1"] >= strict["f1"] - 1e-12
+        assert strict["tp"] + strict["fn"] == lenient["tp"] + lenient["fn"]  # the same gold
+        assert strict["tp"] + strict["fp"] == lenient["tp"] + lenient["fp"]  # the same predictions
+
+
+# ---------------------------------------------------------------- BERT baseline helpers
 
 
 def test_bio_tags_and_seqeval():
-    offsets = [(0, 7), (8, 14), (15, 20), (21, 25), (26, 29)]
-    tags = bio_tags(GOLD, offsets, types={"problem"})
-    assert tags == ["O", "O", "B-problem", "I-problem", "O"]
+    tokens = [(0, 6), (7, 12), (13, 17), (17, 18), (19, 21), (22, 27), (0, 0)]
+    tags = bio_tags(gold_doc(), tokens, types={"problem", "severity"})
+    assert tags == ["B-severity", "B-problem", "I-problem", "O", "O", "B-problem", "O"]
+    assert bio_tags(gold_doc(), [(7, 10), (10, 20)], types={"problem"}) == ["B-problem", "I-problem"]  # subwords overlap
+    scores = seqeval_scores([tags], [["B-severity", "B-problem", "O", "O", "O", "B-problem", "O"]])
+    assert scores["precision"] == pytest.approx(2 / 3) and scores["recall"] == pytest.approx(2 / 3)
+    assert scores["per_type"]["severity"]["f1"] == 1.0
     assert seqeval_scores([tags], [tags])["f1"] == 1.0

@@ -1,8 +1,11 @@
-"""`fedmed eval`: strict and lenient P/R/F1 of predictions against gold annotations."""
+"""`fedmed eval --gold G --pred P [--json] [--types ...]`: n2c2-style strict/lenient scores."""
 
 from __future__ import annotations
 
 import json
+import sys
+
+_PATH_HELP = "a BRAT folder (searched recursively), a BioC XML file or a JSONL file of documents"
 
 
 def register(subparsers) -> None:
@@ -10,28 +13,44 @@ def register(subparsers) -> None:
         "eval",
         help="score predictions against gold (n2c2-style strict/lenient, entities and relations)",
         description=(
-            "G and P are each a BRAT folder, a BioC XML file or a JSONL file, matched by "
-            "document id. strict = same type and span(s); lenient = same type and any "
-            "overlap; each gold and prediction matched at most once. Relations count when "
-            "their type matches and head and tail are matched in the same mode."
+            "Score predictions against gold annotations, documents paired by id. strict: same "
+            "type and same span(s); lenient: same type and any overlap; each gold and each "
+            "prediction matched at most once. Relations count when their type matches and "
+            "head and tail are matched in the same mode."
         ),
+        epilog="example: fedmed eval --gold test.jsonl --pred predictions.jsonl --types problem drug negation --json",
     )
-    p.add_argument("--gold", required=True, help="gold annotations (BRAT folder, BioC, JSONL)")
-    p.add_argument("--pred", required=True, help="predictions (BRAT folder, BioC, JSONL)")
+    p.add_argument("--gold", required=True, metavar="G", help=_PATH_HELP)
+    p.add_argument("--pred", required=True, metavar="P", help=_PATH_HELP)
+    p.add_argument("--json", action="store_true", help="print the score object as JSON instead of a table")
+    p.add_argument("--types", nargs="+", default=None, metavar="TYPE",
+                   help="score only these entity types, space- or comma-separated (a partial-schema site)")
     p.add_argument("--mapping", default=None, help="map both onto the Kiwi schema first: kiwi | maccrobat | phee")
-    p.add_argument("--types", default=None, help="comma-separated types to score (a partial-schema site)")
-    p.add_argument("--parse-failures", type=int, default=0, help="reported alongside the scores")
-    p.add_argument("--json", action="store_true", help="print the JSON object instead of a table")
-    p.set_defaults(func=_run)
+    p.add_argument("--parse-failures", type=int, default=0, metavar="N",
+                   help="model outputs that could not be parsed (from `fedmed predict`), reported alongside")
+    p.set_defaults(func=run_eval)
 
 
-def _run(args) -> int:
+def _types(values: list[str] | None) -> set[str] | None:
+    if not values:
+        return None
+    return {t.strip() for value in values for t in value.split(",") if t.strip()}
+
+
+def run_eval(args) -> int:
     from fedmed_components.corpora import load_corpus
-    from fedmed_components.metrics import format_table, score_documents
+    from fedmed_components.document import InputError
+    from fedmed_components.metrics import ScoringError, format_table, score_documents
 
     gold = load_corpus(args.gold, mapping=args.mapping)
     pred = load_corpus(args.pred, mapping=args.mapping)
-    types = set(args.types.split(",")) if args.types else None
-    result = score_documents(gold, pred, types=types, parse_failures=args.parse_failures)
+    types = _types(args.types)
+    missing = sorted((types or set()) - {e.type for doc in gold for e in doc.entities})
+    if missing:
+        print(f"fedmed eval: note: no gold entity of type {', '.join(missing)}", file=sys.stderr)
+    try:
+        result = score_documents(gold, pred, types=types, parse_failures=args.parse_failures)
+    except ScoringError as exc:
+        raise InputError(args.pred, None, str(exc)) from exc
     print(json.dumps(result, indent=2) if args.json else format_table(result))
     return 0
