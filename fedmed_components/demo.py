@@ -100,7 +100,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         num_rounds=cfg.rounds, min_clients=len(sites), local_steps=cfg.local_steps, batch_size=cfg.batch_size,
         max_length=cfg.max_length, learning_rate=cfg.lr, rank=cfg.rank, alpha=cfg.alpha,
         data=str(out / "data"), quantize="none", output_dir=str(out / "global_adapter_store"),
-        extra_site_args="--val-fraction 0 --max-val-examples 32",
+        extra_site_args="--val-fraction 0 --max-val-examples 16",
     )
     _reset_store(out / "global_adapter_store")
     job_dir = export_job(spec, out / "jobs")
