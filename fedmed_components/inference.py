@@ -124,7 +124,7 @@ def predict_documents(
         lengths = [len(tokenizer(sent, add_special_tokens=False)["input_ids"]) for _, _, sent, _, _ in mains]
         mod_outputs = generate(model, tokenizer, prompts, settings, progress, answer_lengths=lengths)
         for (d, offset, sentence, _main, head_id), output in zip(mains, mod_outputs):
-            parsed = parse_modifiers(output, sentence, output_format=output_format)
+            parsed = parse_modifiers(output, sentence, output_format=output_format, main=_main)
             report.modifier_parse_failures += int(parsed.failed)
             for mtype, s, e in parsed.spans:
                 tail = _add_entity(preds[d], mtype, offset + s, offset + e)
