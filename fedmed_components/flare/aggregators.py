@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from nvflare.apis.event_type import EventType
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.aggregators.model_aggregator import ModelAggregator
 from safetensors.torch import load_file, save_file
@@ -57,12 +58,21 @@ class AdapterAggregator(ModelAggregator):
         self.reference = reference
         self.round = round_number
 
+    def handle_event(self, event_type: str, fl_ctx):
+        super().handle_event(event_type, fl_ctx)
+        if event_type == EventType.END_RUN:
+            self._drop_spill()
+
+    def _drop_spill(self) -> None:
+        if self._spill is not None:
+            shutil.rmtree(self._spill, ignore_errors=True)
+            self._spill = None
+
     def reset_stats(self):
         self._averager.reset()
         self._accepted = {}
         self.rejections = []
-        if self._spill is not None:
-            shutil.rmtree(self._spill, ignore_errors=True)
+        self._drop_spill()
         self._spill = Path(tempfile.mkdtemp(prefix="fedmed-round-"))
 
     def outgoing_meta(self) -> dict:

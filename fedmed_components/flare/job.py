@@ -17,6 +17,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from fedmed_components.processes import stop_process_trees
+
 ALGORITHMS = ("fed_medlora", "fed_medlora_plus", "fedsa_lora", "fed_exact_lora")
 SITE_SCRIPT = Path(__file__).resolve().parents[2] / "custom" / "fedmed_site.py"
 
@@ -162,7 +164,7 @@ def run_simulator(job_folder: str | os.PathLike, workspace: str | os.PathLike, s
         except subprocess.TimeoutExpired:
             raise SimulatorTimeout(f"simulator did not finish within {timeout:.0f} s; log: {log_path}") from None
         finally:
-            stop_process_tree(proc.pid, marker=str(workspace))
+            stop_process_trees([proc.pid], marker=str(workspace))
     if rc != 0:
         raise RuntimeError(f"simulator exited with {rc}; log: {log_path}\n{tail(log_path)}")
     return workspace
@@ -196,39 +198,6 @@ class _terminate_raises:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
         return False
-
-
-def stop_process_tree(pid: int, *, marker: str | None = None, grace: float = 5.0) -> None:
-    """SIGTERM a process, its descendants and any process whose command line holds
-    `marker`; SIGKILL whatever is left after `grace` seconds."""
-    import psutil
-
-    procs = []
-    try:
-        root = psutil.Process(pid)
-        procs = [root] + root.children(recursive=True)
-    except psutil.NoSuchProcess:
-        pass
-    if marker:
-        me = os.getpid()
-        for p in psutil.process_iter(["pid", "cmdline"]):
-            try:
-                if p.pid != me and marker in " ".join(p.info["cmdline"] or []) and p not in procs:
-                    procs.append(p)
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                continue
-    for p in procs:
-        try:
-            p.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=grace)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=grace)
 
 
 def tail(path: Path, lines: int = 40) -> str:

@@ -1,0 +1,47 @@
+"""Stopping what we started: process trees, plus stragglers found by a marker.
+
+FLARE's simulator workers and POC job processes start sessions of their own, so a
+process group is not enough: descendants are collected while their parents live, and
+any process whose command line names our workspace is caught as well.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+
+def stop_process_trees(root_pids: Iterable[int], *, marker: str | None = None, grace: float = 5.0) -> list[int]:
+    """SIGTERM each root, its descendants and every process whose command line holds
+    `marker`; SIGKILL what is left after `grace` seconds. Returns the pids stopped."""
+    import psutil
+
+    victims: dict[int, psutil.Process] = {}
+    for pid in root_pids:
+        try:
+            root = psutil.Process(pid)
+            for p in [root, *root.children(recursive=True)]:
+                victims[p.pid] = p
+        except psutil.NoSuchProcess:
+            continue
+    if marker:
+        me = os.getpid()
+        for p in psutil.process_iter(["pid", "cmdline"]):
+            try:
+                if p.pid != me and p.pid not in victims and marker in " ".join(p.info["cmdline"] or []):
+                    victims[p.pid] = p
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+    for p in victims.values():
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(list(victims.values()), timeout=grace)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=grace)
+    return sorted(victims)
