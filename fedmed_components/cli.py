@@ -31,13 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"fedmed_components.commands.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"fedmed_components.commands.{name}":
-                continue  # command group not built yet
-            raise
-        module.register(subparsers)
+        importlib.import_module(f"fedmed_components.commands.{name}").register(subparsers)
     return parser
 
 
