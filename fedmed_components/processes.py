@@ -12,8 +12,12 @@ from collections.abc import Iterable
 
 
 def stop_process_trees(root_pids: Iterable[int], *, marker: str | None = None, grace: float = 5.0) -> list[int]:
-    """SIGTERM each root, its descendants and every process whose command line holds
-    `marker`; SIGKILL what is left after `grace` seconds. Returns the pids stopped."""
+    """SIGTERM each root, its descendants and every FLARE process whose command line
+    holds `marker`; SIGKILL what is left after `grace` seconds. Returns the pids stopped.
+
+    This process and its ancestors are never touched: the shell or `timeout` that
+    started us may well carry the workspace path on its own command line.
+    """
     import psutil
 
     victims: dict[int, psutil.Process] = {}
@@ -25,10 +29,12 @@ def stop_process_trees(root_pids: Iterable[int], *, marker: str | None = None, g
         except psutil.NoSuchProcess:
             continue
     if marker:
-        me = os.getpid()
+        me = psutil.Process(os.getpid())
+        spared = {me.pid} | {p.pid for p in me.parents()}
         for p in psutil.process_iter(["pid", "cmdline"]):
             try:
-                if p.pid != me and p.pid not in victims and marker in " ".join(p.info["cmdline"] or []):
+                cmdline = " ".join(p.info["cmdline"] or [])
+                if p.pid not in spared and p.pid not in victims and marker in cmdline and "nvflare" in cmdline:
                     victims[p.pid] = p
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
