@@ -19,7 +19,7 @@ import math
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -407,7 +407,3 @@ def load_adapter_folder(folder: str | os.PathLike) -> tuple[dict[str, torch.Tens
         for key in fh.keys():
             state[key] = fh.get_tensor(key)
     return state, settings, meta
-
-
-def settings_asdict(settings: LoraSettings) -> dict:
-    return asdict(settings)
