@@ -27,3 +27,65 @@ def shared_data():
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is not beside the project")
     return SHARED_DATA
+
+
+POC_LOCK = Path("/tmp/fedmed_poc.lock")
+POC_PORTS = (8002, 8003)
+
+
+@pytest.fixture
+def poc_lock():
+    """Exclusive use of the POC ports (8002/8003) on this machine, shared with anyone
+    running `flock /tmp/fedmed_poc.lock ...`; on release the ports must be free again."""
+    import fcntl
+    import time
+
+    from fedmed_components.poc import busy_ports
+
+    wait = float(os.environ.get("FEDMED_POC_LOCK_WAIT", "900"))
+    with open(POC_LOCK, "a") as handle:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    pytest.skip(f"{POC_LOCK} held by another POC user for over {wait:.0f} s")
+                time.sleep(2)
+        try:
+            if busy_ports(POC_PORTS):
+                pytest.skip(f"ports {list(POC_PORTS)} are taken by a FLARE system that does not take {POC_LOCK}")
+            yield
+            assert busy_ports(POC_PORTS) == [], "a POC port is still in use after the test"
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def flare_processes_naming(marker: str) -> list[str]:
+    """Live processes (not this one or its ancestors) whose command line holds marker."""
+    import psutil
+
+    me = psutil.Process()
+    spared = {me.pid} | {p.pid for p in me.parents()}
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline", "status"]):
+        try:
+            cmdline = " ".join(proc.info["cmdline"] or [])
+            if proc.pid not in spared and marker in cmdline and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                found.append(f"{proc.pid} {cmdline[:200]}")
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+@pytest.fixture
+def no_leftovers(tmp_path):
+    """After the test, no process naming its tmp_path (workspaces, kits) is alive."""
+    yield tmp_path
+    import time
+
+    deadline = time.monotonic() + 10  # processes being stopped get a moment to exit
+    while flare_processes_naming(str(tmp_path)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert flare_processes_naming(str(tmp_path)) == []

@@ -60,7 +60,7 @@ def test_workspace_not_made_by_fedmed_is_refused(tmp_path):
     assert (foreign / "notes.txt").read_text() == "keep me"
 
 
-def test_start_refuses_busy_ports_with_a_clear_error(tmp_path):
+def test_start_refuses_busy_ports_with_a_clear_error(tmp_path, poc_lock):
     ws = tmp_path / "poc"
     state = poc.prepare(ws, SITES)
     port = state["ports"][0]
@@ -82,7 +82,7 @@ def test_start_refuses_busy_ports_with_a_clear_error(tmp_path):
 
 
 @pytest.mark.slow
-def test_poc_runs_fed_medlora_plus_and_leaves_nothing_behind(tmp_path, site_data, tiny_model_path, sigterm_raises):
+def test_poc_runs_fed_medlora_plus_and_leaves_nothing_behind(tmp_path, site_data, tiny_model_path, sigterm_raises, poc_lock):
     if poc.busy_ports(PORTS):
         pytest.skip(f"ports {PORTS} are taken by another FLARE system on this machine")
     ws = tmp_path / "poc"

@@ -78,7 +78,7 @@ def _wait_for(predicate, timeout: float, what: str, poll: float = 1.0):
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def test_provisioned_server_and_sites_run_a_job_and_reject_a_foreign_certificate(tmp_path, site_data, tiny_model_path, sigterm_raises):
+def test_provisioned_server_and_sites_run_a_job_and_reject_a_foreign_certificate(tmp_path, site_data, tiny_model_path, sigterm_raises, poc_lock):
     if poc.busy_ports(PORTS):
         pytest.skip(f"ports {PORTS} are taken by another FLARE system on this machine")
     from nvflare.fuel.flare_api.api_spec import AuthorizationError
