@@ -378,6 +378,8 @@ def save_adapter_folder(
     if extra_meta:
         meta["fedmed"] = json.dumps(extra_meta, sort_keys=True)
     save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata=meta)
+    for written in [*tmp.iterdir(), tmp]:  # on disk before the rename makes it visible
+        fsync_path(written)
     if out_dir.exists():
         old = out_dir.with_name(out_dir.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
@@ -386,7 +388,17 @@ def save_adapter_folder(
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, out_dir)
+    fsync_path(out_dir.parent)
     return out_dir
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file's or a folder's entries to disk (a crash keeps what was renamed)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def load_adapter_folder(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], LoraSettings, dict]:

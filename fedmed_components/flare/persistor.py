@@ -20,6 +20,7 @@ from nvflare.app_common.app_constant import AppConstants
 
 from fedmed_components.modeling import (
     LoraSettings,
+    fsync_path,
     initial_adapter_from_config,
     load_adapter_folder,
     resolve_model,
@@ -69,6 +70,7 @@ class AdapterPersistor(ModelPersistor):
                 run_dir = fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id())
                 path = Path(run_dir) / path
             path.mkdir(parents=True, exist_ok=True)
+            _remove_unfinished_writes(path)
             self._root = path
         return self._root
 
@@ -78,10 +80,11 @@ class AdapterPersistor(ModelPersistor):
 
     def load_model(self, fl_ctx: FLContext) -> ModelLearnable:
         state = self._state(fl_ctx) if self.resume else {}
-        if state.get("last_round") is not None and (self.root(fl_ctx) / "global").exists():
-            tensors, _, _ = load_adapter_folder(self.root(fl_ctx) / "global")
+        folder = self._last_round_folder(fl_ctx, state)
+        if folder is not None:
+            tensors, _, _ = load_adapter_folder(folder)
             next_round = int(state["last_round"]) + 1
-            self.log_info(fl_ctx, f"resuming from {self.root(fl_ctx) / 'global'}: next round {next_round}")
+            self.log_info(fl_ctx, f"resuming from {folder}: next round {next_round}")
             return make_model_learnable(tensors, {"next_round": next_round, "resumed": True})
         if self.initial_adapter:
             tensors, _, _ = load_adapter_folder(self.initial_adapter)
@@ -110,6 +113,18 @@ class AdapterPersistor(ModelPersistor):
         _write_json_atomic(root / STATE_FILE, state)
         self.log_info(fl_ctx, f"saved global adapter of round {rnd} to {root / 'global'}")
 
+    def _last_round_folder(self, fl_ctx, state: dict) -> Path | None:
+        """The adapter of the round state.json names as finished. state.json is written
+        last, so its round folder is complete; `global/` is only briefly absent while
+        it is replaced (a crash there leaves `global.old`)."""
+        if state.get("last_round") is None:
+            return None
+        root = self.root(fl_ctx)
+        for folder in (root / f"round_{int(state['last_round']):03d}", root / "global", root / "global.old"):
+            if (folder / "adapter_config.json").exists():
+                return folder
+        raise RuntimeError(f"{root / STATE_FILE} says round {state['last_round']} finished, but no adapter folder holds it")
+
     def get_model_inventory(self, fl_ctx: FLContext):
         return {}
 
@@ -126,6 +141,22 @@ def _is_better(value, best, mode: str) -> bool:
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
+    """Temp file in the same folder, fsync, rename: a reader sees the old or the new file."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
+    with open(tmp, "w") as fh:
+        fh.write(json.dumps(data, indent=2, sort_keys=True, default=str))
+        fh.flush()
+        os.fsync(fh.fileno())
     os.replace(tmp, path)
+    fsync_path(path.parent)
+
+
+def _remove_unfinished_writes(root: Path) -> None:
+    """Temp files and folders a crash left behind (never under a real round's name)."""
+    import shutil
+
+    for leftover in [*root.glob(".*-*"), root / (STATE_FILE + ".tmp")]:
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        elif leftover.exists():
+            leftover.unlink()
