@@ -121,14 +121,18 @@ def build_job(spec: JobSpec):
     return job
 
 
-def export_job(spec: JobSpec, job_root: str | os.PathLike) -> Path:
+def export_job(spec: JobSpec, job_root: str | os.PathLike, customize=None) -> Path:
     """Write the job folder. Sites and server run the installed fedmed_components, so
-    the copy of the package that FLARE adds to app/custom is removed (one source)."""
+    the copy of the package that FLARE adds to app/custom is removed (one source).
+    ``customize(job)`` may add components (benchmarks add a wire meter) before export."""
     job_root = Path(job_root).resolve()
     cwd = os.getcwd()
     os.chdir(SITE_SCRIPT.parent)  # FLARE resolves the script relative to the cwd
     try:
-        build_job(spec).export_job(str(job_root))
+        job = build_job(spec)
+        if customize is not None:
+            customize(job)
+        job.export_job(str(job_root))
     finally:
         os.chdir(cwd)
     job_dir = job_root / spec.name
