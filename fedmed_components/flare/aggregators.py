@@ -127,9 +127,20 @@ class AdapterAggregator(ModelAggregator):
             self.warning(f"rejected update from {site} in round {self.round}: {reason}")
             del self._accepted[site]
         if self.streaming:
-            self._averager.reset()
-            for entry in self._accepted.values():
-                self._averager.add(load_file(str(entry.path)), entry.weight)
+            self._resum_in_site_order()
+
+    def _resum_in_site_order(self) -> None:
+        self._averager.reset()
+        for site in sorted(self._accepted):
+            self._averager.add(load_file(str(self._accepted[site].path)), self._accepted[site].weight)
+
+    def averaged(self) -> dict[str, torch.Tensor]:
+        """The weighted average, summed in site-name order: float sums depend on the
+        order, and arrival order changes from run to run (bit-for-bit determinism)."""
+        if list(self._accepted) != sorted(self._accepted) and self._averager.count == len(self._accepted):
+            self._resum_in_site_order()
+            self._accepted = dict(sorted(self._accepted.items()))
+        return self._averager.result()
 
     # --------------------------------------------------------------- aggregating
     def aggregate_model(self) -> FLModel:
@@ -143,7 +154,7 @@ class AdapterAggregator(ModelAggregator):
         return FLModel(params=params, params_type=ParamsType.FULL, meta=self.round_meta())
 
     def combine(self) -> dict[str, torch.Tensor]:
-        return self._averager.result()
+        return self.averaged()
 
     def round_meta(self) -> dict:
         entries = self._accepted.values()
@@ -227,7 +238,7 @@ class FedSALoRAAggregator(AdapterAggregator):
         return {"load": "lora_A"} if self.round else {}
 
     def combine(self) -> dict[str, torch.Tensor]:
-        full = self._averager.result()
+        full = self.averaged()
         if self.round is not None and self.round >= self.num_rounds - 1:
             return full
         # Sites keep their own B: the global carries the averaged A and the previous B.
