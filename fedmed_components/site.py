@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from fedmed_components import token_classification as tc
 from fedmed_components.document import Document, InputError, read_jsonl
 from fedmed_components.modeling import (
     LoraSettings,
@@ -46,6 +47,7 @@ class SiteConfig:
     val_fraction: float = 0.1
     max_train_examples: int | None = None
     max_val_examples: int | None = 64
+    task_model: str = "auto"  # auto (from the model config) | causal-lm | token-classification (BERT baseline)
     seed: int = 0
 
 
@@ -103,18 +105,41 @@ class SiteRuntime:
         self.site_name = site_name
         torch.manual_seed(config.seed)
         self.model_path = resolve_model(config.model)
-        self.tokenizer = load_tokenizer(self.model_path)
-        base = load_base_model(
-            self.model_path,
-            quantize=config.quantize,
-            device=config.device,
-            gradient_checkpointing=config.gradient_checkpointing,
-        )
-        self.model = attach_lora(base, config.lora)
-        self.device = next(self.model.parameters()).device
-        self.trainer = LocalTrainer(self.model, self.tokenizer.pad_token_id, config.train, device=self.device)
+        self.task_model = config.task_model
+        if self.task_model == "auto":
+            self.task_model = tc.TOKEN_CLASSIFICATION if tc.is_encoder_model(self.model_path) else tc.CAUSAL_LM
+        if self.task_model == tc.TOKEN_CLASSIFICATION:
+            self._init_token_classifier()
+        else:
+            self.tokenizer = load_tokenizer(self.model_path)
+            base = load_base_model(
+                self.model_path,
+                quantize=config.quantize,
+                device=config.device,
+                gradient_checkpointing=config.gradient_checkpointing,
+            )
+            self.model = attach_lora(base, config.lora)
+            self.device = next(self.model.parameters()).device
+            self.trainer = LocalTrainer(self.model, self.tokenizer.pad_token_id, config.train, device=self.device)
         self.train_examples: list[dict] = []
         self.val_examples: list[dict] = []
+
+    def _init_token_classifier(self) -> None:
+        """The BERT baseline: an unquantised encoder tagger (small); its LoRA and head train."""
+        cfg = self.config
+        cfg.lora = tc.encoder_lora(cfg.lora)  # what is saved and reported is what trains
+        if cfg.quantize not in ("auto", "none"):
+            log.warning("%s: --quantize %s ignored: the BERT baseline trains an unquantised encoder", self.site_name, cfg.quantize)
+        self.tokenizer = tc.load_tokenizer(self.model_path)
+        self.model = tc.load_model(self.model_path, cfg.lora, device=cfg.device)
+        self.device = next(self.model.parameters()).device
+        self.trainer = LocalTrainer(self.model, self.tokenizer.pad_token_id, cfg.train, device=self.device, loss_fn=tc.tagging_loss, collate_fn=tc.collate_tagged)
+
+    def build_examples(self, docs: list[Document], types: set[str] | None = None) -> list[dict]:
+        """Examples for the site's task model: SFT prompts (LLM) or BIO windows (BERT)."""
+        if self.task_model == tc.TOKEN_CLASSIFICATION:
+            return tc.build_examples(docs, self.tokenizer, self.config.train.max_length, types)
+        return build_sft_dataset(docs, self.tokenizer, self._sft_config(), types)
 
     def _sft_config(self) -> SFTConfig:
         cfg = self.config
@@ -122,12 +147,12 @@ class SiteRuntime:
 
     def load_data(self, *folders: str | os.PathLike) -> list[SiteData]:
         """One site folder, or several pooled (the centralised baseline); each keeps its own types."""
-        cfg, sft = self.config, self._sft_config()
+        cfg = self.config
         loaded, train, val = [], [], []
         for folder in folders:
             data = load_site_data(folder, mapping=cfg.mapping, val_fraction=cfg.val_fraction, seed=cfg.seed)
-            train += build_sft_dataset(data.train, self.tokenizer, sft, data.types)
-            val += build_sft_dataset(data.val, self.tokenizer, sft, data.types)
+            train += self.build_examples(data.train, data.types)
+            val += self.build_examples(data.val, data.types)
             loaded.append(data)
         self.train_examples = _cap(train, cfg.max_train_examples, cfg.seed)
         self.val_examples = _cap(val, cfg.max_val_examples, cfg.seed)
@@ -143,7 +168,7 @@ class SiteRuntime:
         """Validation-only data (the server's held-out set): a JSONL file or a site folder."""
         path = Path(path)
         docs = read_jsonl(path) if path.is_file() else load_site_data(path, mapping=self.config.mapping, val_fraction=0).train
-        self.val_examples = _cap(build_sft_dataset(docs, self.tokenizer, self._sft_config()), self.config.max_val_examples, self.config.seed)
+        self.val_examples = _cap(self.build_examples(docs), self.config.max_val_examples, self.config.seed)
         if not self.val_examples:
             raise InputError(path, None, "no validation example could be built")
 
@@ -197,7 +222,9 @@ def _cap(items: list, limit: int | None, seed: int) -> list:
 def add_site_arguments(parser) -> None:
     """Site options shared by the FLARE site script and `fedmed train-local`."""
     d, t, lo = SiteConfig(), TrainSettings(), LoraSettings()
-    parser.add_argument("--model", default=d.model, help="tiny | smollm2-135m | HF id | local folder")
+    parser.add_argument("--model", default=d.model, help="tiny | smollm2-135m | minilm | HF id | local folder")
+    parser.add_argument("--task-model", default=d.task_model, choices=tc.TASK_MODELS,
+                        help="causal-lm (generative IE, the paper's method) or token-classification (the BERT BIO baseline); auto: token-classification for encoder models (BERT, RoBERTa, ...)")
     parser.add_argument("--data", default=d.data, help="site data folder (default: $FEDMED_DATA); <data>/<site name> is used when it exists")
     parser.add_argument("--mapping", default=None, help="corpus mapping for BRAT/BioC data: kiwi | maccrobat | phee")
     parser.add_argument("--quantize", default=d.quantize, choices=["auto", "4bit", "8bit", "none"], help="base model quantisation (auto: NF4 on CUDA)")
@@ -245,6 +272,7 @@ def site_config_from_args(args) -> SiteConfig:
         val_fraction=args.val_fraction,
         max_train_examples=args.max_train_examples,
         max_val_examples=args.max_val_examples,
+        task_model=args.task_model,
         seed=args.seed,
     )
 

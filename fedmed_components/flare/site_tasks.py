@@ -13,13 +13,15 @@ from fedmed_components.modeling import adapter_num_bytes
 log = logging.getLogger("fedmed.site")
 
 
-def train(runtime, incoming: FLModel, send: str = "full") -> FLModel:
+def train(runtime, incoming: FLModel, send: str = "full", tracker=None) -> FLModel:
     global_state = incoming.params or None
     if global_state and (incoming.meta or {}).get("load") == "lora_A":  # FedSA-LoRA: B stays local
         global_state = {**runtime.adapter_state(), **{k: v for k, v in global_state.items() if ".lora_A." in k}}
     started = time.perf_counter()
-    state, stats = runtime.train(global_state)
+    state, stats = runtime.train(global_state, progress=True, on_step=tracker.on_step if tracker else None)
     val_loss, val_tokens = runtime.validation_loss()
+    if tracker is not None:
+        tracker.end_round(incoming.current_round, stats, val_loss)
     params, ptype = state, ParamsType.FULL
     if send == "diff" and global_state:
         params = {k: state[k] - global_state[k].to(state[k].dtype) for k in state}
@@ -64,9 +66,10 @@ def submit_model(runtime, incoming: FLModel) -> FLModel:
     return FLModel(params=runtime.adapter_state(), params_type=ParamsType.FULL, meta={"site": runtime.site_name})
 
 
-def handle(runtime, task: str, incoming: FLModel, send: str = "full") -> FLModel:
+def handle(runtime, task: str, incoming: FLModel, send: str = "full", tracker=None) -> FLModel:
+    """`tracker`: a flare.tracking.SiteTracker for TensorBoard scalars (None: none)."""
     if task == TRAIN_TASK:
-        return train(runtime, incoming, send)
+        return train(runtime, incoming, send, tracker)
     if task == VALIDATE_TASK:
         return validate(runtime, incoming)
     if task == CANDIDATES_TASK:
