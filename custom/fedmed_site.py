@@ -11,6 +11,7 @@ import argparse
 import nvflare.client as flare
 from nvflare.client.tracking import SummaryWriter
 
+from fedmed_components.document import InputError
 from fedmed_components.flare import site_tasks
 from fedmed_components.flare.tracking import SiteTracker
 from fedmed_components.site import SiteRuntime, add_site_arguments, site_config_from_args, site_data_folder
@@ -27,13 +28,19 @@ def main():
     site = flare.get_site_name()
     tracker = None if args.no_tensorboard else SiteTracker(SummaryWriter())  # the server's TensorBoard shows every site
     runtime = SiteRuntime(site_config_from_args(args), site_name=site)
-    runtime.load_data(site_data_folder(args.data, site))
+    try:
+        runtime.load_data(site_data_folder(args.data, site))
+        error = None
+    except InputError as exc:  # the reason goes to the server with every answer
+        error = exc
+        site_tasks.log.error("%s cannot take part: %s", site, exc)
 
     while flare.is_running():
         incoming = flare.receive()
         if incoming is None:
             break
-        flare.send(site_tasks.handle(runtime, flare.get_task_name(), incoming, send=args.send, tracker=tracker))
+        task = flare.get_task_name()
+        flare.send(site_tasks.failed(site, error) if error else site_tasks.handle(runtime, task, incoming, send=args.send, tracker=tracker))
 
 
 if __name__ == "__main__":

@@ -123,21 +123,22 @@ def write_jsonl(docs: Iterable[Document], path: str | os.PathLike) -> Path:
 def iter_jsonl(path: str | os.PathLike) -> Iterator[Document]:
     path = Path(path)
     try:
-        fh = open(path, encoding="utf-8", newline="")
+        fh = open(path, "rb")
     except OSError as exc:
         raise InputError(path, None, f"cannot open: {exc.strerror}") from exc
     with fh:
-        lineno = 0
-        try:
-            for lineno, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    yield Document.from_dict(json.loads(line))
-                except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-                    raise InputError(path, lineno, f"not a document object: {exc}") from exc
-        except UnicodeDecodeError as exc:
-            raise InputError(path, lineno + 1, f"not UTF-8 text ({exc.reason})") from exc
+        # decoded line by line: a text-mode read fails a whole buffer ahead of the bad line
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise InputError(path, lineno, f"not UTF-8 text ({exc.reason})") from exc
+            if not line.strip():
+                continue
+            try:
+                yield Document.from_dict(json.loads(line))
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+                raise InputError(path, lineno, f"not a document object: {exc}") from exc
 
 
 def read_jsonl(path: str | os.PathLike) -> list[Document]:

@@ -49,6 +49,7 @@ class SiteConfig:
     max_val_examples: int | None = 64
     task_model: str = "auto"  # auto (from the model config) | causal-lm | token-classification (BERT baseline)
     seed: int = 0
+    lenient_input: bool = False  # skip bad notes/lines (counted, logged) instead of failing
 
 
 @dataclass
@@ -56,29 +57,39 @@ class SiteData:
     train: list[Document]
     val: list[Document]
     types: set[str] | None  # the types this site annotates (None: full schema)
+    skipped: str = ""  # what a lenient read skipped ("" when nothing)
 
 
-def load_site_data(folder: str | os.PathLike, *, mapping: str | None = None, val_fraction: float = 0.1, seed: int = 0) -> SiteData:
-    """A site folder holds train.jsonl (+ val.jsonl) or a corpus that is split here."""
+def load_site_data(folder: str | os.PathLike, *, mapping: str | None = None, val_fraction: float = 0.1, seed: int = 0, lenient: bool = False) -> SiteData:
+    """A site folder holds train.jsonl (+ val.jsonl) or a corpus that is split here.
+    Bad input raises InputError naming file and line; `lenient` skips it, counted."""
+    from fedmed_components.brat import ReadReport
+    from fedmed_components.corpora import load_corpus, read_jsonl_checked
+
     folder = Path(folder)
     if not folder.exists():
         raise InputError(folder, None, "site data folder does not exist")
+    report = ReadReport()
+    read = (lambda f: read_jsonl_checked(f, lenient=True, report=report)) if lenient else read_jsonl
     train_file, val_file = folder / "train.jsonl", folder / "val.jsonl"
     if train_file.exists():
-        train = read_jsonl(train_file)
-        val = read_jsonl(val_file) if val_file.exists() else []
+        train = read(train_file)
+        val = read(val_file) if val_file.exists() else []
     else:
-        from fedmed_components.corpora import load_corpus
-
-        train, val = load_corpus(folder, mapping=mapping), []
+        train, val = load_corpus(folder, mapping=mapping, lenient=lenient, report=report), []
     if not train:
         raise InputError(folder, None, "site has no training documents")
+    skipped = ""
+    if report.skipped:
+        path, line, why = report.problems[0]
+        skipped = f"{folder}: {report.summary()}; first {path}:{line}: {why}"
+        log.warning("lenient input: %s", skipped)
     if not val and val_fraction > 0 and len(train) > 1:
         shuffled = sorted(train, key=lambda d: d.id)
         random.Random(seed).shuffle(shuffled)
         n_val = max(1, int(round(len(shuffled) * val_fraction)))
         val, train = shuffled[:n_val], shuffled[n_val:]
-    return SiteData(train=train, val=val, types=_annotated_types(folder, mapping))
+    return SiteData(train=train, val=val, types=_annotated_types(folder, mapping), skipped=skipped)
 
 
 def _annotated_types(folder: Path, mapping: str | None) -> set[str] | None:
@@ -123,6 +134,7 @@ class SiteRuntime:
             self.trainer = LocalTrainer(self.model, self.tokenizer.pad_token_id, config.train, device=self.device)
         self.train_examples: list[dict] = []
         self.val_examples: list[dict] = []
+        self.input_skipped = ""
 
     def _init_token_classifier(self) -> None:
         """The BERT baseline: an unquantised encoder tagger (small); its LoRA and head train."""
@@ -150,10 +162,11 @@ class SiteRuntime:
         cfg = self.config
         loaded, train, val = [], [], []
         for folder in folders:
-            data = load_site_data(folder, mapping=cfg.mapping, val_fraction=cfg.val_fraction, seed=cfg.seed)
+            data = load_site_data(folder, mapping=cfg.mapping, val_fraction=cfg.val_fraction, seed=cfg.seed, lenient=cfg.lenient_input)
             train += self.build_examples(data.train, data.types)
             val += self.build_examples(data.val, data.types)
             loaded.append(data)
+        self.input_skipped = "; ".join(d.skipped for d in loaded if d.skipped)
         self.train_examples = _cap(train, cfg.max_train_examples, cfg.seed)
         self.val_examples = _cap(val, cfg.max_val_examples, cfg.seed)
         if not self.train_examples:
@@ -246,6 +259,7 @@ def add_site_arguments(parser) -> None:
     parser.add_argument("--max-train-examples", type=int, default=None)
     parser.add_argument("--max-val-examples", type=int, default=d.max_val_examples)
     parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--lenient-input", action="store_true", help="skip malformed notes/lines (counted and logged) instead of failing on the first")
 
 
 def site_config_from_args(args) -> SiteConfig:
@@ -274,6 +288,7 @@ def site_config_from_args(args) -> SiteConfig:
         max_val_examples=args.max_val_examples,
         task_model=args.task_model,
         seed=args.seed,
+        lenient_input=args.lenient_input,
     )
 
 
@@ -284,4 +299,5 @@ def site_data_folder(data: str, site_name: str) -> Path:
     if not root:
         raise InputError(None, None, f"{site_name}: no site data; pass --data or set FEDMED_DATA")
     per_site = Path(root) / site_name
-    return per_site if per_site.is_dir() else Path(root)
+    # a link whose target is gone is this site's folder, missing (not the shared root)
+    return per_site if per_site.is_dir() or per_site.is_symlink() else Path(root)

@@ -92,7 +92,11 @@ class FedMedController(ModelController):
         if missing:
             self.warning(f"round {rnd}: no update from {missing} (timed out or failed); continuing without them")
         if len(answered) < self.min_clients:
-            self.panic(f"round {rnd}: only {len(answered)} valid updates ({answered}), fewer than min_clients={self.min_clients}")
+            reasons = "; ".join(f"{r.site}: {r.reason}" for r in self.aggregator.rejections)
+            self.panic(
+                f"round {rnd}: only {len(answered)} valid updates ({answered}), fewer than min_clients={self.min_clients}; "
+                f"rejected: {reasons or 'none'}; silent: {missing or 'none'}"
+            )
             return None
         if self.loss_source != "none":
             self.aggregator.set_losses(self.candidate_losses(rnd, answered))

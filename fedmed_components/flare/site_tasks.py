@@ -37,6 +37,8 @@ def train(runtime, incoming: FLModel, send: str = "full", tracker=None) -> FLMod
         "rank": runtime.config.lora.r,
         "NUM_STEPS_CURRENT_ROUND": stats.steps,
     }
+    if runtime.input_skipped:
+        meta["input_skipped"] = runtime.input_skipped
     log.info(
         "%s round %s: %d steps, %d supervised tokens, train loss %.4f, val loss %.4f, %.0f tok/s, payload %.2f MB, %.1f s",
         runtime.site_name, incoming.current_round, stats.steps, stats.num_supervised_tokens, stats.train_loss, val_loss,
@@ -64,6 +66,12 @@ def score_candidates(runtime, incoming: FLModel) -> FLModel:
 
 def submit_model(runtime, incoming: FLModel) -> FLModel:
     return FLModel(params=runtime.adapter_state(), params_type=ParamsType.FULL, meta={"site": runtime.site_name})
+
+
+def failed(site_name: str, error: Exception) -> FLModel:
+    """The answer of a site that cannot take part (bad data): the reason, no adapter.
+    The server rejects it at once, naming site and reason, instead of waiting out a timeout."""
+    return FLModel(params={}, metrics={"failed": 1.0}, meta={"site": site_name, "site_error": str(error)})
 
 
 def handle(runtime, task: str, incoming: FLModel, send: str = "full", tracker=None) -> FLModel:

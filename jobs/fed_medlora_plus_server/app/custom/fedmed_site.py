@@ -9,8 +9,11 @@ kept across rounds.
 import argparse
 
 import nvflare.client as flare
+from nvflare.client.tracking import SummaryWriter
 
+from fedmed_components.document import InputError
 from fedmed_components.flare import site_tasks
+from fedmed_components.flare.tracking import SiteTracker
 from fedmed_components.site import SiteRuntime, add_site_arguments, site_config_from_args, site_data_folder
 
 
@@ -18,18 +21,26 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__)
     add_site_arguments(parser)
     parser.add_argument("--send", choices=["full", "diff"], default="full", help="send the adapter or its change")
+    parser.add_argument("--no-tensorboard", action="store_true", help="do not send TensorBoard scalars to the server")
     args = parser.parse_args()
 
     flare.init()
     site = flare.get_site_name()
+    tracker = None if args.no_tensorboard else SiteTracker(SummaryWriter())  # the server's TensorBoard shows every site
     runtime = SiteRuntime(site_config_from_args(args), site_name=site)
-    runtime.load_data(site_data_folder(args.data, site))
+    try:
+        runtime.load_data(site_data_folder(args.data, site))
+        error = None
+    except InputError as exc:  # the reason goes to the server with every answer
+        error = exc
+        site_tasks.log.error("%s cannot take part: %s", site, exc)
 
     while flare.is_running():
         incoming = flare.receive()
         if incoming is None:
             break
-        flare.send(site_tasks.handle(runtime, flare.get_task_name(), incoming, send=args.send))
+        task = flare.get_task_name()
+        flare.send(site_tasks.failed(site, error) if error else site_tasks.handle(runtime, task, incoming, send=args.send, tracker=tracker))
 
 
 if __name__ == "__main__":
