@@ -31,7 +31,7 @@ class FedMedController(ModelController):
         eval_timeout: int = 1800,
         task_check_period: float = 0.2,
     ):
-        super().__init__(persistor_id=persistor_id)
+        super().__init__(persistor_id=persistor_id, task_check_period=task_check_period)  # FLARE polls its tasks at this period too (its default: 0.5 s)
         if loss_source not in LOSS_SOURCES:
             raise ValueError(f"loss_source must be one of {LOSS_SOURCES}, not {loss_source!r}")
         self.num_rounds = num_rounds
