@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "merge",
     "job",
     "poc",
+    "experiment",
 ]
 
 

@@ -1,0 +1,526 @@
+"""A named evaluation experiment, end to end: config -> data -> runs -> results folder.
+
+`ExperimentConfig` (read from YAML) names the sites, the external / new-site cohort,
+the model and the training budget, and the runs to make. `run_experiment` cuts the
+site folders once (test split held out before anything trains, see experiment_data),
+then makes each run in order:
+
+- zero_shot: the base model with the untrained adapter (LoRA B = 0);
+- single: one adapter per site trained on that site alone (one run per site);
+- centralised: one adapter trained on the pooled sites, as many steps as a federation;
+- fed_medlora | fed_medlora_plus | fed_medlora_plus_server | fedsa_lora | fed_exact_lora:
+  a FLARE simulator run of the exported job folder (the product's own job builder);
+- bert: the token-classification baseline, where it is installed;
+- new_site: fine-tune on N sentences of the new cohort from the federated global adapter
+  and from scratch (N in new_site_shots), scored on that cohort's test split.
+
+Every trained model is scored with the same predictor and metrics on every site's test
+split, their pool, and the external cohort. Each finished run writes `<run>.json`
+(atomically) into the results folder; a run whose JSON exists is skipped, and an
+interrupted run resumes from its last saved round. Bulky and text-bearing artefacts
+(site data, adapters, predictions, simulator workspaces) live in the work folder.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from fedmed_components.document import InputError
+from fedmed_components.experiment_data import DataSource, PreparedSite, Sampling, prepare_site, shots
+
+log = logging.getLogger("fedmed.experiment")
+
+FEDERATED = {  # run name -> (job algorithm, Fed-MedLoRA+ loss source)
+    "fed_medlora": ("fed_medlora", "sites"),
+    "fed_medlora_plus": ("fed_medlora_plus", "sites"),
+    "fed_medlora_plus_server": ("fed_medlora_plus", "server"),
+    "fedsa_lora": ("fedsa_lora", "sites"),
+    "fed_exact_lora": ("fed_exact_lora", "sites"),
+}
+RUN_KINDS = ("zero_shot", "single", "centralised", *FEDERATED, "bert", "new_site")
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "experiment"
+    model: str = "smollm2-135m"
+    quantize: str = "auto"  # auto: NF4 on CUDA (8B on GPUs), unquantised on CPU
+    seed: int = 0
+    rank: int = 16
+    alpha: int = 64
+    rounds: int = 3
+    local_steps: int | None = 20  # per site per round; None: local_epochs
+    local_epochs: float = 1.0
+    batch_size: int = 4
+    max_length: int = 800
+    lr: float = 2e-4
+    max_val_examples: int = 64
+    generation_batch_size: int = 16
+    f1_every_round: bool = False  # score every round's adapter on the pooled test (costly)
+    simulator_timeout: float = 7200
+    sampling: Sampling = field(default_factory=Sampling)
+    sites: list[DataSource] = field(default_factory=list)
+    external: DataSource | None = None  # a cohort no site trains on; also the new site
+    new_site_shots: list[int] = field(default_factory=lambda: [8, 32])
+    new_site_steps: int = 20
+    new_site_from: str = "fed_medlora_plus"  # whose global adapter the new site starts from
+    runs: list[str] = field(default_factory=lambda: list(RUN_KINDS))
+
+    def run_ids(self) -> list[str]:
+        """Run kinds expanded into concrete runs, in the order they are made."""
+        ids = []
+        for kind in self.runs:
+            if kind == "single":
+                ids += [f"single_{s.name}" for s in self.sites]
+            elif kind == "new_site":
+                if self.external is None:
+                    raise ValueError("run new_site needs an external cohort")
+                ids += [f"new_site_{start}_{n}" for n in self.new_site_shots for start in ("scratch", "federated")]
+            else:
+                ids.append(kind)
+        return ids
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def load_config(path: str | os.PathLike) -> ExperimentConfig:
+    """Read a YAML experiment config; relative data paths are relative to the file."""
+    import yaml
+
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", None)
+        raise InputError(path, None if line is None else line + 1, f"not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise InputError(path, None, "an experiment config is a mapping of settings")
+
+    def build(cls, data, where: str):
+        if not isinstance(data, dict):
+            raise InputError(path, None, f"{where}: expected a mapping")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InputError(path, _line_of(path, unknown[0]), f"{where}: unknown setting(s) {unknown}; known: {sorted(known)}")
+        return data
+
+    def source(data, where):
+        src = DataSource(**build(DataSource, data, where))
+        for attr in ("path", "test_path"):
+            value = getattr(src, attr)
+            if value and not Path(value).is_absolute():
+                setattr(src, attr, str((path.parent / value).resolve()))
+        return src
+
+    top = dict(build(ExperimentConfig, raw, "experiment"))
+    top["sampling"] = Sampling(**build(Sampling, top.get("sampling", {}), "sampling"))
+    top["sites"] = [source(s, f"sites[{i}]") for i, s in enumerate(top.get("sites") or [])]
+    if top.get("external"):
+        top["external"] = source(top["external"], "external")
+    cfg = ExperimentConfig(**top)
+    if not cfg.sites:
+        raise InputError(path, None, "an experiment needs at least one site")
+    bad = [r for r in cfg.runs if r not in RUN_KINDS]
+    if bad:
+        raise InputError(path, _line_of(path, bad[0]), f"unknown run(s) {bad}; known: {list(RUN_KINDS)}")
+    return cfg
+
+
+def _line_of(path: Path, word: str) -> int | None:
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if word in line:
+            return number
+    return None
+
+
+# ---------------------------------------------------------------- results
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def read_results(out: str | os.PathLike, run_ids: list[str] | None = None) -> dict[str, dict]:
+    """The finished runs' JSON, by run id (in the given order when given)."""
+    out = Path(out)
+    if run_ids is None:
+        run_ids = sorted(p.stem for p in out.glob("*.json") if p.name != "experiment.json")
+    return {r: json.loads((out / f"{r}.json").read_text()) for r in run_ids if (out / f"{r}.json").exists()}
+
+
+def pool_scores(scores: list[dict]) -> dict:
+    """Micro-average several score objects (each already restricted to its site's types)."""
+    from fedmed_components.metrics import MODES, prf
+
+    def summed(group: str, mode: str):
+        parts = [s[group][mode] for s in scores if s.get(group)]
+        if not parts:
+            return None
+        return prf(*(sum(p[k] for p in parts) for k in ("tp", "fp", "fn")))
+
+    relations = {m: summed("relations", m) for m in MODES}
+    return {
+        "documents": sum(s["documents"] for s in scores),
+        "entities": {m: summed("entities", m) for m in MODES},
+        "relations": relations if relations["strict"] else None,
+        "parse_failures": sum(s["parse_failures"] for s in scores),
+    }
+
+
+# ---------------------------------------------------------------- scoring
+
+
+class Scorer:
+    """One base model in memory; any adapter is scored on the prepared test sets."""
+
+    def __init__(self, cfg: ExperimentConfig, model_path: str, work: Path):
+        self.cfg, self.model_path, self.work = cfg, model_path, work
+        self._model = None
+        self._tokenizer = None
+
+    def _load(self):
+        if self._model is None:
+            from fedmed_components.modeling import LoraSettings, attach_lora, load_base_model, load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.model_path)
+            self._model = attach_lora(load_base_model(self.model_path, quantize=self.cfg.quantize), LoraSettings(r=self.cfg.rank, alpha=self.cfg.alpha))
+        return self._model, self._tokenizer
+
+    def release(self) -> None:
+        self._model = self._tokenizer = None
+        gc.collect()
+
+    def score(self, adapter_state, site: PreparedSite, cache: Path) -> dict:
+        """Scores of one adapter on one site's test split (cached: a resumed run skips it)."""
+        if cache.exists():
+            return json.loads(cache.read_text())
+        from fedmed_components.document import write_jsonl
+        from fedmed_components.inference import GenerationSettings, predict_documents
+        from fedmed_components.metrics import score_documents
+        from fedmed_components.modeling import initial_adapter_from_config, set_adapter_state
+
+        model, tokenizer = self._load()
+        if adapter_state is None:
+            adapter_state = initial_adapter_from_config(self.model_path, _lora(self.cfg), seed=self.cfg.seed)
+        set_adapter_state(model, adapter_state)
+        gold = site.read("test")
+        settings = GenerationSettings(batch_size=self.cfg.generation_batch_size)
+        preds, report = predict_documents(model, tokenizer, gold, settings=settings, progress=True)
+        if not site.relations:  # a cohort that links no modifiers is not scored on links
+            for doc in preds:
+                doc.relations = []
+        write_jsonl(preds, cache.with_suffix(".predictions.jsonl"))  # holds note text: work folder only
+        result = score_documents(gold, preds, types=site.types, parse_failures=report.parse_failures)
+        if not site.relations:
+            result["relations"] = None
+        write_json_atomic(cache, result)
+        return result
+
+    def score_all(self, adapter_state, sites: list[PreparedSite], external: PreparedSite | None, cache_dir: Path) -> dict:
+        per_site = {s.name: self.score(adapter_state, s, cache_dir / f"{s.name}.json") for s in sites}
+        out = {"sites": per_site, "pooled": pool_scores(list(per_site.values()))}
+        if external is not None:
+            out["external"] = self.score(adapter_state, external, cache_dir / f"external_{external.name}.json")
+        return out
+
+
+def _lora(cfg: ExperimentConfig):
+    from fedmed_components.modeling import LoraSettings
+
+    return LoraSettings(r=cfg.rank, alpha=cfg.alpha)
+
+
+# ---------------------------------------------------------------- communication
+
+
+def full_model_parameters(model_path: str) -> int:
+    """Parameters of the base model, counted on the meta device (no weights loaded)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def communication(adapter_state, model_path: str, rounds: int, sites: int) -> dict:
+    """What travels per round per site: the fp32 adapter, versus full-model FedAvg in fp32."""
+    from fedmed_components.modeling import adapter_num_bytes
+
+    adapter = adapter_num_bytes(adapter_state)
+    full = full_model_parameters(model_path) * 4
+    return {
+        "rounds": rounds, "sites": sites,
+        "adapter_bytes_per_round_per_site": adapter,
+        "full_model_bytes_per_round_per_site": full,
+        "adapter_over_full": adapter / full,
+        "total_adapter_bytes": adapter * rounds * sites,
+        "total_full_model_bytes": full * rounds * sites,
+    }
+
+
+# ---------------------------------------------------------------- training runs
+
+
+def _site_config(cfg: ExperimentConfig, steps: int | None, tasks=("ner", "modifier"), batch_size: int | None = None):
+    from fedmed_components.sft_data import SFTConfig
+    from fedmed_components.site import SiteConfig
+    from fedmed_components.training import TrainSettings
+
+    return SiteConfig(
+        model=cfg.model, quantize=cfg.quantize, lora=_lora(cfg),
+        train=TrainSettings(learning_rate=cfg.lr, batch_size=batch_size or cfg.batch_size, max_length=cfg.max_length,
+                            local_epochs=cfg.local_epochs, max_steps=steps, seed=cfg.seed),
+        sft=SFTConfig(tasks=tuple(tasks)), val_fraction=0.0, max_val_examples=cfg.max_val_examples, seed=cfg.seed,
+    )
+
+
+def train_locally(cfg: ExperimentConfig, folders: list[Path], run_dir: Path, *, rounds: int, steps: int | None,
+                  initial_state=None, tasks=("ner", "modifier"), batch_size: int | None = None) -> list[dict]:
+    """Rounds of the sites' own trainer on one folder or several pooled; every round's
+    adapter is saved, so an interrupted run resumes after its last saved round."""
+    from fedmed_components.modeling import load_adapter_folder, save_adapter_folder
+    from fedmed_components.site import SiteRuntime
+
+    log_file = run_dir / "rounds.json"
+    history = json.loads(log_file.read_text()) if log_file.exists() else []
+    done = len(history)
+    if done >= rounds:
+        return history
+    runtime = SiteRuntime(_site_config(cfg, steps, tasks, batch_size), site_name=run_dir.name)
+    runtime.load_data(*folders)
+    state = initial_state
+    if done:
+        state, _, _ = load_adapter_folder(run_dir / f"round_{done - 1:03d}")
+    runtime.trainer._rounds = done  # the batch order of round k does not depend on restarts
+    for rnd in range(done, rounds):
+        state, stats = runtime.train(state, progress=True)
+        val_loss, _ = runtime.validation_loss()
+        save_adapter_folder(state, runtime.config.lora, runtime.model_path, run_dir / f"round_{rnd:03d}")
+        history.append({"round": rnd, "steps": stats.steps, "train_loss": stats.train_loss,
+                        "val_loss": None if math.isnan(val_loss) else val_loss, "num_supervised_tokens": stats.num_supervised_tokens})
+        write_json_atomic(log_file, history)
+        print(f"  {run_dir.name} round {rnd}: {stats.steps} steps, train loss {stats.train_loss:.4f}, val loss {val_loss:.4f}", flush=True)
+        state = {k: v.clone() for k, v in state.items()}
+    del runtime
+    gc.collect()
+    return history
+
+
+def train_federated(cfg: ExperimentConfig, run_id: str, sites: list[PreparedSite], data_root: Path, run_dir: Path) -> list[dict]:
+    """The exported FLARE job in the simulator; the persistor's store resumes a cut run."""
+    from fedmed_components.flare.job import JobSpec, export_job, run_simulator
+
+    algorithm, loss_source = FEDERATED[run_id]
+    store = run_dir / "store"
+    state_file = store / "state.json"
+    state = json.loads(state_file.read_text()) if state_file.exists() else {}
+    if state.get("last_round") is None or int(state["last_round"]) < cfg.rounds - 1:
+        spec = JobSpec(
+            name=run_id, algorithm=algorithm, model=cfg.model, sites=[s.name for s in sites],
+            num_rounds=cfg.rounds, min_clients=len(sites), local_steps=cfg.local_steps, local_epochs=cfg.local_epochs,
+            batch_size=cfg.batch_size, max_length=cfg.max_length, learning_rate=cfg.lr, rank=cfg.rank, alpha=cfg.alpha,
+            data=str(data_root), quantize=cfg.quantize, loss_source=loss_source,
+            server_val_data=str(data_root / "server_val.jsonl") if loss_source == "server" else None,
+            output_dir=str(store), train_timeout=int(cfg.simulator_timeout), eval_timeout=int(cfg.simulator_timeout),
+            extra_site_args=f"--val-fraction 0 --max-val-examples {cfg.max_val_examples} --seed {cfg.seed}",
+        )
+        job_dir = export_job(spec, run_dir / "job")
+        print(f"  {run_id}: FLARE simulator, {len(sites)} sites x {cfg.rounds} rounds (log: {run_dir / 'simulator.log'})", flush=True)
+        run_simulator(job_dir, run_dir / "simulator", spec.sites, timeout=cfg.simulator_timeout, log_file=run_dir / "simulator.log")
+        state = json.loads(state_file.read_text())
+    history = []
+    for record in state.get("history", []):
+        history.append({"round": record.get("current_round"), "train_loss": record.get("train_loss"),
+                        "val_loss": record.get("val_loss"), "weights": record.get("weights"),
+                        "num_supervised_tokens": record.get("num_supervised_tokens")})
+    return history
+
+
+# ---------------------------------------------------------------- the experiment
+
+
+@dataclass
+class Experiment:
+    cfg: ExperimentConfig
+    out: Path
+    work: Path
+    sites: list[PreparedSite]
+    external: PreparedSite | None
+    model_path: str
+    scorer: Scorer
+
+    def run_dir(self, run_id: str) -> Path:
+        return self.work / "runs" / run_id
+
+    def round_scores(self, history: list[dict], adapter_dir) -> None:
+        """Pooled in-domain F1 of every round's adapter (f1_every_round)."""
+        from fedmed_components.modeling import load_adapter_folder
+
+        for record in history:
+            folder = adapter_dir(record["round"])
+            if not folder.exists():
+                continue
+            state, _, _ = load_adapter_folder(folder)
+            cache = folder.parent / "round_scores" / f"round_{record['round']:03d}"
+            pooled = pool_scores([self.scorer.score(state, s, cache / f"{s.name}.json") for s in self.sites])
+            record["pooled_entity_strict_f1"] = pooled["entities"]["strict"]["f1"]
+            record["pooled_entity_lenient_f1"] = pooled["entities"]["lenient"]["f1"]
+
+    def make_run(self, run_id: str) -> dict:
+        from fedmed_components.modeling import load_adapter_folder
+
+        cfg, run_dir = self.cfg, self.run_dir(run_id)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        folders = [s.folder for s in self.sites]
+        result: dict = {"run": run_id, "status": "done"}
+        if run_id == "zero_shot":
+            result.update(kind="zero_shot", rounds=[], scores=self.scorer.score_all(None, self.sites, self.external, run_dir / "scores"))
+            return result
+        if run_id == "bert":
+            return {**result, **bert_baseline(self)}
+        if run_id.startswith("new_site_"):
+            return {**result, **self.new_site_run(run_id, run_dir)}
+        if run_id.startswith("single_"):
+            site = next(s for s in self.sites if f"single_{s.name}" == run_id)
+            history = train_locally(cfg, [site.folder], run_dir, rounds=cfg.rounds, steps=cfg.local_steps)
+            kind, trained_on, n_sites = "single_site", [site.name], 1
+            adapter_dir = lambda r: run_dir / f"round_{r:03d}"  # noqa: E731
+        elif run_id == "centralised":
+            steps = cfg.local_steps * len(self.sites) if cfg.local_steps else None  # the federation's total budget
+            history = train_locally(cfg, folders, run_dir, rounds=cfg.rounds, steps=steps)
+            kind, trained_on, n_sites = "centralised", [s.name for s in self.sites], 1
+            adapter_dir = lambda r: run_dir / f"round_{r:03d}"  # noqa: E731
+        elif run_id in FEDERATED:
+            history = train_federated(cfg, run_id, self.sites, self.work / "data", run_dir)
+            kind, trained_on, n_sites = "federated", [s.name for s in self.sites], len(self.sites)
+            adapter_dir = lambda r: run_dir / "store" / f"round_{r:03d}"  # noqa: E731
+        else:
+            raise ValueError(f"unknown run {run_id!r}")
+        state, _, _ = load_adapter_folder(adapter_dir(cfg.rounds - 1))
+        if cfg.f1_every_round:
+            self.round_scores(history, adapter_dir)
+        result.update(
+            kind=kind, trained_on=trained_on, rounds=history,
+            scores=self.scorer.score_all(state, self.sites, self.external, run_dir / "scores"),
+        )
+        if kind == "federated":
+            result["communication"] = communication(state, self.model_path, cfg.rounds, n_sites)
+        return result
+
+    def new_site_run(self, run_id: str, run_dir: Path) -> dict:
+        """Fine-tune on N sentences of the new cohort, from scratch or from the federated global adapter."""
+        from fedmed_components.document import write_jsonl
+        from fedmed_components.modeling import load_adapter_folder
+
+        cfg, site = self.cfg, self.external
+        start, n = run_id[len("new_site_"):].rsplit("_", 1)
+        n = int(n)
+        initial = None
+        if start == "federated":
+            global_dir = self.run_dir(cfg.new_site_from) / "store" / "global"
+            if not global_dir.exists():
+                return {"kind": "new_site", "status": f"not run: needs the global adapter of {cfg.new_site_from}"}
+            initial, _, _ = load_adapter_folder(global_dir)
+        data = run_dir / "data"
+        if not (data / "train.jsonl").exists():
+            write_jsonl(shots(site, n, cfg.seed), data / "train.jsonl")
+            write_jsonl(site.read("val"), data / "val.jsonl")
+            (data / "manifest.json").write_text(json.dumps({"annotated_types": sorted(site.types)}))
+        # A cohort that links no modifiers to entities cannot teach the modifier task.
+        tasks = ("ner", "modifier") if site.relations else ("ner",)
+        history = train_locally(cfg, [data], run_dir, rounds=1, steps=cfg.new_site_steps, initial_state=initial,
+                                tasks=tasks, batch_size=min(cfg.batch_size, n))
+        state, _, _ = load_adapter_folder(run_dir / "round_000")
+        score = self.scorer.score(state, site, run_dir / "scores" / f"external_{site.name}.json")
+        return {"kind": "new_site", "start": start, "shots": n, "tasks": list(tasks),
+                "started_from": cfg.new_site_from if start == "federated" else None,
+                "rounds": history, "scores": {"external": score}}
+
+
+def bert_baseline(exp: Experiment) -> dict:
+    """The BERT token-classification baseline, where fedmed_components.token_classification exists."""
+    try:
+        from fedmed_components import token_classification  # noqa: F401
+    except ImportError:
+        return {"kind": "bert", "status": "not available: fedmed_components.token_classification is not installed"}
+    runner = getattr(token_classification, "experiment_baseline", None)
+    if runner is None:
+        return {"kind": "bert", "status": "not available: token_classification has no experiment_baseline()"}
+    return {"kind": "bert", **runner(exp)}
+
+
+def prepare(cfg: ExperimentConfig, work: Path) -> tuple[list[PreparedSite], PreparedSite | None]:
+    """Cut every site folder (test held out first), and the server's validation file."""
+    from fedmed_components.document import write_jsonl
+
+    data = work / "data"
+    sites = [prepare_site(s, cfg.sampling, data) for s in cfg.sites]
+    external = prepare_site(cfg.external, cfg.sampling, work / "external") if cfg.external else None
+    server_val = data / "server_val.jsonl"
+    if not server_val.exists():  # Fed-MedLoRA+ (server): the pooled validation splits, held by the server
+        write_jsonl([d for s in sites for d in s.read("val")], server_val)
+    return sites, external
+
+
+def run_experiment(cfg: ExperimentConfig, out: str | os.PathLike, *, work: str | os.PathLike | None = None, only: list[str] | None = None) -> dict[str, dict]:
+    from fedmed_components.modeling import resolve_model
+    from fedmed_components.experiment_report import write_report
+
+    out = Path(out).resolve()
+    work = Path(work).resolve() if work else out / "work"
+    out.mkdir(parents=True, exist_ok=True)
+    run_ids = cfg.run_ids()
+    if only:
+        unknown = sorted(set(only) - set(run_ids))
+        if unknown:
+            raise InputError(None, None, f"--only: unknown run(s) {unknown}; this experiment has {run_ids}")
+        run_ids = [r for r in run_ids if r in only]
+    started = time.perf_counter()
+    sites, external = prepare(cfg, work)
+    write_json_atomic(out / "experiment.json", {
+        "config": cfg.to_dict(), "runs": cfg.run_ids(),
+        "data": {s.name: s.counts for s in sites + ([external] if external else [])},
+    })
+    print(f"{cfg.name}: {len(sites)} sites ({', '.join(s.name for s in sites)})"
+          + (f", external {external.name}" if external else "") + f"; data in {work / 'data'}", flush=True)
+    exp = Experiment(cfg, out, work, sites, external, resolve_model(cfg.model), None)
+    exp.scorer = Scorer(cfg, exp.model_path, work)
+    for i, run_id in enumerate(run_ids, start=1):
+        target = out / f"{run_id}.json"
+        if target.exists():
+            print(f"[{i}/{len(run_ids)}] {run_id}: finished earlier, skipped", flush=True)
+            continue
+        print(f"[{i}/{len(run_ids)}] {run_id}", flush=True)
+        run_started = time.perf_counter()
+        result = exp.make_run(run_id)
+        result["seconds"] = round(time.perf_counter() - run_started, 1)
+        result["config"] = {k: v for k, v in cfg.to_dict().items() if k not in ("sites", "external", "runs")}
+        write_json_atomic(target, result)
+        print(f"[{i}/{len(run_ids)}] {run_id}: {result['status']} in {result['seconds']:.0f} s{_headline(result)}", flush=True)
+        write_report(cfg, read_results(out, cfg.run_ids()), out)  # partial results are readable at any time
+    results = read_results(out, cfg.run_ids())
+    write_report(cfg, results, out)
+    print(f"results: {out} ({len(results)} runs, this call {time.perf_counter() - started:.0f} s)", flush=True)
+    return results
+
+
+def _headline(result: dict) -> str:
+    pooled = result.get("scores", {}).get("pooled") or result.get("scores", {}).get("external")
+    if not pooled:
+        return ""
+    ent = pooled["entities"]
+    return f"; entities strict F1 {ent['strict']['f1']:.3f}, lenient {ent['lenient']['f1']:.3f}"
