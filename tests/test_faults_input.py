@@ -6,6 +6,7 @@ counted, and the count reaches the server's log."""
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -81,3 +82,53 @@ def test_server_rejects_a_failed_site_naming_site_and_file(sites):
     assert agg.accept_model(FLModel(params=answer.params, params_type=ParamsType.FULL, meta={**answer.meta, "client_name": "site-brat"})) is False
     (rejection,) = agg.rejections
     assert rejection.site == "site-brat" and faults["site-brat"] in rejection.reason and "malformed line" in rejection.reason
+
+
+def _job(tmp_path, root, sites, **spec):
+    from fedmed_components.flare.job import JobSpec, export_job
+
+    spec = JobSpec(**{
+        "name": "bad_data", "model": "tiny", "sites": sites, "num_rounds": 2, "min_clients": 1, "local_steps": 2,
+        "batch_size": 4, "max_length": 128, "rank": 4, "alpha": 8, "quantize": "none", "data": str(root),
+        "output_dir": str(tmp_path / "store"), "train_timeout": 240, "extra_site_args": "--max-val-examples 4", **spec,
+    })
+    return export_job(spec, tmp_path / "jobs")
+
+
+def _server_log(workspace) -> str:
+    return next(workspace.rglob("server/**/log.txt")).read_text(errors="replace")
+
+
+@pytest.mark.slow
+def test_live_job_goes_on_without_the_sites_with_bad_data(tmp_path, sites, tiny_model_path, no_leftovers):
+    from fedmed_components.flare.job import run_simulator
+
+    root, faults = sites
+    names = ["site-1", *faults]
+    workspace = run_simulator(_job(tmp_path, root, names), tmp_path / "ws", names, timeout=420)
+    log = _server_log(workspace)
+    history = json.loads((tmp_path / "store" / "state.json").read_text())["history"]
+    assert [h["sites"] for h in history] == [["site-1"], ["site-1"]]
+    for rnd in range(2):
+        for site, where in faults.items():
+            (reason,) = [r["reason"] for r in history[rnd]["rejected"] if r["site"] == site]
+            assert reason.startswith("site failed its task: ") and where in reason, (site, reason)
+            assert f"rejected update from {site} in round {rnd}: site failed its task: " in log
+    assert "finished 2 rounds" in log
+
+
+@pytest.mark.slow
+def test_live_job_with_only_bad_sites_ends_with_the_reasons(tmp_path, sites, tiny_model_path, no_leftovers):
+    from fedmed_components.flare.job import run_simulator
+
+    root, faults = sites
+    names = ["site-brat", "site-latin1"]
+    try:
+        workspace = run_simulator(_job(tmp_path, root, names, num_rounds=1), tmp_path / "ws", names, timeout=300)
+    except RuntimeError:  # the simulator may report the aborted run with its exit status
+        workspace = tmp_path / "ws"
+    log = _server_log(workspace)
+    (explanation,) = re.findall(r"round 0: only 0 valid updates.*", log)
+    assert "fewer than min_clients=1" in explanation
+    assert faults["site-brat"] in explanation and "malformed line" in explanation and "not UTF-8" in explanation
+    assert not (tmp_path / "store" / "state.json").exists()
