@@ -123,7 +123,8 @@ def load_model(model_path: str, settings: LoraSettings, *, device: str | None = 
 
 def _windows(docs: list[Document], tokenizer, max_length: int):
     """(doc index, sentence index, token ids, note offsets) per window of a sentence."""
-    room = max_length - 2  # [CLS] and [SEP]
+    limit = tokenizer.model_max_length if tokenizer.model_max_length < 100_000 else 512  # BERT position table
+    room = min(max_length, limit) - 2  # [CLS] and [SEP]
     if room < 1:
         raise ValueError("max_length must leave room for [CLS] and [SEP]")
     for d, doc in enumerate(docs):

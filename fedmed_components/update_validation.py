@@ -112,13 +112,16 @@ def validate_update(
     site: str,
     round: int | None = None,
     allow_rank_change: bool = False,
+    head_modules: tuple[str, ...] | list[str] = (),
 ) -> Rejection | None:
     """None if ``update`` is a well-formed adapter matching ``reference``, else a Rejection.
 
     ``reference`` is the global adapter (``{name: Tensor}``) or its spec
     (``{name: (shape, dtype)}``). Rejected: a payload that is not a non-empty dict;
     any tensor that is not part of a LoRA adapter (base-model weights), even when the
-    reference lists it (except a ``modules_to_save`` head the job declared); missing or
+    reference lists it (except a ``modules_to_save`` head the job declared, by that name
+    in the key or by module name in ``head_modules``, e.g. the BERT baseline's
+    ``classifier``, which PEFT saves as ``...classifier.weight``); missing or
     unexpected names; non-tensors; wrong dtype; wrong shape (with
     ``allow_rank_change`` the rank dimension of A/B may differ, consistently within a
     layer); NaN or Inf values. The reason names the offending tensor(s).
@@ -136,7 +139,7 @@ def validate_update(
     non_string = [k for k in keys if not isinstance(k, str)]
     if non_string:
         return reject(f"non-string tensor name(s): {non_string[:_MAX_LISTED]!r}")
-    declared_extra = {k for k in spec if "modules_to_save" in k.split(".")}
+    declared_extra = {k for k in spec if "modules_to_save" in k.split(".") or set(k.split(".")) & set(head_modules)}
     foreign = {k for k in keys if not is_lora_key(k) and k not in declared_extra}
     if foreign:
         return reject(f"non-LoRA tensor(s) in the update (base-model weights must never leave a site): {_listed(foreign)}")
@@ -236,6 +239,7 @@ def screen_updates(
     min_clients: int = 1,
     max_norm_ratio: float | None = 10.0,
     allow_rank_change: bool = False,
+    head_modules: tuple[str, ...] | list[str] = (),
 ) -> tuple[dict[str, dict], list[Rejection]]:
     """Validate every site's update, then drop norm outliers among the valid ones.
 
@@ -247,7 +251,7 @@ def screen_updates(
     rejections: list[Rejection] = []
     valid: dict[str, dict] = {}
     for site, update in updates.items():
-        rejection = validate_update(update, reference, site=site, round=round, allow_rank_change=allow_rank_change)
+        rejection = validate_update(update, reference, site=site, round=round, allow_rank_change=allow_rank_change, head_modules=head_modules)
         if rejection is None:
             valid[site] = update
         else:

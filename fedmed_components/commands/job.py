@@ -11,6 +11,9 @@ COMMITTED_JOBS = {
     "fed_medlora_plus_server": dict(algorithm="fed_medlora_plus", loss_source="server"),
     "fedsa_lora": dict(algorithm="fedsa_lora"),
     "fed_exact_lora": dict(algorithm="fed_exact_lora"),
+    # The BERT baseline (BIO tagging) aggregated with Fed-MedLoRA; MiniLM is the embedded
+    # encoder, production passes --model emilyalsentzer/Bio_ClinicalBERT (BERT: <= 512 tokens).
+    "fed_bert": dict(algorithm="fed_medlora", task_model="token-classification", model="minilm", max_length=256, learning_rate=5e-4),
 }
 
 
@@ -28,7 +31,9 @@ def register(subparsers) -> None:
     export.add_argument("--algorithm", default=d.algorithm, choices=ALGORITHMS)
     export.add_argument("--loss-source", default=d.loss_source, choices=["sites", "server"], help="Fed-MedLoRA+: who measures candidate losses")
     export.add_argument("--server-val-data", default=None, help="Fed-MedLoRA+ with --loss-source server: the server's validation JSONL")
-    export.add_argument("--model", default=d.model, help="tiny | smollm2-135m | HF id | folder (same name at every site)")
+    export.add_argument("--model", default=d.model, help="tiny | smollm2-135m | minilm | HF id | folder (same name at every site)")
+    export.add_argument("--task-model", default=d.task_model, choices=["causal-lm", "token-classification"],
+                        help="causal-lm: generative IE (the paper); token-classification: the BERT BIO baseline (fed_bert)")
     export.add_argument("--sites", default=",".join(d.sites), help="comma-separated site names (simulator)")
     export.add_argument("--rounds", type=int, default=d.num_rounds)
     export.add_argument("--min-clients", type=int, default=d.min_clients)
@@ -66,6 +71,7 @@ def spec_from_args(args, **overrides):
         local_epochs=args.local_epochs, batch_size=args.batch_size, max_length=args.max_length,
         learning_rate=args.lr, rank=args.rank, alpha=args.alpha, data=args.data, quantize=args.quantize,
         train_timeout=args.train_timeout, output_dir=args.output_dir, extra_site_args=args.site_args,
+        task_model=args.task_model,
     )
     values.update(overrides)
     return JobSpec(**values)

@@ -39,8 +39,10 @@ class AdapterAggregator(ModelAggregator):
     # Sum updates as they arrive; rules that need every update first read the spill.
     streaming = True
 
-    def __init__(self, weighting: str = "supervised_tokens", max_norm_ratio: float = 10.0, allow_rank_change: bool = False):
+    def __init__(self, weighting: str = "supervised_tokens", max_norm_ratio: float = 10.0, allow_rank_change: bool = False, head_modules: list[str] | None = None):
         super().__init__()
+        # Trained heads that travel with the adapter (the BERT baseline's classifier).
+        self.head_modules = list(head_modules or [])
         self.weighting = weighting
         self.max_norm_ratio = max_norm_ratio
         self.allow_rank_change = allow_rank_change
@@ -94,7 +96,7 @@ class AdapterAggregator(ModelAggregator):
         if model.params_type == ParamsType.DIFF and params and self.reference:
             params = {k: self.reference[k] + v.to(self.reference[k].dtype) if k in self.reference else v for k, v in params.items()}
         rejection = validate_update(
-            params, self.reference, site=site, round=self.round, allow_rank_change=self.allow_rank_change
+            params, self.reference, site=site, round=self.round, allow_rank_change=self.allow_rank_change, head_modules=self.head_modules
         ) if self.reference else None
         if rejection is None and site in self._accepted:
             rejection = Rejection(site=site, round=self.round, reason="second update in the same round")
@@ -189,8 +191,8 @@ class FedMedLoRAPlusAggregator(AdapterAggregator):
 
     streaming = False  # weights are known only once every candidate has been scored
 
-    def __init__(self, temperature: float = 1.0, use_sizes: bool = False, max_norm_ratio: float = 10.0, allow_rank_change: bool = False):
-        super().__init__(weighting="uniform", max_norm_ratio=max_norm_ratio, allow_rank_change=allow_rank_change)
+    def __init__(self, temperature: float = 1.0, use_sizes: bool = False, max_norm_ratio: float = 10.0, allow_rank_change: bool = False, head_modules: list[str] | None = None):
+        super().__init__(weighting="uniform", max_norm_ratio=max_norm_ratio, allow_rank_change=allow_rank_change, head_modules=head_modules)
         self.temperature = temperature
         self.use_sizes = use_sizes
         self._losses: dict[str, float] = {}

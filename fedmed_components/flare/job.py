@@ -49,6 +49,21 @@ class JobSpec:
     output_dir: str = "fedmed_adapters"
     extra_site_args: str = ""
     scope: str = "clinical"
+    # causal-lm: the paper's generative IE; token-classification: the BERT BIO baseline
+    # (fed_bert), whose trained classifier head travels with the LoRA tensors.
+    task_model: str = "causal-lm"
+    tensorboard: bool = True  # sites' scalars -> <server run dir>/tb_events/<site>/
+
+    def lora(self) -> dict:
+        """What the persistor needs to build and save the global adapter."""
+        if self.task_model != "token-classification":
+            return {"r": self.rank, "alpha": self.alpha}
+        from fedmed_components.token_classification import ENCODER_TARGET_MODULES
+
+        return {"r": self.rank, "alpha": self.alpha, "target_modules": list(ENCODER_TARGET_MODULES), "task_type": "TOKEN_CLS"}
+
+    def head_modules(self) -> list[str]:
+        return ["classifier"] if self.task_model == "token-classification" else []
 
     def site_args(self) -> str:
         args = [
@@ -61,6 +76,10 @@ class JobSpec:
             args += ["--local-steps", str(self.local_steps)]
         if self.data:
             args += ["--data", self.data]
+        if self.task_model != "causal-lm":
+            args += ["--task-model", self.task_model, "--target-modules", ",".join(self.lora()["target_modules"])]
+        if not self.tensorboard:
+            args += ["--no-tensorboard"]
         return shlex.join(args) + (" " + self.extra_site_args if self.extra_site_args else "")
 
 
@@ -68,9 +87,9 @@ def build_aggregator(spec: JobSpec):
     from fedmed_components.flare import aggregators as agg
 
     if spec.algorithm == "fed_medlora":
-        return agg.FedMedLoRAAggregator(weighting=spec.weighting, max_norm_ratio=spec.max_norm_ratio)
+        return agg.FedMedLoRAAggregator(weighting=spec.weighting, max_norm_ratio=spec.max_norm_ratio, head_modules=spec.head_modules())
     if spec.algorithm == "fed_medlora_plus":
-        return agg.FedMedLoRAPlusAggregator(max_norm_ratio=spec.max_norm_ratio)
+        return agg.FedMedLoRAPlusAggregator(max_norm_ratio=spec.max_norm_ratio, head_modules=spec.head_modules())
     if spec.algorithm == "fedsa_lora":
         return agg.FedSALoRAAggregator(num_rounds=spec.num_rounds, weighting=spec.weighting, max_norm_ratio=spec.max_norm_ratio)
     if spec.algorithm == "fed_exact_lora":
@@ -87,9 +106,11 @@ def build_job(spec: JobSpec):
     from fedmed_components.flare.persistor import AdapterPersistor
 
     loss_source = spec.loss_source if spec.algorithm == "fed_medlora_plus" else "none"
+    if spec.task_model == "token-classification" and (spec.algorithm not in ("fed_medlora", "fed_medlora_plus") or loss_source == "server"):
+        raise ValueError("the BERT baseline runs with fed_medlora or fed_medlora_plus (site losses): its head is not a LoRA factor and the server evaluator is generative")
     job = FedJob(name=spec.name, min_clients=spec.min_clients, meta_props={"scope": spec.scope})
     job.to_server(
-        AdapterPersistor(model=spec.model, lora={"r": spec.rank, "alpha": spec.alpha}, output_dir=spec.output_dir),
+        AdapterPersistor(model=spec.model, lora=spec.lora(), output_dir=spec.output_dir),
         id="persistor",
     )
     job.to_server(build_aggregator(spec), id="aggregator")
@@ -118,6 +139,10 @@ def build_job(spec: JobSpec):
         server_expected_format=ExchangeFormat.PYTORCH,
     )
     job.to_clients(runner)
+    if spec.tensorboard:
+        from fedmed_components.flare.tracking import add_tensorboard
+
+        add_tensorboard(job)
     return job
 
 
