@@ -62,8 +62,8 @@ class JobSpec:
 
         return {"r": self.rank, "alpha": self.alpha, "target_modules": list(ENCODER_TARGET_MODULES), "task_type": "TOKEN_CLS"}
 
-    def head_modules(self) -> list[str]:
-        return ["classifier"] if self.task_model == "token-classification" else []
+    def head_modules(self) -> list[str] | None:
+        return ["classifier"] if self.task_model == "token-classification" else None
 
     def site_args(self) -> str:
         args = [
