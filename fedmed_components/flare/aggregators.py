@@ -42,7 +42,7 @@ class AdapterAggregator(ModelAggregator):
     def __init__(self, weighting: str = "supervised_tokens", max_norm_ratio: float = 10.0, allow_rank_change: bool = False, head_modules: list[str] | None = None):
         super().__init__()
         # Trained heads that travel with the adapter (the BERT baseline's classifier).
-        self.head_modules = list(head_modules or [])
+        self.head_modules = head_modules  # kept as given: FLARE exports constructor args by name
         self.weighting = weighting
         self.max_norm_ratio = max_norm_ratio
         self.allow_rank_change = allow_rank_change
@@ -96,7 +96,7 @@ class AdapterAggregator(ModelAggregator):
         if model.params_type == ParamsType.DIFF and params and self.reference:
             params = {k: self.reference[k] + v.to(self.reference[k].dtype) if k in self.reference else v for k, v in params.items()}
         rejection = validate_update(
-            params, self.reference, site=site, round=self.round, allow_rank_change=self.allow_rank_change, head_modules=self.head_modules
+            params, self.reference, site=site, round=self.round, allow_rank_change=self.allow_rank_change, head_modules=self.head_modules or ()
         ) if self.reference else None
         if rejection is None and site in self._accepted:
             rejection = Rejection(site=site, round=self.round, reason="second update in the same round")
