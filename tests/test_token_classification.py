@@ -184,3 +184,24 @@ def test_saved_adapter_loads_with_peft_and_predicts_scoreable_documents(runtime,
     assert scores[1]["entities"]["lenient"]["f1"] > scores[0]["entities"]["lenient"]["f1"] + 0.2, [s["entities"]["lenient"] for s in scores]
     assert math.isfinite(scores[1]["relations"]["lenient"]["f1"])
     assert scores[1]["relations"]["lenient"]["tp"] > 0  # nearest-main links find gold relations
+
+
+@pytest.mark.slow
+def test_train_local_then_predict_and_eval_with_bert(tmp_path, site_folder, capsys):
+    """The CLI route of the baseline: `train-local` on an encoder, `predict`, `eval` (~40 s)."""
+    import json
+
+    from fedmed_components.cli import main
+    from fedmed_components.modeling import load_adapter_folder
+
+    out = tmp_path / "bert"
+    assert main(["train-local", "--model", "minilm", "--data", str(site_folder), "--rank", "4", "--alpha", "8", "--local-steps", "4",
+                 "--batch-size", "8", "--max-length", "64", "--lr", "3e-3", "--out", str(out)]) == 0
+    state, settings, _ = load_adapter_folder(out)
+    assert settings.task_type == "TOKEN_CLS" and "base_model.model.classifier.weight" in state
+    assert main(["predict", "--model", "minilm", "--adapter", str(out), "--input", str(site_folder / "val.jsonl"), "--out", str(tmp_path / "pred")]) == 0
+    assert (tmp_path / "pred" / "brat").is_dir()
+    capsys.readouterr()
+    assert main(["eval", "--gold", str(site_folder / "val.jsonl"), "--pred", str(tmp_path / "pred" / "predictions.jsonl"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["documents"] == 1 and set(result["entities"]["strict"]) >= {"precision", "recall", "f1"}

@@ -15,7 +15,7 @@ def register(subparsers) -> None:
             "the spans at note offsets. Writes <out>/brat/*.ann|*.txt and <out>/predictions.jsonl."
         ),
     )
-    p.add_argument("--model", default="smollm2-135m", help="tiny | smollm2-135m | HF id | folder")
+    p.add_argument("--model", default="smollm2-135m", help="tiny | smollm2-135m | minilm | HF id | folder (an encoder runs the BERT baseline)")
     p.add_argument("--adapter", default=None, help="PEFT adapter folder (omit for zero-shot)")
     p.add_argument("--input", required=True, help="folder of .txt notes, or a JSONL documents file")
     p.add_argument("--out", required=True, help="output folder")
@@ -43,12 +43,19 @@ def read_notes(path: Path):
 
 
 def _run(args) -> int:
-    from fedmed_components.document import write_jsonl
     from fedmed_components.inference import GenerationSettings, predict_documents
     from fedmed_components.modeling import load_adapter_folder, load_base_model, load_tokenizer, resolve_model
 
     notes = read_notes(Path(args.input))
     model_path = resolve_model(args.model)
+    from fedmed_components import token_classification as tc
+
+    if tc.is_encoder_model(model_path):  # the BERT baseline: tagging, no generation
+        from fedmed_components.modeling import LoraSettings
+
+        model = tc.load_model(model_path, LoraSettings(), adapter=args.adapter)
+        preds = tc.predict_documents_bert(model, tc.load_tokenizer(model_path), notes, batch_size=args.batch_size, progress=True)
+        return _write(preds, Path(args.out), f"{len(notes)} notes (BERT tagging)")
     tokenizer = load_tokenizer(model_path)
     model = load_base_model(model_path, quantize=args.quantize)
     if args.adapter:
@@ -60,11 +67,15 @@ def _run(args) -> int:
         model, tokenizer, notes, tasks=tuple(args.tasks.split(",")),
         settings=GenerationSettings(batch_size=args.batch_size), progress=True,
     )
-    out = Path(args.out)
-    write_jsonl(preds, out / "predictions.jsonl")
-    from fedmed_components.brat import write_brat_dir
+    return _write(preds, Path(args.out), f"{len(preds)} notes, {report.sentences} sentences, {report.parse_failures} parse failures")
 
+
+def _write(preds, out: Path, summary: str) -> int:
+    from fedmed_components.brat import write_brat_dir
+    from fedmed_components.document import write_jsonl
+
+    write_jsonl(preds, out / "predictions.jsonl")
     write_brat_dir(preds, out / "brat")
     n_ent = sum(len(d.entities) for d in preds)
-    print(f"{len(preds)} notes, {report.sentences} sentences, {n_ent} spans, {report.parse_failures} parse failures -> {out}")
+    print(f"{summary}, {n_ent} spans -> {out}")
     return 0
