@@ -56,9 +56,14 @@ __all__ = [
 
 
 # --------------------------------------------------------------------- adapter-only rule
-def adapter_only_violations(tensor_keys: Iterable[str]) -> list[str]:
-    """The keys that are not LoRA adapter tensors (empty: the payload may leave)."""
-    return [key for key in tensor_keys if not is_lora_key(key)]
+def adapter_only_violations(tensor_keys: Iterable[str], allowed_modules: Iterable[str] = ()) -> list[str]:
+    """The keys that are not LoRA adapter tensors (empty: the payload may leave).
+
+    ``allowed_modules`` names trained task heads a site's policy lets travel too (the
+    BERT baseline's ``classifier``, new and trained like the LoRA factors): a key with
+    that module name in its path is allowed."""
+    allowed = set(allowed_modules)
+    return [key for key in tensor_keys if not is_lora_key(key) and not (allowed & set(key.split(".")))]
 
 
 # ------------------------------------------------------------------- Gaussian mechanism

@@ -109,6 +109,36 @@ def test_tracker_sends_step_and_round_scalars():
     assert {tag for tag, _ in writer.records} >= {"train/lr", "round/train_loss", "round/tokens_per_s"}
 
 
+def test_site_policy_lets_the_head_leave_only_in_the_bert_scope():
+    """poc_setup/privacy.json: clinical_bert's guard passes the classifier head, clinical's stops it."""
+    import json
+    from pathlib import Path
+
+    from nvflare.apis.fl_constant import FLContextKey, ReturnCode
+    from nvflare.apis.fl_context import FLContext
+    from nvflare.app_common.utils.fl_model_utils import FLModelUtils
+
+    from fedmed_components.flare.filters import AdapterOnlyGuard
+
+    policy = json.loads((Path(__file__).resolve().parents[1] / "poc_setup" / "privacy.json").read_text())
+    guards = {s["name"]: next(f["args"] for f in s["task_result_filters"] if f["path"].endswith("AdapterOnlyGuard")) for s in policy["scopes"]}
+    payload = {"base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight": torch.zeros(2, 8),
+               "base_model.model.classifier.weight": torch.zeros(tc.NUM_LABELS, 8)}
+    codes = {}
+    for scope in ("clinical", "clinical_bert"):
+        ctx = FLContext()
+        ctx.set_prop(FLContextKey.TASK_NAME, "train", private=True, sticky=False)
+        out = AdapterOnlyGuard(**guards[scope]).process(FLModelUtils.to_shareable(FLModel(params=payload, meta={})), ctx)
+        codes[scope] = out.get_return_code()
+    assert codes == {"clinical": ReturnCode.EXECUTION_EXCEPTION, "clinical_bert": ReturnCode.OK}
+    # A base weight of the encoder still never leaves, whatever the head allowance.
+    base = {**payload, "base_model.model.bert.encoder.layer.0.attention.self.query.base_layer.weight": torch.zeros(8, 8)}
+    ctx = FLContext()
+    ctx.set_prop(FLContextKey.TASK_NAME, "train", private=True, sticky=False)
+    out = AdapterOnlyGuard(**guards["clinical_bert"]).process(FLModelUtils.to_shareable(FLModel(params=base, meta={})), ctx)
+    assert out.get_return_code() == ReturnCode.EXECUTION_EXCEPTION
+
+
 # ----------------------------------------------------------- MiniLM site (~1 min)
 
 

@@ -13,7 +13,8 @@ COMMITTED_JOBS = {
     "fed_exact_lora": dict(algorithm="fed_exact_lora"),
     # The BERT baseline (BIO tagging) aggregated with Fed-MedLoRA; MiniLM is the embedded
     # encoder, production passes --model emilyalsentzer/Bio_ClinicalBERT (BERT: <= 512 tokens).
-    "fed_bert": dict(algorithm="fed_medlora", task_model="token-classification", model="minilm", max_length=256, learning_rate=5e-4),
+    # Its sites' privacy scope clinical_bert lets the classifier head leave with the adapter.
+    "fed_bert": dict(algorithm="fed_medlora", task_model="token-classification", model="minilm", max_length=256, learning_rate=5e-4, scope="clinical_bert"),
 }
 
 

@@ -77,18 +77,20 @@ def tensor_paths(obj, path: str = "", key: str = "") -> list[tuple[str, str]]:
 
 
 class AdapterOnlyGuard(Filter):
-    """Stop any result that carries a tensor other than a LoRA adapter tensor."""
+    """Stop any result that carries a tensor other than a LoRA adapter tensor
+    (or a task head the policy names in ``allowed_modules``, e.g. ``["classifier"]``)."""
 
-    def __init__(self, tasks: list[str] | None = None):
+    def __init__(self, tasks: list[str] | None = None, allowed_modules: list[str] | None = None):
         super().__init__()
         self.tasks = list(tasks) if tasks else None  # None: every task
+        self.allowed_modules = list(allowed_modules or [])
 
     def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
         task_name, _ = _task(shareable, fl_ctx)
         if self.tasks is not None and task_name not in self.tasks:
             return shareable
         found = tensor_paths(dict(shareable))
-        bad = set(privacy.adapter_only_violations([key for _, key in found]))
+        bad = set(privacy.adapter_only_violations([key for _, key in found], self.allowed_modules))
         if not bad:
             if found:
                 self.log_info(fl_ctx, f"privacy policy: result of task {task_name!r}: {len(found)} tensors, all LoRA adapter tensors")
