@@ -69,6 +69,7 @@ def llama31_8b_adapter_parameters(rank: int = 16) -> int:
 
 
 def wire_runs(model: str, work: Path, timeout: float) -> dict:
+    """The same 2-site job twice: fp32 transfer, then int8 transfer."""
     sites = write_site_data(work / "data", 2, docs_per_site=3)
     out = {}
     for mode in ("fp32", "int8"):
@@ -85,7 +86,9 @@ def wire_runs(model: str, work: Path, timeout: float) -> dict:
             "results": record.train_results(),
         }
         print(f"{mode}: {out[mode]['frame_bytes'] / 1e6:.4f} MB per site per round on the wire, adapter tensors "
-              f"{out[mode]['raw_adapter_bytes'] / 1e6:.4f} MB ({out[mode]['seconds']:.0f} s)")
+              f"{out[mode]['raw_adapter_bytes'] / 1e6:.4f} MB as trained ({out[mode]['seconds']:.0f} s)")
+    if out["int8"]["tensor_bytes_received"] >= out["fp32"]["tensor_bytes_received"]:
+        raise RuntimeError(f"the int8 filter did not run: {out['int8']['tensor_bytes_received']} tensor bytes arrived")
     return out
 
 
@@ -112,6 +115,9 @@ def f1_runs(model: str, work: Path, timeout: float) -> dict:
         )
         job = metered_job(spec, run / "jobs", run / "wire_meter.json", int8=(mode == "int8"))
         run_simulator(job, run / "simulator", sites, timeout=timeout, log_file=run / "simulator.log")
+        arrived = json.loads((run / "wire_meter.json").read_text())["results"]
+        if mode == "int8" and not all(r["tensor_bytes_received"] < r.get("tensor_bytes_restored", 0) for r in arrived if r["task"] == "train"):
+            raise RuntimeError(f"the int8 filter did not run in {run}")
         states[mode], _, _ = load_adapter_folder(run / "adapters" / "global")
         scores[mode] = evaluate_adapter(resolve_model(cfg.model), states[mode], test, lora, progress=False)
         print(f"{mode}: strict entity F1 {scores[mode]['entities']['strict']['f1']:.4f}, "

@@ -39,8 +39,10 @@ def metered_job(spec: JobSpec, job_root: Path, meter_file: Path, *, int8: bool =
     def customize(job):
         job.to_server(WireMeter(out_file=str(meter_file)), id="wire_meter")
         if int8:
-            job.to_clients(Int8Quantizer(tasks=["train"]), filter_type=FilterType.TASK_RESULT)
-            job.to_server(Int8Dequantizer(), filter_type=FilterType.TASK_RESULT)
+            # Name the task: FLARE 2.9 files a job filter under "<task>/<direction>" and
+            # looks it up by the real task name, so its default tasks=["*"] never applies.
+            job.to_clients(Int8Quantizer(tasks=["train"]), filter_type=FilterType.TASK_RESULT, tasks=["train"])
+            job.to_server(Int8Dequantizer(), filter_type=FilterType.TASK_RESULT, tasks=["train"])
 
     return export_job(spec, job_root, customize=customize)
 
@@ -78,8 +80,8 @@ class RunRecord:
         )
 
     # ------------------------------------------------------------- derived figures
-    def train_results(self) -> list[dict]:
-        return [r for r in self.meter["results"] if r.get("task") == "train"]
+    def train_results(self, sites=None) -> list[dict]:
+        return [r for r in self.meter["results"] if r.get("task") == "train" and (sites is None or r["site"] in sites)]
 
     def rounds(self) -> list[dict]:
         """Per round: controller seconds, slowest site's own seconds, their difference."""
@@ -108,12 +110,12 @@ class RunRecord:
         samples.append((self.meter.get("memory_at_end") or {}).get("peak_rss_bytes", 0))
         return max(samples)
 
-    def bytes_per_site_round(self, key: str = "frame_bytes") -> float:
-        return statistics.median(r[key] for r in self.train_results())
+    def bytes_per_site_round(self, key: str = "frame_bytes", sites=None) -> float:
+        return statistics.median(r[key] for r in self.train_results(sites))
 
-    def raw_tensor_bytes(self) -> int:
+    def raw_tensor_bytes(self, sites=None) -> int:
         """The adapter tensors as the site's trainer produced them (after any server-side restore)."""
-        return statistics.median(r.get("tensor_bytes_restored", r["tensor_bytes_received"]) for r in self.train_results())
+        return statistics.median(r.get("tensor_bytes_restored", r["tensor_bytes_received"]) for r in self.train_results(sites))
 
 
 def run_metered_simulation(spec: JobSpec, work: Path, sites: list[str], *, int8: bool = False, timeout: float = 600) -> RunRecord:
