@@ -53,6 +53,9 @@ class JobSpec:
     # (fed_bert), whose trained classifier head travels with the LoRA tensors.
     task_model: str = "causal-lm"
     tensorboard: bool = True  # sites' scalars -> <server run dir>/tb_events/<site>/
+    # How long a site waits after a task before asking for the next one (FLARE's
+    # default is 2 s, which every round paid in full: bench/bench_overhead.py).
+    task_request_interval: float = 0.5
 
     def lora(self) -> dict:
         """What the persistor needs to build and save the global adapter."""
@@ -109,6 +112,7 @@ def build_job(spec: JobSpec):
     if spec.task_model == "token-classification" and (spec.algorithm not in ("fed_medlora", "fed_medlora_plus") or loss_source == "server"):
         raise ValueError("the BERT baseline runs with fed_medlora or fed_medlora_plus (site losses): its head is not a LoRA factor and the server evaluator is generative")
     job = FedJob(name=spec.name, min_clients=spec.min_clients, meta_props={"scope": spec.scope})
+    job.to_server({"server": {"task_request_interval": spec.task_request_interval}})
     job.to_server(
         AdapterPersistor(model=spec.model, lora=spec.lora(), output_dir=spec.output_dir),
         id="persistor",
