@@ -10,7 +10,7 @@ then makes each run in order:
 - centralised: one adapter trained on the pooled sites, as many steps as a federation;
 - fed_medlora | fed_medlora_plus | fed_medlora_plus_server | fedsa_lora | fed_exact_lora:
   a FLARE simulator run of the exported job folder (the product's own job builder);
-- bert: the token-classification baseline, where it is installed;
+- bert: BERT token classification (token_classification.py) on the pooled sites, centralised budget;
 - new_site: fine-tune on N sentences of the new cohort from the federated global adapter
   and from scratch (N in new_site_shots), scored on that cohort's test split.
 
@@ -63,6 +63,7 @@ class ExperimentConfig:
     lr: float = 2e-4
     max_val_examples: int = 64
     generation_batch_size: int = 16
+    max_new_tokens: int = 256  # cap on an answer (the input sentence with tags)
     f1_every_round: bool = False  # score every round's adapter on the pooled test (costly)
     simulator_timeout: float = 7200
     sampling: Sampling = field(default_factory=Sampling)
@@ -71,6 +72,8 @@ class ExperimentConfig:
     new_site_shots: list[int] = field(default_factory=lambda: [8, 32])
     new_site_steps: int = 20
     new_site_from: str = "fed_medlora_plus"  # whose global adapter the new site starts from
+    bert_model: str = "minilm"  # the BERT baseline's encoder (Bio_ClinicalBERT id on a GPU machine)
+    bert_lr: float = 1e-3
     runs: list[str] = field(default_factory=lambda: list(RUN_KINDS))
 
     def run_ids(self) -> list[str]:
@@ -175,7 +178,7 @@ def pool_scores(scores: list[dict]) -> dict:
         "documents": sum(s["documents"] for s in scores),
         "entities": {m: summed("entities", m) for m in MODES},
         "relations": relations if relations["strict"] else None,
-        "parse_failures": sum(s["parse_failures"] for s in scores),
+        "parse_failures": sum(s.get("parse_failures") or 0 for s in scores),
     }
 
 
@@ -202,37 +205,58 @@ class Scorer:
         self._model = self._tokenizer = None
         gc.collect()
 
-    def score(self, adapter_state, site: PreparedSite, cache: Path) -> dict:
-        """Scores of one adapter on one site's test split (cached: a resumed run skips it)."""
-        if cache.exists():
-            return json.loads(cache.read_text())
-        from fedmed_components.document import write_jsonl
+    def _predict_llm(self, adapter_state, docs):
         from fedmed_components.inference import GenerationSettings, predict_documents
-        from fedmed_components.metrics import score_documents
         from fedmed_components.modeling import initial_adapter_from_config, set_adapter_state
 
         model, tokenizer = self._load()
         if adapter_state is None:
             adapter_state = initial_adapter_from_config(self.model_path, _lora(self.cfg), seed=self.cfg.seed)
         set_adapter_state(model, adapter_state)
-        gold = site.read("test")
-        settings = GenerationSettings(batch_size=self.cfg.generation_batch_size)
-        preds, report = predict_documents(model, tokenizer, gold, settings=settings, progress=True)
-        if not site.relations:  # a cohort that links no modifiers is not scored on links
-            for doc in preds:
-                doc.relations = []
-        write_jsonl(preds, cache.with_suffix(".predictions.jsonl"))  # holds note text: work folder only
-        result = score_documents(gold, preds, types=site.types, parse_failures=report.parse_failures)
-        if not site.relations:
-            result["relations"] = None
-        write_json_atomic(cache, result)
-        return result
+        settings = GenerationSettings(batch_size=self.cfg.generation_batch_size, max_new_tokens=self.cfg.max_new_tokens)
+        preds, report = predict_documents(model, tokenizer, docs, settings=settings, progress=True)
+        return preds, report.parse_failures
 
-    def score_all(self, adapter_state, sites: list[PreparedSite], external: PreparedSite | None, cache_dir: Path) -> dict:
-        per_site = {s.name: self.score(adapter_state, s, cache_dir / f"{s.name}.json") for s in sites}
-        out = {"sites": per_site, "pooled": pool_scores(list(per_site.values()))}
+    def score_sets(self, adapter_state, sets: dict[str, PreparedSite], cache_dir: Path, predict=None) -> dict[str, dict]:
+        """Scores of one adapter on each named test split (cached per split: a resumed run
+        skips them). The splits not yet scored are predicted in ONE call, so generation
+        batches stay full. `predict(docs) -> (predictions, parse failures)` replaces the
+        LLM (the BERT baseline). Parse failures are counted per call, not per split."""
+        from fedmed_components.document import write_jsonl
+        from fedmed_components.metrics import score_documents
+
+        caches = {name: cache_dir / f"{name}.json" for name in sets}
+        todo = [name for name in sets if not caches[name].exists()]
+        if todo:
+            golds = {name: sets[name].read("test") for name in todo}
+            every = [d for name in todo for d in golds[name]]
+            preds, parse_failures = predict(every) if predict else self._predict_llm(adapter_state, every)
+            start = 0
+            for name in todo:
+                site, gold = sets[name], golds[name]
+                mine, start = preds[start : start + len(gold)], start + len(gold)
+                if not site.relations:  # a cohort that links no modifiers is not scored on links
+                    for doc in mine:
+                        doc.relations = []
+                write_jsonl(mine, caches[name].with_suffix(".predictions.jsonl"))  # note text: work folder only
+                result = score_documents(gold, mine, types=site.types)
+                result["parse_failures"] = None  # counted for the whole call, below
+                result["parse_failures_in_call"] = parse_failures
+                if not site.relations:
+                    result["relations"] = None
+                write_json_atomic(caches[name], result)
+        return {name: json.loads(caches[name].read_text()) for name in sets}
+
+    def score_all(self, adapter_state, sites: list[PreparedSite], external: PreparedSite | None, cache_dir: Path, predict=None) -> dict:
+        sets = {s.name: s for s in sites}
         if external is not None:
-            out["external"] = self.score(adapter_state, external, cache_dir / f"external_{external.name}.json")
+            sets[f"external_{external.name}"] = external
+        scored = self.score_sets(adapter_state, sets, cache_dir, predict)
+        per_site = {s.name: scored[s.name] for s in sites}
+        out = {"sites": per_site, "pooled": pool_scores(list(per_site.values()))}
+        out["parse_failures"] = next(iter(scored.values()))["parse_failures_in_call"]
+        if external is not None:
+            out["external"] = scored[f"external_{external.name}"]
         return out
 
 
@@ -275,21 +299,23 @@ def communication(adapter_state, model_path: str, rounds: int, sites: int) -> di
 # ---------------------------------------------------------------- training runs
 
 
-def _site_config(cfg: ExperimentConfig, steps: int | None, tasks=("ner", "modifier"), batch_size: int | None = None):
+def _site_config(cfg: ExperimentConfig, steps: int | None, tasks=("ner", "modifier"), batch_size: int | None = None,
+                 model: str | None = None, lr: float | None = None):
     from fedmed_components.sft_data import SFTConfig
     from fedmed_components.site import SiteConfig
     from fedmed_components.training import TrainSettings
 
     return SiteConfig(
-        model=cfg.model, quantize=cfg.quantize, lora=_lora(cfg),
-        train=TrainSettings(learning_rate=cfg.lr, batch_size=batch_size or cfg.batch_size, max_length=cfg.max_length,
+        model=model or cfg.model, quantize=cfg.quantize, lora=_lora(cfg),
+        train=TrainSettings(learning_rate=lr or cfg.lr, batch_size=batch_size or cfg.batch_size, max_length=cfg.max_length,
                             local_epochs=cfg.local_epochs, max_steps=steps, seed=cfg.seed),
         sft=SFTConfig(tasks=tuple(tasks)), val_fraction=0.0, max_val_examples=cfg.max_val_examples, seed=cfg.seed,
     )
 
 
 def train_locally(cfg: ExperimentConfig, folders: list[Path], run_dir: Path, *, rounds: int, steps: int | None,
-                  initial_state=None, tasks=("ner", "modifier"), batch_size: int | None = None) -> list[dict]:
+                  initial_state=None, tasks=("ner", "modifier"), batch_size: int | None = None,
+                  model: str | None = None, lr: float | None = None) -> list[dict]:
     """Rounds of the sites' own trainer on one folder or several pooled; every round's
     adapter is saved, so an interrupted run resumes after its last saved round."""
     from fedmed_components.modeling import load_adapter_folder, save_adapter_folder
@@ -300,7 +326,7 @@ def train_locally(cfg: ExperimentConfig, folders: list[Path], run_dir: Path, *, 
     done = len(history)
     if done >= rounds:
         return history
-    runtime = SiteRuntime(_site_config(cfg, steps, tasks, batch_size), site_name=run_dir.name)
+    runtime = SiteRuntime(_site_config(cfg, steps, tasks, batch_size, model, lr), site_name=run_dir.name)
     runtime.load_data(*folders)
     state = initial_state
     if done:
@@ -376,7 +402,7 @@ class Experiment:
                 continue
             state, _, _ = load_adapter_folder(folder)
             cache = folder.parent / "round_scores" / f"round_{record['round']:03d}"
-            pooled = pool_scores([self.scorer.score(state, s, cache / f"{s.name}.json") for s in self.sites])
+            pooled = pool_scores(list(self.scorer.score_sets(state, {s.name: s for s in self.sites}, cache).values()))
             record["pooled_entity_strict_f1"] = pooled["entities"]["strict"]["f1"]
             record["pooled_entity_lenient_f1"] = pooled["entities"]["lenient"]["f1"]
 
@@ -445,22 +471,33 @@ class Experiment:
         history = train_locally(cfg, [data], run_dir, rounds=1, steps=cfg.new_site_steps, initial_state=initial,
                                 tasks=tasks, batch_size=min(cfg.batch_size, n))
         state, _, _ = load_adapter_folder(run_dir / "round_000")
-        score = self.scorer.score(state, site, run_dir / "scores" / f"external_{site.name}.json")
+        score = self.scorer.score_sets(state, {f"external_{site.name}": site}, run_dir / "scores")[f"external_{site.name}"]
         return {"kind": "new_site", "start": start, "shots": n, "tasks": list(tasks),
                 "started_from": cfg.new_site_from if start == "federated" else None,
                 "rounds": history, "scores": {"external": score}}
 
 
 def bert_baseline(exp: Experiment) -> dict:
-    """The BERT token-classification baseline, where fedmed_components.token_classification exists."""
+    """BERT token classification (LoRA + tagging head) trained on the pooled sites with the
+    centralised budget by the sites' own runtime, scored with the same metrics."""
+    from fedmed_components import token_classification as tc
+    from fedmed_components.modeling import resolve_model
+
+    cfg, run_dir = exp.cfg, exp.run_dir("bert")
     try:
-        from fedmed_components import token_classification  # noqa: F401
-    except ImportError:
-        return {"kind": "bert", "status": "not available: fedmed_components.token_classification is not installed"}
-    runner = getattr(token_classification, "experiment_baseline", None)
-    if runner is None:
-        return {"kind": "bert", "status": "not available: token_classification has no experiment_baseline()"}
-    return {"kind": "bert", **runner(exp)}
+        model_path = resolve_model(cfg.bert_model)
+    except Exception as exc:  # the offline encoder package may be absent
+        return {"kind": "bert", "status": f"not available: {cfg.bert_model}: {exc}"}
+    steps = cfg.local_steps * len(exp.sites) if cfg.local_steps else None
+    history = train_locally(cfg, [s.folder for s in exp.sites], run_dir, rounds=cfg.rounds, steps=steps, model=cfg.bert_model, lr=cfg.bert_lr)
+    tokenizer = tc.load_tokenizer(model_path)
+    model = tc.load_model(model_path, _lora(cfg), adapter=str(run_dir / f"round_{cfg.rounds - 1:03d}"))
+
+    def predict(docs):
+        return tc.predict_documents_bert(model, tokenizer, docs, max_length=cfg.max_length, batch_size=cfg.generation_batch_size, progress=True), 0
+
+    scores = exp.scorer.score_all(None, exp.sites, exp.external, run_dir / "scores", predict=predict)
+    return {"kind": "bert", "model": cfg.bert_model, "trained_on": [s.name for s in exp.sites], "rounds": history, "scores": scores}
 
 
 def prepare(cfg: ExperimentConfig, work: Path) -> tuple[list[PreparedSite], PreparedSite | None]:
@@ -499,6 +536,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | os.PathLike, *, work: str |
           + (f", external {external.name}" if external else "") + f"; data in {work / 'data'}", flush=True)
     exp = Experiment(cfg, out, work, sites, external, resolve_model(cfg.model), None)
     exp.scorer = Scorer(cfg, exp.model_path, work)
+    failed: list[str] = []
     for i, run_id in enumerate(run_ids, start=1):
         target = out / f"{run_id}.json"
         if target.exists():
@@ -506,7 +544,13 @@ def run_experiment(cfg: ExperimentConfig, out: str | os.PathLike, *, work: str |
             continue
         print(f"[{i}/{len(run_ids)}] {run_id}", flush=True)
         run_started = time.perf_counter()
-        result = exp.make_run(run_id)
+        try:
+            result = exp.make_run(run_id)
+        except Exception as exc:  # one failed run must not cost the others; no JSON: a re-run retries it
+            log.exception("run %s failed", run_id)
+            print(f"[{i}/{len(run_ids)}] {run_id}: FAILED ({type(exc).__name__}: {exc}); continuing", flush=True)
+            failed.append(run_id)
+            continue
         result["seconds"] = round(time.perf_counter() - run_started, 1)
         result["config"] = {k: v for k, v in cfg.to_dict().items() if k not in ("sites", "external", "runs")}
         write_json_atomic(target, result)
@@ -514,7 +558,10 @@ def run_experiment(cfg: ExperimentConfig, out: str | os.PathLike, *, work: str |
         write_report(cfg, read_results(out, cfg.run_ids()), out)  # partial results are readable at any time
     results = read_results(out, cfg.run_ids())
     write_report(cfg, results, out)
-    print(f"results: {out} ({len(results)} runs, this call {time.perf_counter() - started:.0f} s)", flush=True)
+    print(f"results: {out} ({len(results)} runs, this call {time.perf_counter() - started:.0f} s)"
+          + (f"; FAILED: {', '.join(failed)} (re-run to retry)" if failed else ""), flush=True)
+    if failed:
+        raise RuntimeError(f"{len(failed)} run(s) failed: {', '.join(failed)}")
     return results
 
 

@@ -1,0 +1,163 @@
+"""`fedmed experiment`: config, data cut, pooled scores, and a miniature experiment end to end."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fedmed_components.document import Document, Entity, InputError, Relation
+from fedmed_components.experiment import load_config, pool_scores
+from fedmed_components.experiment_data import DataSource, Sampling, prepare_site, sentence_documents
+from fedmed_components.experiment_report import PLOTS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_sentence_documents_keep_offsets_and_relations():
+    text = "No fever today. Pain in the left knee is severe.\n"
+    pain, knee = text.index("Pain"), text.index("left knee")
+    doc = Document("n1", text, entities=[
+        Entity("T1", "problem", [(text.index("fever"), text.index("fever") + 5)], "fever"),
+        Entity("T2", "problem", [(pain, pain + 4)], "Pain"),
+        Entity("T3", "bodyloc", [(knee, knee + 9)], "left knee"),
+    ], relations=[Relation("hasAttr", "T2", "T3")])
+    sents = sentence_documents(doc)
+    assert [s.id for s in sents] == ["n1#s000", "n1#s001"]
+    for s in sents:
+        for ent in s.entities:
+            assert "".join(s.text[a:b] for a, b in ent.spans) == ent.text
+    assert [e.id for e in sents[0].entities] == ["T1"] and sents[0].relations == []
+    assert [(r.head, r.tail) for r in sents[1].relations] == [("T2", "T3")]
+
+
+def test_test_split_is_held_out_by_note_and_deterministic(tmp_path):
+    source = DataSource(name="general_medicine", synthetic_style="general_medicine", synthetic_docs=10)
+    sampling = Sampling(seed=3, test_fraction=0.3, val_fraction=0.2, max_train_sentences=30)
+    site = prepare_site(source, sampling, tmp_path / "a")
+    notes = {part: {d.id.split("#")[0] for d in site.read(part)} for part in ("train", "val", "test")}
+    assert notes["test"] and not notes["test"] & (notes["train"] | notes["val"])
+    assert len(site.read("train")) == 30
+    again = prepare_site(source, sampling, tmp_path / "b")
+    assert [d.to_dict() for d in again.read("test")] == [d.to_dict() for d in site.read("test")]
+    with pytest.raises(InputError, match="other settings"):
+        prepare_site(source, Sampling(seed=4), tmp_path / "a")
+
+
+def test_pooled_scores_sum_counts_and_skip_unscored_relations():
+    def score(tp, fp, fn, rel):
+        m = {"precision": 0, "recall": 0, "f1": 0, "tp": tp, "fp": fp, "fn": fn}
+        return {"documents": 1, "entities": {"strict": m, "lenient": m}, "relations": {"strict": m, "lenient": m} if rel else None, "parse_failures": 1}
+
+    pooled = pool_scores([score(3, 1, 0, True), score(1, 1, 4, False)])
+    assert (pooled["entities"]["strict"]["tp"], pooled["entities"]["strict"]["fp"], pooled["entities"]["strict"]["fn"]) == (4, 2, 4)
+    assert pooled["entities"]["strict"]["f1"] == pytest.approx(2 * (4 / 6) * (4 / 8) / (4 / 6 + 4 / 8))
+    assert pooled["relations"]["strict"]["tp"] == 3  # only the site that annotates relations
+    assert pool_scores([score(1, 0, 0, False)])["relations"] is None
+
+
+def test_config_errors_name_file_and_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nmodel: tiny\nlocal_stepz: 3\nsites: [{name: a, synthetic_style: case_report, synthetic_docs: 2}]\n")
+    with pytest.raises(InputError, match=r"bad.yaml:3: .*local_stepz"):
+        load_config(bad)
+    bad.write_text("name: x\nsites: [{name: a, synthetic_style: case_report}]\nruns: [zero_shot, fedavg]\n")
+    with pytest.raises(InputError, match=r"bad.yaml:3: unknown run"):
+        load_config(bad)
+
+
+def test_default_config_names_the_real_corpora():
+    cfg = load_config(ROOT / "experiments" / "default.yaml")
+    assert [s.name for s in cfg.sites] == ["general_medicine", "discharge_summary", "maccrobat"]
+    assert cfg.external.name == "phee" and cfg.external.mapping == "phee"
+    assert all(Path(s.path).is_absolute() and "shared/data" in s.path for s in cfg.sites)
+    ids = cfg.run_ids()
+    for required in ("zero_shot", "single_general_medicine", "single_discharge_summary", "single_maccrobat",
+                     "centralised", "fed_medlora", "fed_medlora_plus", "new_site_federated_8"):
+        assert required in ids
+
+
+# ------------------------------------------------------------------ the whole harness
+
+
+def _table_rows(markdown: str, heading: str) -> tuple[list[str], dict[str, list[str]]]:
+    section = markdown.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    lines = [l for l in section.splitlines() if l.startswith("|")]
+    cells = [[c.strip() for c in l.strip("|").split("|")] for l in lines]
+    return cells[0], {row[0]: row for row in cells[2:]}
+
+
+def _f1(counts: dict) -> float:
+    tp, fp, fn = counts["tp"], counts["fp"], counts["fn"]
+    return 2 * tp / (2 * tp + fp + fn) if tp else 0.0
+
+
+@pytest.mark.slow
+def test_mini_experiment_end_to_end(tmp_path, capsys):
+    """Tiny model, synthetic notes, 2 sites, 2 rounds: zero-shot, single sites, Fed-MedLoRA
+    through the FLARE simulator, new-site adaptation; then a re-run skips everything
+    and a deleted run is made again from its saved rounds. About 3-4 min on 2 CPU cores."""
+    from fedmed_components.cli import main
+    from fedmed_components.modeling import load_adapter_folder
+
+    raw = yaml.safe_load((ROOT / "experiments" / "mini.yaml").read_text())
+    raw.update(runs=["zero_shot", "single", "fed_medlora", "new_site"], max_new_tokens=48)
+    config = tmp_path / "mini.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    out, work = tmp_path / "results", tmp_path / "work"
+    assert main(["experiment", str(config), "--out", str(out), "--work", str(work)]) == 0
+
+    cfg = load_config(config)
+    run_ids = cfg.run_ids()
+    assert run_ids == ["zero_shot", "single_discharge_summary", "single_general_medicine", "fed_medlora",
+                       "new_site_scratch_4", "new_site_federated_4"]
+    for name in [f"{r}.json" for r in run_ids] + ["experiment.json", "summary.md", *PLOTS]:
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    for plot in PLOTS:
+        assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    results = {r: json.loads((out / f"{r}.json").read_text()) for r in run_ids}
+    assert all(r["status"] == "done" for r in results.values())
+    assert not list(out.glob("*.jsonl")), "predictions (note text) belong in the work folder"
+
+    # The federated run went through the simulator and its persistor's rounds.
+    fed = results["fed_medlora"]
+    assert [h["round"] for h in fed["rounds"]] == [0, 1]
+    assert all(h["val_loss"] is not None and h["pooled_entity_strict_f1"] is not None for h in fed["rounds"])
+    state, _, _ = load_adapter_folder(work / "runs" / "fed_medlora" / "store" / "global")
+    assert fed["communication"]["adapter_bytes_per_round_per_site"] == sum(t.numel() * t.element_size() for t in state.values())
+    assert fed["communication"]["adapter_bytes_per_round_per_site"] < fed["communication"]["full_model_bytes_per_round_per_site"]
+    assert results["new_site_federated_4"]["started_from"] == "fed_medlora"
+
+    # Every number of the main table equals the one recomputed from the run's JSON counts.
+    summary = (out / "summary.md").read_text()
+    header, rows = _table_rows(summary, "In-domain and external test")
+    assert set(rows) == {"zero_shot", "single_discharge_summary", "single_general_medicine", "fed_medlora"}
+    for run_id, row in rows.items():
+        scores = results[run_id]["scores"]
+        sites = scores["sites"].values()
+        expected = [f"{_f1({k: sum(s['entities'][mode][k] for s in sites) for k in ('tp', 'fp', 'fn')}):.3f}" for mode in ("strict", "lenient")]
+        expected += [f"{_f1({k: sum(s['relations'][mode][k] for s in sites) for k in ('tp', 'fp', 'fn')}):.3f}" for mode in ("strict", "lenient")]
+        expected += [f"{_f1(scores['sites'][s.name]['entities']['strict']):.3f}" for s in cfg.sites]
+        expected += [f"{_f1(scores['external']['entities'][m]):.3f}" for m in ("strict", "lenient")]
+        assert row[2:] == expected, run_id
+    _, comm = _table_rows(summary, "Communication (fp32 adapter vs full-model FedAvg in fp32, upload per site)")
+    assert comm["fed_medlora"][3] == f"{fed['communication']['adapter_bytes_per_round_per_site'] / 1e6:.3f}"
+    _, new_site = _table_rows(summary, "New-site adaptation (case_report test split)")
+    assert new_site["from fed_medlora (new_site_federated_4)"][2] == f"{_f1(results['new_site_federated_4']['scores']['external']['entities']['strict']):.3f}"
+
+    # Re-running skips every finished run and leaves its JSON untouched.
+    stamps = {r: (out / f"{r}.json").stat().st_mtime_ns for r in run_ids}
+    capsys.readouterr()
+    assert main(["experiment", str(config), "--out", str(out), "--work", str(work)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("finished earlier, skipped") == len(run_ids)
+    assert {r: (out / f"{r}.json").stat().st_mtime_ns for r in run_ids} == stamps
+
+    # A run whose JSON is gone is made again from its saved rounds (no retraining).
+    (out / "single_general_medicine.json").unlink()
+    assert main(["experiment", str(config), "--out", str(out), "--work", str(work), "--only", "single_general_medicine"]) == 0
+    again = json.loads((out / "single_general_medicine.json").read_text())
+    assert again["rounds"] == results["single_general_medicine"]["rounds"]
+    assert again["scores"] == results["single_general_medicine"]["scores"]
+    assert re.search(r"\[1/1\] single_general_medicine: done", capsys.readouterr().out)
