@@ -1,8 +1,12 @@
 """Batched greedy generation and note-level prediction (entities, then their modifiers).
 
-Batches are left-padded (generation appends on the right), decoded greedily with the
-KV cache, and the number of new tokens is bounded by the input length: the answer is
-the input sentence with tags added, so it cannot need much more than that.
+Batches are left-padded (generation appends on the right) and decoded greedily with the
+KV cache by our own loop rather than HF ``generate``: a row that reaches its stop token
+or its own token budget leaves the batch at once (its cache rows are dropped), so a
+batch costs what its rows still need instead of running every row to the longest
+answer. Each row's budget is bounded by its own input length (the answer is the input
+sentence with tags added, so it cannot need much more than that): a row's output never
+depends on which rows share its batch, and batched output equals one-at-a-time output.
 """
 
 from __future__ import annotations
@@ -19,50 +23,92 @@ log = logging.getLogger("fedmed.inference")
 
 @dataclass
 class GenerationSettings:
-    batch_size: int = 16
+    batch_size: int = 32
     max_new_tokens: int = 256
     # answer length <= input tokens * factor + slack (tags add tokens)
     length_factor: float = 2.5
     length_slack: int = 32
 
+    def budget(self, answer_length: int) -> int:
+        return min(self.max_new_tokens, int(answer_length * self.length_factor) + self.length_slack)
 
-@torch.no_grad()
+
 def generate(model, tokenizer, prompt_texts: list[str], settings: GenerationSettings | None = None, progress: bool = False, answer_lengths: list[int] | None = None) -> list[str]:
     """Greedy completions for already chat-rendered prompts, in input order.
 
     answer_lengths: the token length of the text each answer rewrites (the sentence),
-    which bounds the new tokens; without it the prompt length is used.
+    which bounds that answer's new tokens; without it the prompt length is used.
     """
     from tqdm.auto import tqdm
 
     settings = settings or GenerationSettings()
-    tokenizer.padding_side = "left"
+    encoded = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in prompt_texts]
+    budgets = [settings.budget(answer_lengths[i] if answer_lengths else len(ids)) for i, ids in enumerate(encoded)]
+    stop_ids = sorted(i for i in {tokenizer.eos_token_id, *_extra_stop_ids(tokenizer)} if i is not None)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    # Similar prompt lengths batch together (little padding); a prompt is the sentence
+    # plus a fixed instruction, so this also groups similar expected answer lengths.
+    order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i]), budgets[i]))
+    outputs: list[str] = [""] * len(encoded)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    encoded = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in prompt_texts]
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths batch together
-    outputs: list[str] = [""] * len(encoded)
-    eos_ids = {tokenizer.eos_token_id} | set(_extra_stop_ids(tokenizer))
-    for start in tqdm(range(0, len(order), settings.batch_size), disable=not progress, desc="generating", leave=False):
-        idx = order[start : start + settings.batch_size]
-        batch = tokenizer.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt", padding=True)
-        longest = batch["input_ids"].shape[1]
-        base = max(answer_lengths[i] for i in idx) if answer_lengths else longest
-        budget = min(settings.max_new_tokens, int(base * settings.length_factor) + settings.length_slack)
-        generated = model.generate(
-            input_ids=batch["input_ids"].to(device),
-            attention_mask=batch["attention_mask"].to(device),
-            max_new_tokens=budget,
-            do_sample=False,
-            use_cache=True,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=sorted(i for i in eos_ids if i is not None),
-        )
-        for row, i in enumerate(idx):
-            outputs[i] = tokenizer.decode(generated[row, longest:], skip_special_tokens=True).strip()
-    model.train(was_training)
+    try:
+        with torch.inference_mode():
+            for start in tqdm(range(0, len(order), settings.batch_size), disable=not progress, desc="generating", leave=False):
+                idx = order[start : start + settings.batch_size]
+                tokens = greedy_decode(model, [encoded[i] for i in idx], [budgets[i] for i in idx], stop_ids, pad_id, device)
+                for i, row in zip(idx, tokens):
+                    outputs[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
+    finally:
+        model.train(was_training)
     return outputs
+
+
+def greedy_decode(model, prompts: list[list[int]], budgets: list[int], stop_ids: list[int], pad_id: int, device) -> list[list[int]]:
+    """New token ids per prompt (stop token excluded): greedy, KV cache, left padding.
+
+    Rows that finish are removed from the batch, cache included, before the next step.
+    """
+    from transformers import DynamicCache
+
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, ids in enumerate(prompts):
+        input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        attention[row, width - len(ids) :] = 1
+    input_ids, attention = input_ids.to(device), attention.to(device)
+    # Positions count real tokens only, so a left-padded row sees the positions it
+    # would see alone; pads get a harmless position (they are masked out as keys).
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    stops = torch.tensor(stop_ids, device=device)
+    budget = torch.tensor(budgets, device=device)
+    live = list(range(len(prompts)))  # original row of each batch row
+    new_tokens: list[list[int]] = [[] for _ in prompts]
+    cache = DynamicCache(config=getattr(model, "config", None))
+    step_ids, step_positions = input_ids, positions
+    produced = 0
+    while live:
+        logits = model(input_ids=step_ids, attention_mask=attention, position_ids=step_positions, cache=cache, use_cache=True, logits_to_keep=1).logits
+        next_ids = logits[:, -1, :].argmax(dim=-1)
+        produced += 1
+        finished = torch.isin(next_ids, stops) | (budget <= produced)
+        for row, token, done in zip(live, next_ids.tolist(), finished.tolist()):
+            if not (done and token in stop_ids):
+                new_tokens[row].append(token)
+        if bool(finished.any()):
+            keep = (~finished).nonzero().squeeze(-1)
+            if keep.numel() == 0:
+                break
+            live = [live[k] for k in keep.tolist()]
+            cache.batch_select_indices(keep)
+            next_ids, attention, budget = next_ids[keep], attention[keep], budget[keep]
+            positions = positions[keep]
+        attention = torch.cat([attention, attention.new_ones((attention.shape[0], 1))], dim=-1)
+        positions = positions[:, -1:] + 1
+        step_ids, step_positions = next_ids[:, None], positions
+    return new_tokens
 
 
 def _extra_stop_ids(tokenizer) -> list[int]:

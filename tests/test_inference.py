@@ -1,0 +1,88 @@
+"""Batched greedy generation: same outputs as one prompt at a time, and as HF generate."""
+
+import pytest
+import torch
+
+from fedmed_components.inference import GenerationSettings, _extra_stop_ids, generate, greedy_decode
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_path):
+    """The tiny Llama with a LoRA adapter whose B is non-zero (so LoRA changes outputs)."""
+    from fedmed_components.modeling import LoraSettings, attach_lora, load_base_model, load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model_path)
+    model = attach_lora(load_base_model(tiny_model_path, quantize="none", device="cpu"), LoraSettings(r=4, alpha=8))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen))  # large: varied, non-degenerate tokens
+    return model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny):
+    """Chat-rendered NER prompts for synthetic sentences of varied lengths."""
+    from fedmed_components.prompts import ner_prompt, render_chat
+    from fedmed_components.segmentation import split_sentences
+    from fedmed_components.synth import generate_site_corpus
+
+    _, tokenizer = tiny
+    doc = generate_site_corpus("site-1", 2, seed=3, style="discharge_summary")[0]
+    sentences = [doc.text[s:e] for s, e in split_sentences(doc.text)][:10]
+    assert len({len(s) for s in sentences}) > 3  # varied lengths: batches carry left padding
+    lengths = [len(tokenizer(s, add_special_tokens=False)["input_ids"]) for s in sentences]
+    return [render_chat(tokenizer, ner_prompt(s))[0] for s in sentences], lengths
+
+
+SHORT = dict(max_new_tokens=20, length_factor=1.0, length_slack=2)  # rows end at different steps
+
+
+def test_batched_outputs_equal_one_at_a_time(tiny, prompts):
+    model, tokenizer = tiny
+    texts, lengths = prompts
+    batched = generate(model, tokenizer, texts, GenerationSettings(batch_size=8, **SHORT), answer_lengths=lengths)
+    one_by_one = generate(model, tokenizer, texts, GenerationSettings(batch_size=1, **SHORT), answer_lengths=lengths)
+    assert batched == one_by_one
+    assert len(set(batched)) > 1 and all(batched)
+
+
+def test_outputs_match_hf_generate_in_input_order(tiny, prompts):
+    """Positions, mask and cache handling agree with HF's own greedy decoding."""
+    model, tokenizer = tiny
+    texts, lengths = prompts
+    texts, lengths = texts[:5], lengths[:5]
+    settings = GenerationSettings(batch_size=4, **SHORT)
+    ours = generate(model, tokenizer, texts, settings, answer_lengths=lengths)
+    stops = sorted({tokenizer.eos_token_id, *_extra_stop_ids(tokenizer)})
+    reference = []
+    with torch.no_grad():
+        for text, n in zip(texts, lengths):
+            ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")
+            out = model.generate(**ids, max_new_tokens=settings.budget(n), do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=stops)
+            reference.append(tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip())
+    assert ours == reference
+    assert model.training  # generate puts the model back in the mode it found it in
+
+
+def test_rows_stopping_early_leave_the_batch_without_changing_the_others(tiny, prompts):
+    """A token the model often emits is made a stop token, so rows finish at different
+    steps and are compacted out of the batch (and its cache) while the rest go on."""
+    model, tokenizer = tiny
+    texts, _ = prompts
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    pad = tokenizer.pad_token_id
+    model.eval()
+    with torch.inference_mode():
+        free = greedy_decode(model, ids, [16] * len(ids), [pad], pad, "cpu")
+        counts = torch.bincount(torch.tensor(sum(free, [])))
+        stop = int(counts.argmax())
+        batched = greedy_decode(model, ids, [16] * len(ids), [stop], pad, "cpu")
+        alone = [greedy_decode(model, [p], [16], [stop], pad, "cpu")[0] for p in ids]
+    model.train()
+    lengths = [len(row) for row in batched]
+    assert len(set(lengths)) > 1 and min(lengths) < 16  # some rows did stop early
+    assert all(stop not in row for row in batched)
+    assert batched == alone
+    assert batched == [row[: row.index(stop)] if stop in row else row for row in free]
