@@ -93,6 +93,12 @@ class AdapterAggregator(ModelAggregator):
         meta = dict(model.meta or {})
         site = str(meta.get("client_name") or meta.get("site") or f"site{len(self._accepted)}")
         params = model.params or {}
+        if meta.get("site_error"):
+            self.rejections.append(Rejection(site=site, round=self.round, reason=f"site failed its task: {meta['site_error']}"))
+            self.warning(f"rejected update from {site} in round {self.round}: site failed its task: {meta['site_error']}")
+            return False
+        if meta.get("input_skipped"):
+            self.warning(f"{site} skipped bad input (lenient): {meta['input_skipped']}")
         if model.params_type == ParamsType.DIFF and params and self.reference:
             params = {k: self.reference[k] + v.to(self.reference[k].dtype) if k in self.reference else v for k, v in params.items()}
         rejection = validate_update(
