@@ -128,7 +128,11 @@ def f1_runs(model: str, work: Path, timeout: float) -> dict:
             "relative_adapter_difference": float(diff / norm)}
 
 
-def build_rows(model: str, wire: dict, f1: dict | None) -> list[dict]:
+def build_rows(model: str, wire: dict | None, f1: dict | None) -> list[dict]:
+    return (wire_rows(model, wire) if wire else []) + (f1_rows(f1) if f1 else [])
+
+
+def wire_rows(model: str, wire: dict) -> list[dict]:
     fp32, int8 = wire["fp32"], wire["int8"]
     raw = fp32["raw_adapter_bytes"]
     ratio = fp32["frame_bytes"] / raw
@@ -141,7 +145,7 @@ def build_rows(model: str, wire: dict, f1: dict | None) -> list[dict]:
     saving = 1 - fp32["frame_bytes"] / (full * ratio)
     rows.append(row(
         f"communication: saving vs full-model FedAvg of {model} (config: {full / 4e6:.1f}M params, fp32)",
-        f"{saving:.2%} (adapter {raw / full:.2%} of the model)", f">= {PAPER_SAVING:.1%} (paper)", saving >= PAPER_SAVING,
+        f"{saving:.2%} (adapter {raw / full:.2%} of the model)", "no target (the paper's 98.5% is for 8B, next row)", None,
     ))
     adapter_8b, full_8b = llama31_8b_adapter_parameters(), llama31_8b_parameters()
     saving_8b = 1 - adapter_8b / full_8b  # the measured wire overhead applies to both sides alike
@@ -156,15 +160,22 @@ def build_rows(model: str, wire: dict, f1: dict | None) -> list[dict]:
         f"{int8['frame_bytes'] / fp32['frame_bytes']:.3f}x ({int8['frame_bytes'] / 1e6:.3f} MB vs {fp32['frame_bytes'] / 1e6:.3f} MB)",
         "no target (int8 alone: 0.25x)", None,
     ))
+    return rows
+
+
+def f1_rows(f1: dict) -> list[dict]:
+    rows = []
     if f1:
         strict = {m: f1["scores"][m]["entities"]["strict"]["f1"] for m in ("fp32", "int8")}
         lenient = {m: f1["scores"][m]["entities"]["lenient"]["f1"] for m in ("fp32", "int8")}
         lost = 100 * (strict["fp32"] - strict["int8"])
+        informative = max(strict.values()) > 0  # an untrained-level model scores 0 either way
         rows.append(row(
             f"communication: 8-bit transfer, strict entity F1 points lost on the demo ({f1['model']} model, {f1['test_notes']} notes)",
             f"{lost:+.2f} points (fp32 {strict['fp32']:.3f} -> int8 {strict['int8']:.3f}; lenient {lenient['fp32']:.3f} -> "
             f"{lenient['int8']:.3f}; adapters differ by {f1['relative_adapter_difference']:.2%})",
-            "<= 0.5 points lost", lost <= 0.5,
+            "<= 0.5 points lost" if informative else "<= 0.5 points lost (not testable: F1 is 0 either way)",
+            lost <= 0.5 if informative else None,
         ))
     return rows
 
@@ -174,6 +185,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="smollm2-135m", help="model of the byte measurement (default: smollm2-135m)")
     parser.add_argument("--f1-model", default="tiny", help="model of the demo F1 comparison (default: tiny; smollm2-135m takes ~20 min)")
     parser.add_argument("--skip-f1", action="store_true", help="skip the two demo runs and their scoring")
+    parser.add_argument("--skip-wire", action="store_true", help="skip the byte measurement (e.g. for a SmolLM2 F1-only run)")
     parser.add_argument("--work", type=Path, help="working folder (default: a temporary one, removed afterwards)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds allowed per simulator run")
     parser.add_argument("--json", type=Path, help="write the results here")
@@ -181,14 +193,14 @@ def main(argv=None) -> int:
 
     work = Path(args.work or tempfile.mkdtemp(prefix="fedmed-bench-comm-")).resolve()
     try:
-        wire = wire_runs(args.model, work / "wire", args.timeout)
+        wire = None if args.skip_wire else wire_runs(args.model, work / "wire", args.timeout)
         f1 = None if args.skip_f1 else f1_runs(args.f1_model, work / "f1", args.timeout)
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
     rows = build_rows(args.model, wire, f1)
     for r in rows:
-        print(f"{r['figure']}: {r['value']} (target {r['target']}: {'met' if r['met'] else 'NOT met'})")
+        print(f"{r['figure']}: {r['value']} (target {r['target']}: {({True: 'met', False: 'NOT met'}).get(r['met'], 'reported')})")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"rows": rows, "wire": wire, "f1": f1, "model": args.model}, indent=2, default=str))

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -62,7 +63,7 @@ def poc_lock(wait: float):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def run_poc(spec, work: Path, sites: list[str], data: Path, *, timeout: float, lock_wait: float) -> RunRecord:
+def run_poc(spec, work: Path, sites: list[str], data: Path, *, timeout: float, lock_wait: float, threads_per_site: int | None) -> RunRecord:
     from fedmed_components import poc
 
     work = Path(work).resolve()
@@ -75,6 +76,11 @@ def run_poc(spec, work: Path, sites: list[str], data: Path, *, timeout: float, l
         if busy:
             raise RuntimeError(f"POC ports {busy} are in use by a FLARE system that does not take {POC_LOCK}")
         poc.prepare(ws, sites, data=str(data))
+        # The simulator caps each site's BLAS threads to share the cores; POC processes
+        # inherit this environment, so give them the same caps and the two are comparable
+        # (uncapped, 2 POC sites on 2 cores ran tiny steps ~50x slower: bench/RESULTS.md).
+        if threads_per_site:
+            os.environ.update(OMP_NUM_THREADS=str(threads_per_site), MKL_NUM_THREADS=str(threads_per_site))
         try:
             poc.start(ws, timeout=180)
             launched = time.time()
@@ -107,7 +113,8 @@ def build_rows(results: dict) -> list[dict]:
             continue
         rows.append(row(
             f"framework overhead per round, {label} (tiny, 2 sites): round time - slowest site's compute",
-            f"{s['overhead_s']:.2f} s (round {s['round_s']:.2f} s, site {s['site_s']:.2f} s; median of {len(s['rounds']) - 1} rounds)",
+            f"{s['overhead_s']:.2f} s (round {s['round_s']:.2f} s, site {s['site_s']:.2f} s; median of {len(s['rounds']) - 1} rounds"
+            + (f"; sites capped at {s['threads_per_site']} BLAS thread(s)" if s.get("threads_per_site") else "") + ")",
             f"<= {TARGET_OVERHEAD_S:g} s", s["overhead_s"] <= TARGET_OVERHEAD_S,
         ))
         rows.append(row(
@@ -130,6 +137,8 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=4, help="rounds per run (the first is reported apart)")
     parser.add_argument("--local-steps", type=int, default=2)
     parser.add_argument("--no-poc", action="store_true", help="simulator only")
+    parser.add_argument("--poc-threads", choices=["auto", "inherit"], default="auto",
+                        help="auto: cap each POC site's BLAS threads to cores/sites like the simulator does; inherit: leave them as they are")
     parser.add_argument("--no-default-run", action="store_true", help="skip the run with FLARE's default task_request_interval")
     parser.add_argument("--timeout", type=float, default=600, help="seconds allowed per run")
     parser.add_argument("--lock-wait", type=float, default=900, help="seconds to wait for the POC lock")
@@ -150,7 +159,10 @@ def main(argv=None) -> int:
             print(f"{mode}: overhead {results[mode]['overhead_s']:.2f} s per round, start-up {results[mode]['startup_s']:.1f} s")
         if not args.no_poc:
             spec = tiny_spec("overhead_poc", sites, work / "data", rounds=args.rounds, local_steps=args.local_steps)
-            results["poc"] = summary(run_poc(spec, work / "poc_run", sites, work / "data", timeout=args.timeout, lock_wait=args.lock_wait))
+            threads = None if args.poc_threads == "inherit" else max(1, (os.cpu_count() or 1) // len(sites))
+            results["poc"] = summary(run_poc(spec, work / "poc_run", sites, work / "data", timeout=args.timeout,
+                                             lock_wait=args.lock_wait, threads_per_site=threads))
+            results["poc"]["threads_per_site"] = threads
             print(f"poc: overhead {results['poc']['overhead_s']:.2f} s per round, start-up {results['poc']['startup_s']:.1f} s")
     finally:
         if args.work is None:
