@@ -397,6 +397,80 @@ def stop(root, *, grace: float = 10.0) -> list[int]:
     return stopped
 
 
+def _kit_processes(kit: Path) -> list:
+    """Processes run from a startup kit: a command-line word is the kit folder or inside it
+    (the site's job processes name it too), so site-1 never matches site-10."""
+    import psutil
+
+    kit = str(kit)
+    me = psutil.Process()
+    spared = {me.pid} | {p.pid for p in me.parents()}
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            words = proc.info["cmdline"] or []
+            if proc.pid not in spared and any(w == kit or w.startswith(kit + os.sep) for w in words):
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def stop_participant(root, name: str, *, kill: bool = False, grace: float = 10.0) -> list[int]:
+    """Stop one participant of the POC (a site or the server) with its job processes;
+    ``kill``: SIGKILL at once, as a machine that goes down. Returns the pids stopped."""
+    import psutil
+
+    ws = PocWorkspace.at(root)
+    state = ws.require()
+    known = [state.get("server"), *state.get("sites", [])]
+    if name not in known:
+        raise PocError(f"{name!r} is not a participant of the POC in {ws.root} (known: {', '.join(known)})")
+    kit = project(ws)["prod"] / name
+    record = state.get("processes", {}).pop(name, None)
+    victims = {p.pid: p for p in _kit_processes(kit)}
+    root_proc = _process(record) if record else None
+    if root_proc is not None:
+        for p in [root_proc, *root_proc.children(recursive=True)]:
+            victims[p.pid] = p
+    if kill:
+        for p in victims.values():
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(list(victims.values()), timeout=grace)
+    else:
+        from fedmed_components.processes import stop_process_trees
+
+        stop_process_trees(list(victims), grace=grace)
+    ws.save(state)
+    return sorted(victims)
+
+
+def start_participant(root, name: str, *, timeout: float = 90) -> dict:
+    """Start one participant from its startup kit again (after a crash or
+    `stop_participant`); a site is waited for until the server lists it."""
+    ws = PocWorkspace.at(root)
+    state = ws.require()
+    if name not in [state.get("server"), *state.get("sites", [])]:
+        raise PocError(f"{name!r} is not a participant of the POC in {ws.root}")
+    if _process(state.get("processes", {}).get(name) or {}) is not None:
+        raise PocError(f"{name} is already running (pid {state['processes'][name]['pid']})")
+    info = project(ws)
+    env = ws.env({"FEDMED_DATA": state["data"]} if state.get("data") else {})
+    deadline = time.monotonic() + timeout
+    record = start_kit(info["prod"] / name, ws.logs / f"{name}.log", env)
+    state.setdefault("processes", {})[name] = record
+    ws.save(state)
+    if name == info["server"]:
+        for port in state["ports"]:
+            _wait_port(port, deadline, lambda: _process(record) is not None)
+    else:
+        _wait_for_sites(ws, state, [name], deadline)
+    return record
+
+
 def down(root, *, clean: bool = False) -> list[int]:
     """Stop the POC; with ``clean`` also delete the workspace (only one we made)."""
     ws = PocWorkspace.at(root)
@@ -426,19 +500,34 @@ def submit(root, job_folder) -> str:
     return job_id
 
 
-def wait(root, job_id: str, *, timeout: float = 1800, poll: float = 2.0) -> dict:
-    """Wait for the job; return its meta. A job that does not finish cleanly in time
-    (or fails) is a PocError carrying the tail of the server's job log."""
+def job_status(root, job_id: str) -> str | None:
+    """The job's status as the server records it (e.g. FINISHED:COMPLETED), or None."""
+    ws = PocWorkspace.at(root)
+    try:
+        meta = nvflare(ws, "job", "meta", job_id, "--startup-kit", ws.require()["admin_kit"], timeout=60) or {}
+    except PocError:
+        return None
+    return meta.get("status") or meta.get("job_meta", {}).get("status")
+
+
+def wait(root, job_id: str, *, timeout: float = 1800, poll: float = 2.0, accept: tuple[str, ...] = (DONE_OK,)) -> dict:
+    """Wait for the job; return its meta. A job that does not finish in time, or ends
+    with a status not in ``accept``, is a PocError carrying the tail of the server's
+    job log. (FLARE ends a job whose site died with a FINISHED status other than
+    COMPLETED even when every round was done: accept it to look at the outcome.)"""
     ws = PocWorkspace.at(root)
     state = ws.require()
     try:
         meta = nvflare(ws, "job", "wait", job_id, "--timeout", str(timeout), "--interval", str(poll),
                        "--startup-kit", state["admin_kit"], timeout=timeout + 60)
     except PocError as exc:
+        status = job_status(ws.root, job_id)
+        if status in accept:
+            return {"job_id": job_id, "status": status}
         hint = " (it may still be running: `nvflare job abort` it, or `fedmed poc down`)" if "TIMEOUT" in str(exc) or "did not" in str(exc) else ""
-        raise PocError(f"job {job_id}: {exc}{hint}\n{job_log_tail(ws, job_id)}") from None
+        raise PocError(f"job {job_id} (status {status}): {exc}{hint}\n{job_log_tail(ws, job_id)}") from None
     status = (meta or {}).get("status") or (meta or {}).get("job_meta", {}).get("status")
-    if status != DONE_OK:
+    if status not in accept:
         raise PocError(f"job {job_id} ended with status {status}\n{job_log_tail(ws, job_id)}")
     return meta
 

@@ -1,4 +1,4 @@
-"""`fedmed poc up|submit|status|down`: FLARE POC mode on this machine, in one workspace folder."""
+"""`fedmed poc up|submit|status|stop-site|start-site|down`: FLARE POC mode on this machine, in one workspace folder."""
 
 from __future__ import annotations
 
@@ -48,6 +48,20 @@ def register(subparsers) -> None:
     workspace(status)
     status.add_argument("--json", action="store_true", help="print one JSON object")
     status.set_defaults(func=_status)
+
+    stop_site = sub.add_parser("stop-site", help="stop one participant (fault drills: a hospital goes down)",
+                               description="Stop one site (or the server) of the running POC with its job processes. A running job carries on without it until its train timeout; see docs/faults.md.")
+    workspace(stop_site)
+    stop_site.add_argument("name", help="site name (or the server's name)")
+    stop_site.add_argument("--kill", action="store_true", help="SIGKILL at once, as a crash (default: SIGTERM, then SIGKILL after a grace period)")
+    stop_site.set_defaults(func=_stop_site)
+
+    start_site = sub.add_parser("start-site", help="start one participant again from its startup kit",
+                                description="Start a stopped site (or the server) from its startup kit and wait until it has registered. A site that comes back takes part from the next job (FLARE does not redeploy a running job to it); a job resubmitted with the same absolute --output-dir resumes after the last persisted round.")
+    workspace(start_site)
+    start_site.add_argument("name", help="site name (or the server's name)")
+    start_site.add_argument("--timeout", type=float, default=120, help="seconds to wait for it to come up")
+    start_site.set_defaults(func=_start_site)
 
     down = sub.add_parser("down", help="stop every process of the POC",
                           description="Stop the server, the sites and their job processes (recorded process groups, then anything naming the workspace).")
@@ -130,4 +144,26 @@ def _down(args) -> int:
     except poc.PocError as exc:
         return _fail(exc)
     print(f"stopped {len(stopped)} process(es)" + ("; workspace removed" if args.clean else ""))
+    return 0
+
+
+def _stop_site(args) -> int:
+    from fedmed_components import poc
+
+    try:
+        stopped = poc.stop_participant(args.workspace, args.name, kill=args.kill)
+    except poc.PocError as exc:
+        return _fail(exc)
+    print(f"{args.name}: stopped {len(stopped)} process(es)" + (" (killed)" if args.kill else ""))
+    return 0
+
+
+def _start_site(args) -> int:
+    from fedmed_components import poc
+
+    try:
+        record = poc.start_participant(args.workspace, args.name, timeout=args.timeout)
+    except poc.PocError as exc:
+        return _fail(exc)
+    print(f"{args.name}: running again (pid {record['pid']}, log {record['log']})")
     return 0
