@@ -102,6 +102,8 @@ def summary(record: RunRecord) -> dict:
         "first_round_extra_s": rounds[0]["round_seconds"] - statistics.median(r["round_seconds"] for r in later),
         "startup_s": record.startup_seconds(),
         "wall_s": record.finished - record.launched,
+        "frame_bytes": record.bytes_per_site_round("frame_bytes"),
+        "raw_adapter_bytes": record.raw_tensor_bytes(),
     }
 
 
@@ -121,6 +123,14 @@ def build_rows(results: dict) -> list[dict]:
             f"job start-up, {label}: {'launch' if mode == 'simulator' else 'submit'} -> first training task sent",
             f"{s['startup_s']:.1f} s (+ {s['first_round_extra_s']:.1f} s in round 0: site script start, model and notes loaded)",
             "no target (report)", None,
+        ))
+    if results.get("poc"):
+        s = results["poc"]
+        rows.append(row(
+            "communication, POC over gRPC: bytes per site per round / raw adapter tensors (tiny, r=8: a 0.13 MB adapter)",
+            f"{s['frame_bytes'] / s['raw_adapter_bytes']:.3f}x ({s['frame_bytes'] / 1e3:.1f} kB vs {s['raw_adapter_bytes'] / 1e3:.1f} kB: "
+            f"{(s['frame_bytes'] - s['raw_adapter_bytes']) / 1e3:.1f} kB fixed cost per round)",
+            "no target (the 2% target is read on a real adapter: communication rows)", None,
         ))
     default = results.get("simulator_flare_default")
     if default and results.get("simulator"):
