@@ -510,11 +510,11 @@ def job_status(root, job_id: str) -> str | None:
     return meta.get("status") or meta.get("job_meta", {}).get("status")
 
 
-def wait(root, job_id: str, *, timeout: float = 1800, poll: float = 2.0, accept: tuple[str, ...] = (DONE_OK,)) -> dict:
-    """Wait for the job; return its meta. A job that does not finish in time, or ends
-    with a status not in ``accept``, is a PocError carrying the tail of the server's
-    job log. (FLARE ends a job whose site died with a FINISHED status other than
-    COMPLETED even when every round was done: accept it to look at the outcome.)"""
+def wait(root, job_id: str, *, timeout: float = 1800, poll: float = 2.0) -> dict:
+    """Wait for the job; return its meta. A job that does not finish cleanly in time
+    (or fails) is a PocError with its status and the tail of the server's job log.
+    (A site that died during the job never reports its end: FLARE then waits up to
+    NVFLARE_CLIENT_OUTCOME_WAIT_TIMEOUT, 900 s by default, before the job is finished.)"""
     ws = PocWorkspace.at(root)
     state = ws.require()
     try:
@@ -522,12 +522,10 @@ def wait(root, job_id: str, *, timeout: float = 1800, poll: float = 2.0, accept:
                        "--startup-kit", state["admin_kit"], timeout=timeout + 60)
     except PocError as exc:
         status = job_status(ws.root, job_id)
-        if status in accept:
-            return {"job_id": job_id, "status": status}
         hint = " (it may still be running: `nvflare job abort` it, or `fedmed poc down`)" if "TIMEOUT" in str(exc) or "did not" in str(exc) else ""
         raise PocError(f"job {job_id} (status {status}): {exc}{hint}\n{job_log_tail(ws, job_id)}") from None
     status = (meta or {}).get("status") or (meta or {}).get("job_meta", {}).get("status")
-    if status not in accept:
+    if status != DONE_OK:
         raise PocError(f"job {job_id} ended with status {status}\n{job_log_tail(ws, job_id)}")
     return meta
 
