@@ -98,3 +98,33 @@ def test_flare_aggregator_result_does_not_depend_on_arrival_order(make):
         results.append(agg.aggregate_model().params)
         agg._drop_spill()
     assert all(_bit_equal(results[0], r) for r in results[1:])
+
+
+@pytest.mark.slow
+def test_a_whole_simulator_round_is_bit_identical_when_run_twice(tmp_path, tiny_model_path, no_leftovers):
+    """Same seed, same data, two separate FLARE simulator runs of one round with two
+    sites: the same global adapter, bit for bit (each site trains in its own process,
+    one BLAS thread, seeded; the server sums in site order)."""
+    from fedmed_components.document import write_jsonl
+    from fedmed_components.flare.job import JobSpec, export_job, run_simulator
+    from fedmed_components.modeling import load_adapter_folder
+    from fedmed_components.synth import demo_corpus
+
+    sites = ["site-1", "site-2"]
+    data = tmp_path / "data"
+    for site, (_, docs) in zip(sites, sorted(demo_corpus(n_sites=2, docs_per_site=5, seed=1).items())):
+        write_jsonl(docs[:4], data / site / "train.jsonl")
+        write_jsonl(docs[4:], data / site / "val.jsonl")
+    adapters = []
+    for run in ("a", "b"):
+        spec = JobSpec(
+            name=f"determinism_{run}", model="tiny", sites=sites, num_rounds=1, min_clients=2, local_steps=3,
+            batch_size=4, max_length=128, learning_rate=5e-3, rank=4, alpha=8, quantize="none", data=str(data),
+            output_dir=str(tmp_path / f"store_{run}"), train_timeout=240, extra_site_args="--max-val-examples 4",
+        )
+        run_simulator(export_job(spec, tmp_path / "jobs"), tmp_path / f"ws_{run}", sites, timeout=300)
+        adapters.append(load_adapter_folder(tmp_path / f"store_{run}" / "global")[0])
+    assert _bit_equal(*adapters)
+    from fedmed_components.modeling import LoraSettings, initial_adapter_from_config
+
+    assert not _bit_equal(adapters[0], initial_adapter_from_config(tiny_model_path, LoraSettings(r=4, alpha=8))), "the round trained nothing"
