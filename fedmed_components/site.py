@@ -134,6 +134,7 @@ class SiteRuntime:
             self.trainer = LocalTrainer(self.model, self.tokenizer.pad_token_id, config.train, device=self.device)
         self.train_examples: list[dict] = []
         self.val_examples: list[dict] = []
+        self.val_docs: list[Document] = []  # scored by span F1 each round (BERT baseline)
         self.input_skipped = ""
 
     def _init_token_classifier(self) -> None:
@@ -166,6 +167,7 @@ class SiteRuntime:
             train += self.build_examples(data.train, data.types)
             val += self.build_examples(data.val, data.types)
             loaded.append(data)
+        self.val_docs = _cap([doc for data in loaded for doc in data.val], cfg.max_val_examples, cfg.seed)
         self.input_skipped = "; ".join(d.skipped for d in loaded if d.skipped)
         self.train_examples = _cap(train, cfg.max_train_examples, cfg.seed)
         self.val_examples = _cap(val, cfg.max_val_examples, cfg.seed)
@@ -212,6 +214,17 @@ class SiteRuntime:
 
     def validation_loss(self) -> tuple[float, int]:
         return self.trainer.evaluate_loss(self.val_examples)
+
+    def validation_f1(self) -> float | None:
+        """Lenient entity F1 on the validation notes, for the BERT baseline (tagging is
+        cheap); None for the LLM, whose F1 needs generation (`fedmed eval` scores it)."""
+        if self.task_model != tc.TOKEN_CLASSIFICATION or not self.val_docs:
+            return None
+        from fedmed_components.metrics import score_documents
+
+        preds = tc.predict_documents_bert(self.model, self.tokenizer, self.val_docs, max_length=self.config.train.max_length)
+        self.model.train()
+        return score_documents(self.val_docs, preds)["entities"]["lenient"]["f1"]
 
     def score_candidates(self, candidates: list[dict[str, torch.Tensor]]) -> list[float]:
         """Validation loss of each candidate adapter; the site's own adapter is restored."""

@@ -63,6 +63,6 @@ def test_server_tensorboard_holds_every_sites_scalars(bert_run):
         events = EventAccumulator(str(folder))
         events.Reload()
         tags = set(events.Tags()["scalars"])
-        assert {"train/loss", "train/lr", "round/val_loss", "round/tokens_per_s"} <= tags, site
+        assert {"train/loss", "train/lr", "round/val_loss", "round/tokens_per_s", "round/val_f1"} <= tags, site
         assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 7))  # 2 rounds x 3 steps
         assert [e.step for e in events.Scalars("round/val_loss")] == [0, 1]

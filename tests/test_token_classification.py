@@ -102,11 +102,12 @@ def test_tracker_sends_step_and_round_scalars():
     for rnd in range(2):
         for step in (1, 2):
             tracker.on_step(step, 1.0, 1e-3)
-        tracker.end_round(rnd, RoundStats(steps=2, train_loss=1.0, seconds=1.0, num_tokens=10), 0.5)
+        tracker.end_round(rnd, RoundStats(steps=2, train_loss=1.0, seconds=1.0, num_tokens=10), 0.5, val_f1=0.25 if rnd else None)
     steps = [s for tag, s in writer.records if tag == "train/loss"]
     assert steps == [1, 2, 3, 4]  # steps count across rounds
     assert [s for tag, s in writer.records if tag == "round/val_loss"] == [0, 1]
     assert {tag for tag, _ in writer.records} >= {"train/lr", "round/train_loss", "round/tokens_per_s"}
+    assert [s for tag, s in writer.records if tag == "round/val_f1"] == [1]  # only when measured
 
 
 def test_site_policy_lets_the_head_leave_only_in_the_bert_scope():
@@ -186,6 +187,7 @@ def test_bert_round_trains_and_sends_exactly_the_adapter_keys(runtime, minilm):
     assert META_FIELDS <= set(out.meta) and out.meta["steps"] == 8 and out.meta["num_supervised_tokens"] > 0
     assert out2.meta["train_loss"] < out.meta["train_loss"]
     assert out2.meta["val_loss"] < val_before
+    assert 0.0 <= out2.meta["val_f1"] <= 1.0  # span F1 on the validation notes, every round
     # The server accepts exactly these keys when the job declares the head, and only then.
     assert validate_update(out.params, initial, site="site-a", head_modules=["classifier"]) is None
     assert "non-LoRA" in validate_update(out.params, initial, site="site-a").reason

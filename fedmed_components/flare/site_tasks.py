@@ -20,8 +20,9 @@ def train(runtime, incoming: FLModel, send: str = "full", tracker=None) -> FLMod
     started = time.perf_counter()
     state, stats = runtime.train(global_state, progress=True, on_step=tracker.on_step if tracker else None)
     val_loss, val_tokens = runtime.validation_loss()
+    val_f1 = runtime.validation_f1()
     if tracker is not None:
-        tracker.end_round(incoming.current_round, stats, val_loss)
+        tracker.end_round(incoming.current_round, stats, val_loss, val_f1)
     params, ptype = state, ParamsType.FULL
     if send == "diff" and global_state:
         params = {k: state[k] - global_state[k].to(state[k].dtype) for k in state}
@@ -37,6 +38,8 @@ def train(runtime, incoming: FLModel, send: str = "full", tracker=None) -> FLMod
         "rank": runtime.config.lora.r,
         "NUM_STEPS_CURRENT_ROUND": stats.steps,
     }
+    if val_f1 is not None:
+        meta["val_f1"] = val_f1
     if runtime.input_skipped:
         meta["input_skipped"] = runtime.input_skipped
     log.info(

@@ -14,7 +14,8 @@ TB_FOLDER = "tb_events"
 
 
 class SiteTracker:
-    """Scalars of one site: per step train loss and lr, per round losses and throughput.
+    """Scalars of one site: per step train loss and lr, per round losses, throughput
+    and (BERT baseline) validation F1.
 
     `writer` is anything with ``add_scalar(tag, value, global_step)`` (FLARE's
     SummaryWriter at a site, torch's in a test). Steps count across rounds.
@@ -28,13 +29,15 @@ class SiteTracker:
         self.writer.add_scalar("train/loss", loss, global_step=self.steps_before + step)
         self.writer.add_scalar("train/lr", lr, global_step=self.steps_before + step)
 
-    def end_round(self, round_number: int | None, stats, val_loss: float) -> None:
+    def end_round(self, round_number: int | None, stats, val_loss: float, val_f1: float | None = None) -> None:
         self.steps_before += stats.steps
         rnd = int(round_number or 0)
         self.writer.add_scalar("round/train_loss", stats.train_loss, global_step=rnd)
         self.writer.add_scalar("round/val_loss", val_loss, global_step=rnd)
         self.writer.add_scalar("round/tokens_per_s", stats.tokens_per_second, global_step=rnd)
         self.writer.add_scalar("round/supervised_tokens", stats.num_supervised_tokens, global_step=rnd)
+        if val_f1 is not None:  # the BERT baseline's lenient entity F1 on the validation notes
+            self.writer.add_scalar("round/val_f1", val_f1, global_step=rnd)
 
 
 def add_tensorboard(job) -> None:
