@@ -92,8 +92,9 @@ def wire_runs(model: str, work: Path, timeout: float) -> dict:
     return out
 
 
-def f1_runs(model: str, work: Path, timeout: float) -> dict:
-    """The demo experiment twice: fp32 and int8 adapter transfer, same everything else."""
+def f1_runs(model: str, work: Path, timeout: float, **overrides) -> dict:
+    """The demo experiment twice: fp32 and int8 adapter transfer, same everything else
+    (``overrides``: DemoConfig fields, e.g. fewer rounds on a busy machine)."""
     import torch
 
     from flare_bench import metered_job
@@ -101,7 +102,7 @@ def f1_runs(model: str, work: Path, timeout: float) -> dict:
     from fedmed_components.flare.job import JobSpec, run_simulator
     from fedmed_components.modeling import LoraSettings, load_adapter_folder, resolve_model
 
-    cfg = DemoConfig.for_model(model)
+    cfg = DemoConfig.for_model(model, **overrides)
     sites, test = write_demo_data(cfg, work / "data")
     lora = LoraSettings(r=cfg.rank, alpha=cfg.alpha)
     scores, states = {}, {}
@@ -124,7 +125,7 @@ def f1_runs(model: str, work: Path, timeout: float) -> dict:
               f"lenient {scores[mode]['entities']['lenient']['f1']:.4f}")
     diff = torch.sqrt(sum(((states["int8"][k] - states["fp32"][k]) ** 2).sum() for k in states["fp32"]))
     norm = torch.sqrt(sum((v**2).sum() for v in states["fp32"].values()))
-    return {"model": model, "test_notes": len(test), "sites": len(sites), "rounds": cfg.rounds, "scores": scores,
+    return {"model": model, "test_notes": len(test), "sites": len(sites), "rounds": cfg.rounds, "local_steps": cfg.local_steps, "scores": scores,
             "relative_adapter_difference": float(diff / norm)}
 
 
@@ -171,7 +172,8 @@ def f1_rows(f1: dict) -> list[dict]:
         lost = 100 * (strict["fp32"] - strict["int8"])
         informative = max(strict.values()) > 0  # an untrained-level model scores 0 either way
         rows.append(row(
-            f"communication: 8-bit transfer, strict entity F1 points lost on the demo ({f1['model']} model, {f1['test_notes']} notes)",
+            f"communication: 8-bit transfer, strict entity F1 points lost on the demo ({f1['model']}, {f1['sites']} sites x "
+            f"{f1['rounds']} rounds x {f1.get('local_steps', '?')} steps, {f1['test_notes']} held-out notes)",
             f"{lost:+.2f} points (fp32 {strict['fp32']:.3f} -> int8 {strict['int8']:.3f}; lenient {lenient['fp32']:.3f} -> "
             f"{lenient['int8']:.3f}; adapters differ by {f1['relative_adapter_difference']:.2%})",
             "<= 0.5 points lost" if informative else "<= 0.5 points lost (not testable: F1 is 0 either way)",
@@ -186,6 +188,9 @@ def main(argv=None) -> int:
     parser.add_argument("--f1-model", default="tiny", help="model of the demo F1 comparison (default: tiny; smollm2-135m takes ~20 min)")
     parser.add_argument("--skip-f1", action="store_true", help="skip the two demo runs and their scoring")
     parser.add_argument("--skip-wire", action="store_true", help="skip the byte measurement (e.g. for a SmolLM2 F1-only run)")
+    parser.add_argument("--f1-rounds", type=int, help="demo rounds (default: the model's demo preset)")
+    parser.add_argument("--f1-local-steps", type=int, help="demo local steps per round (default: the preset)")
+    parser.add_argument("--f1-sites", type=int, help="demo sites (default: the preset's 3)")
     parser.add_argument("--work", type=Path, help="working folder (default: a temporary one, removed afterwards)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds allowed per simulator run")
     parser.add_argument("--json", type=Path, help="write the results here")
@@ -194,7 +199,8 @@ def main(argv=None) -> int:
     work = Path(args.work or tempfile.mkdtemp(prefix="fedmed-bench-comm-")).resolve()
     try:
         wire = None if args.skip_wire else wire_runs(args.model, work / "wire", args.timeout)
-        f1 = None if args.skip_f1 else f1_runs(args.f1_model, work / "f1", args.timeout)
+        f1 = None if args.skip_f1 else f1_runs(args.f1_model, work / "f1", args.timeout, rounds=args.f1_rounds,
+                                               local_steps=args.f1_local_steps, sites=args.f1_sites)
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
