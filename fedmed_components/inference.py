@@ -4,7 +4,9 @@ Batches are left-padded (generation appends on the right) and decoded greedily w
 KV cache by our own loop rather than HF ``generate``: a row that reaches its stop token
 or its own token budget leaves the batch at once (its cache rows are dropped), so a
 batch costs what its rows still need instead of running every row to the longest
-answer. Each row's budget is bounded by its own input length (the answer is the input
+answer. The instruction every prompt starts with (system prompt, task text) is encoded
+once per call and its KV cache shared by all rows, so only each sentence is prefilled.
+Each row's budget is bounded by its own input length (the answer is the input
 sentence with tags added, so it cannot need much more than that): a row's output never
 depends on which rows share its batch, and batched output equals one-at-a-time output.
 """
@@ -28,16 +30,19 @@ class GenerationSettings:
     # answer length <= input tokens * factor + slack (tags add tokens)
     length_factor: float = 2.5
     length_slack: int = 32
+    # share the KV cache of the prompts' common beginning when it is at least this long
+    min_shared_prefix: int = 8
 
     def budget(self, answer_length: int) -> int:
         return min(self.max_new_tokens, int(answer_length * self.length_factor) + self.length_slack)
 
 
-def generate(model, tokenizer, prompt_texts: list[str], settings: GenerationSettings | None = None, progress: bool = False, answer_lengths: list[int] | None = None) -> list[str]:
+def generate(model, tokenizer, prompt_texts: list[str], settings: GenerationSettings | None = None, progress: bool = False, answer_lengths: list[int] | None = None, stats: dict | None = None) -> list[str]:
     """Greedy completions for already chat-rendered prompts, in input order.
 
     answer_lengths: the token length of the text each answer rewrites (the sentence),
     which bounds that answer's new tokens; without it the prompt length is used.
+    stats: if given, receives "new_tokens" (generated, stop tokens excluded).
     """
     from tqdm.auto import tqdm
 
@@ -50,25 +55,51 @@ def generate(model, tokenizer, prompt_texts: list[str], settings: GenerationSett
     # plus a fixed instruction, so this also groups similar expected answer lengths.
     order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i]), budgets[i]))
     outputs: list[str] = [""] * len(encoded)
+    if not encoded:
+        return outputs
+    shared = shared_prefix_length(encoded)
+    shared = shared if shared >= settings.min_shared_prefix else 0
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     try:
         with torch.inference_mode():
+            prefix = encode_prefix(model, encoded[0][:shared], device) if shared else None
             for start in tqdm(range(0, len(order), settings.batch_size), disable=not progress, desc="generating", leave=False):
                 idx = order[start : start + settings.batch_size]
-                tokens = greedy_decode(model, [encoded[i] for i in idx], [budgets[i] for i in idx], stop_ids, pad_id, device)
+                tokens = greedy_decode(model, [encoded[i][shared:] for i in idx], [budgets[i] for i in idx], stop_ids, pad_id, device, prefix)
                 for i, row in zip(idx, tokens):
                     outputs[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
+                if stats is not None:
+                    stats["new_tokens"] = stats.get("new_tokens", 0) + sum(len(row) for row in tokens)
     finally:
         model.train(was_training)
     return outputs
 
 
-def greedy_decode(model, prompts: list[list[int]], budgets: list[int], stop_ids: list[int], pad_id: int, device) -> list[list[int]]:
+def shared_prefix_length(prompts: list[list[int]]) -> int:
+    """Tokens all prompts start with, leaving every prompt at least one token of its own."""
+    shortest = min(len(p) for p in prompts)
+    n = 0
+    while n < shortest - 1 and all(p[n] == prompts[0][n] for p in prompts):
+        n += 1
+    return n
+
+
+def encode_prefix(model, prefix: list[int], device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The per-layer (keys, values) of a prompt beginning, computed once (batch of 1)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=getattr(model, "config", None))
+    model(input_ids=torch.tensor([prefix], device=device), cache=cache, use_cache=True, logits_to_keep=1)
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def greedy_decode(model, prompts: list[list[int]], budgets: list[int], stop_ids: list[int], pad_id: int, device, prefix=None) -> list[list[int]]:
     """New token ids per prompt (stop token excluded): greedy, KV cache, left padding.
 
-    Rows that finish are removed from the batch, cache included, before the next step.
+    prefix: `encode_prefix` of tokens that precede every prompt (then `prompts` are the
+    rest of each). Rows that finish are removed from the batch, cache included.
     """
     from transformers import DynamicCache
 
@@ -79,14 +110,21 @@ def greedy_decode(model, prompts: list[list[int]], budgets: list[int], stop_ids:
         input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
         attention[row, width - len(ids) :] = 1
     input_ids, attention = input_ids.to(device), attention.to(device)
-    # Positions count real tokens only, so a left-padded row sees the positions it
-    # would see alone; pads get a harmless position (they are masked out as keys).
-    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache(config=getattr(model, "config", None))
+    shared = 0
+    if prefix:
+        shared = prefix[0][0].shape[-2]
+        for layer, (keys, values) in enumerate(prefix):
+            cache.update(keys.expand(len(prompts), -1, -1, -1), values.expand(len(prompts), -1, -1, -1), layer)
+        # [shared prefix][pads][own tokens]: the pads sit between, masked out
+        attention = torch.cat([attention.new_ones((len(prompts), shared)), attention], dim=-1)
+    # Positions count real tokens only, so a padded row sees the positions it would
+    # see alone; pads get a harmless position (they are masked out as keys).
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)[:, shared:]
     stops = torch.tensor(stop_ids, device=device)
     budget = torch.tensor(budgets, device=device)
     live = list(range(len(prompts)))  # original row of each batch row
     new_tokens: list[list[int]] = [[] for _ in prompts]
-    cache = DynamicCache(config=getattr(model, "config", None))
     step_ids, step_positions = input_ids, positions
     produced = 0
     while live:

@@ -3,7 +3,17 @@
 import pytest
 import torch
 
-from fedmed_components.inference import GenerationSettings, _extra_stop_ids, generate, greedy_decode
+from fedmed_components.inference import GenerationSettings, _extra_stop_ids, generate, greedy_decode, shared_prefix_length
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls gain nothing from a second thread, and on a busy shared machine they
+    stall waiting for it (measured: 30x slower); restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +59,13 @@ def test_batched_outputs_equal_one_at_a_time(tiny, prompts):
 
 
 def test_outputs_match_hf_generate_in_input_order(tiny, prompts):
-    """Positions, mask and cache handling agree with HF's own greedy decoding."""
+    """Positions, mask, shared-prefix cache and row dropping agree with HF's own greedy
+    decoding of each prompt alone."""
     model, tokenizer = tiny
     texts, lengths = prompts
     texts, lengths = texts[:5], lengths[:5]
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    assert shared_prefix_length(ids) >= GenerationSettings().min_shared_prefix  # the shared-prefix path runs
     settings = GenerationSettings(batch_size=4, **SHORT)
     ours = generate(model, tokenizer, texts, settings, answer_lengths=lengths)
     stops = sorted({tokenizer.eos_token_id, *_extra_stop_ids(tokenizer)})
@@ -86,3 +99,10 @@ def test_rows_stopping_early_leave_the_batch_without_changing_the_others(tiny, p
     assert all(stop not in row for row in batched)
     assert batched == alone
     assert batched == [row[: row.index(stop)] if stop in row else row for row in free]
+
+
+def test_shared_prefix_leaves_each_prompt_a_token_of_its_own():
+    assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 3, 5, 6]]) == 3
+    assert shared_prefix_length([[1, 2, 3], [1, 2, 3, 4]]) == 2
+    assert shared_prefix_length([[7, 1], [8, 1]]) == 0
+    assert shared_prefix_length([[1, 2, 3]]) == 2
