@@ -113,8 +113,8 @@ def table_rows(results: list[dict]) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", help="tiny | smollm2-135m | HF folder (repeatable; default both built-ins)")
-    parser.add_argument("--synthetic", type=int, default=48, help="synthetic sentences per model (default 48)")
-    parser.add_argument("--mtsamples", type=int, default=16, help="real MTSamples sentences when ../shared/data is present (default 16; 0: none)")
+    parser.add_argument("--synthetic", type=int, default=24, help="synthetic sentences per model (default 24)")
+    parser.add_argument("--mtsamples", type=int, default=8, help="real MTSamples sentences when ../shared/data is present (default 8; 0: none)")
     parser.add_argument("--repeats", type=int, default=2, help="alternating runs of each side; the median is reported")
     parser.add_argument("--batch-size", type=int, default=None, help="batched side's batch size (default: GenerationSettings' default)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads for both sides (default 1: on the shared 2-core VM, 2 threads made each small matmul wait for the busy other core, tiny model 30x slower)")

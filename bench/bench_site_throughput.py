@@ -74,12 +74,21 @@ def measure(model_name: str, batch: int, seq: int, steps: int, repeats: int, ran
     }
 
 
+def table_rows(results: list[dict]) -> list[dict]:
+    """The suite table's rows (format: bench/report.py)."""
+    return [{
+        "figure": f"site trainer / bare peft loop training tokens/s, {r['model']} (batch {r['batch']} x {r['seq']}, r={r['rank']})",
+        "value": f"{r['ratio']:.3f}x ({r['site_tokens_per_s']:.0f} vs {r['bare_tokens_per_s']:.0f} tok/s)",
+        "target": ">= 0.95x", "met": r["ratio"] >= 0.95,
+    } for r in results]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", help="tiny | smollm2-135m (repeatable; default both)")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--json", default=None)
+    parser.add_argument("--json", default=None, help="write {'rows': [...], 'results': [...]} here (rows: bench/report.py format)")
     args = parser.parse_args()
     settings = {"tiny": dict(batch=8, seq=256, rank=8), "smollm2-135m": dict(batch=2, seq=128, rank=8)}
     results = [measure(m, steps=args.steps, repeats=args.repeats, **settings.get(m, settings["smollm2-135m"])) for m in (args.model or ["tiny", "smollm2-135m"])]
@@ -88,7 +97,7 @@ def main() -> None:
         print(f"{r['model']:14s} {r['bare_tokens_per_s']:11.1f} {r['site_tokens_per_s']:11.1f} {r['ratio']:7.3f}")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump(results, fh, indent=2)
+            json.dump({"rows": table_rows(results), "results": results}, fh, indent=2)
 
 
 if __name__ == "__main__":
