@@ -450,7 +450,8 @@ def stop_participant(root, name: str, *, kill: bool = False, grace: float = 10.0
 
 def start_participant(root, name: str, *, timeout: float = 90) -> dict:
     """Start one participant from its startup kit again (after a crash or
-    `stop_participant`); a site is waited for until the server lists it."""
+    `stop_participant`); waits until the server lists the site (for the server: until
+    it lists every running site again)."""
     ws = PocWorkspace.at(root)
     state = ws.require()
     if name not in [state.get("server"), *state.get("sites", [])]:
@@ -463,9 +464,10 @@ def start_participant(root, name: str, *, timeout: float = 90) -> dict:
     record = start_kit(info["prod"] / name, ws.logs / f"{name}.log", env)
     state.setdefault("processes", {})[name] = record
     ws.save(state)
-    if name == info["server"]:
+    if name == info["server"]:  # and the running sites, which reconnect by themselves
         for port in state["ports"]:
             _wait_port(port, deadline, lambda: _process(record) is not None)
+        _wait_for_sites(ws, state, [s for s in info["sites"] if s in state["processes"]], deadline)
     else:
         _wait_for_sites(ws, state, [name], deadline)
     return record

@@ -1,3 +1,4 @@
+import contextlib
 import os
 from pathlib import Path
 
@@ -33,8 +34,8 @@ POC_LOCK = Path("/tmp/fedmed_poc.lock")
 POC_PORTS = (8002, 8003)
 
 
-@pytest.fixture
-def poc_lock():
+@contextlib.contextmanager
+def hold_poc_lock():
     """Exclusive use of the POC ports (8002/8003) on this machine, shared with anyone
     running `flock /tmp/fedmed_poc.lock ...`; on release the ports must be free again."""
     import fcntl
@@ -60,6 +61,13 @@ def poc_lock():
             assert busy_ports(POC_PORTS) == [], "a POC port is still in use after the test"
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@pytest.fixture
+def poc_lock():
+    """See `hold_poc_lock`: for every test that starts a POC or a provisioned server."""
+    with hold_poc_lock():
+        yield
 
 
 def flare_processes_naming(marker: str) -> list[str]:
