@@ -542,6 +542,10 @@ def run_experiment(cfg: ExperimentConfig, out: str | os.PathLike, *, work: str |
         if target.exists():
             print(f"[{i}/{len(run_ids)}] {run_id}: finished earlier, skipped", flush=True)
             continue
+        lock = _claim(exp.run_dir(run_id))
+        if lock is None:
+            print(f"[{i}/{len(run_ids)}] {run_id}: being made by another live process, skipped", flush=True)
+            continue
         print(f"[{i}/{len(run_ids)}] {run_id}", flush=True)
         run_started = time.perf_counter()
         try:
@@ -551,6 +555,8 @@ def run_experiment(cfg: ExperimentConfig, out: str | os.PathLike, *, work: str |
             print(f"[{i}/{len(run_ids)}] {run_id}: FAILED ({type(exc).__name__}: {exc}); continuing", flush=True)
             failed.append(run_id)
             continue
+        finally:
+            lock.unlink(missing_ok=True)
         result["seconds"] = round(time.perf_counter() - run_started, 1)
         result["config"] = {k: v for k, v in cfg.to_dict().items() if k not in ("sites", "external", "runs")}
         write_json_atomic(target, result)
@@ -563,6 +569,26 @@ def run_experiment(cfg: ExperimentConfig, out: str | os.PathLike, *, work: str |
     if failed:
         raise RuntimeError(f"{len(failed)} run(s) failed: {', '.join(failed)}")
     return results
+
+
+def _claim(run_dir: Path) -> Path | None:
+    """Mark a run as being made by this process; None when another live process holds it
+    (several `fedmed experiment --only ...` may share one results folder). A lock left by
+    a dead process is taken over: its run resumes."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = run_dir / "running.pid"
+    if lock.exists():
+        try:
+            pid = int(lock.read_text().strip() or 0)
+            if pid and pid != os.getpid():
+                os.kill(pid, 0)
+                return None
+        except (ValueError, ProcessLookupError):
+            pass
+        except PermissionError:
+            return None
+    lock.write_text(str(os.getpid()))
+    return lock
 
 
 def _headline(result: dict) -> str:
