@@ -132,3 +132,26 @@ def test_live_job_with_only_bad_sites_ends_with_the_reasons(tmp_path, sites, tin
     assert "fewer than min_clients=1" in explanation
     assert faults["site-brat"] in explanation and "malformed line" in explanation and "not UTF-8" in explanation
     assert not (tmp_path / "store" / "state.json").exists()
+
+
+@pytest.mark.slow
+def test_lenient_site_trains_and_its_skip_count_reaches_the_server_log(sites, tiny_model_path, caplog):
+    """A real site runtime (tiny model) with --lenient-input on the malformed BRAT folder:
+    it trains on the good notes, its answer carries the count, the aggregator logs it."""
+    import logging
+
+    from fedmed_components.site import SiteConfig, SiteRuntime
+    from fedmed_components.training import TrainSettings
+
+    root, faults = sites
+    config = SiteConfig(model="tiny", quantize="none", lenient_input=True, max_val_examples=2,
+                        train=TrainSettings(max_steps=1, batch_size=2, max_length=128))
+    runtime = SiteRuntime(config, site_name="site-brat")
+    runtime.load_data(site_data_folder(str(root), "site-brat"))
+    answer = site_tasks.train(runtime, FLModel(params=None, current_round=0))
+    assert "skipped 1 item(s)" in answer.meta["input_skipped"] and faults["site-brat"] in answer.meta["input_skipped"]
+    agg = FedMedLoRAAggregator()
+    agg.begin_round(runtime.adapter_state(), 0)
+    with caplog.at_level(logging.WARNING):
+        assert agg.accept_model(FLModel(params=answer.params, params_type=ParamsType.FULL, meta={**answer.meta, "client_name": "site-brat"}))
+    assert any("site-brat skipped bad input (lenient): " in r.getMessage() and "malformed line" in r.getMessage() for r in caplog.records)
