@@ -99,13 +99,19 @@ def lr_lambda(total_steps: int, warmup_ratio: float, scheduler: str):
 
 
 def supervised_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Mean next-token loss over supervised tokens, and how many there were."""
-    outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    logits = outputs.logits[:, :-1, :].float()
-    targets = batch["labels"][:, 1:]
-    n = int((targets != IGNORE_INDEX).sum())
+    """Mean next-token loss over supervised tokens, and how many there were.
+
+    The vocabulary projection runs only at positions where some row has a target (the
+    answer, not the prompt): on a small model it is a fifth of the compute per token.
+    """
+    targets = batch["labels"][:, 1:]  # the logit at position t predicts token t + 1
+    supervised = targets != IGNORE_INDEX
+    n = int(supervised.sum())
+    keep = supervised.any(dim=0).nonzero().squeeze(-1)
+    outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep)
+    logits = outputs.logits.float()
     loss = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+        logits.reshape(-1, logits.size(-1)), targets[:, keep].reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
     )
     return loss / max(n, 1), n
 
