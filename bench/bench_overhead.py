@@ -26,7 +26,6 @@ Usage: ``python bench/bench_overhead.py [--rounds 4] [--no-poc] [--work DIR] [--
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
 import shutil
@@ -34,33 +33,13 @@ import statistics
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from flare_bench import RunRecord, metered_job, row, run_metered_simulation, tiny_spec, write_site_data  # noqa: E402
 
-POC_LOCK = Path("/tmp/fedmed_poc.lock")
 TARGET_OVERHEAD_S = 2.0
-
-
-@contextmanager
-def poc_lock(wait: float):
-    with open(POC_LOCK, "a") as handle:
-        deadline = time.monotonic() + wait
-        while True:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{POC_LOCK} held by another POC user for over {wait:.0f} s") from None
-                time.sleep(2)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def run_poc(spec, work: Path, sites: list[str], data: Path, *, timeout: float, lock_wait: float, threads_per_site: int | None) -> RunRecord:
@@ -71,10 +50,10 @@ def run_poc(spec, work: Path, sites: list[str], data: Path, *, timeout: float, l
     spec.output_dir = str(work / "adapters")
     job_dir = metered_job(spec, work / "jobs", meter_file)
     ws = work / "poc"
-    with poc_lock(lock_wait):
+    with poc.exclusive_poc_lock(lock_wait):
         busy = poc.busy_ports(poc.DEFAULT_PORTS)
         if busy:
-            raise RuntimeError(f"POC ports {busy} are in use by a FLARE system that does not take {POC_LOCK}")
+            raise RuntimeError(f"POC ports {busy} are in use by a FLARE system that does not take {poc.POC_LOCK}")
         poc.prepare(ws, sites, data=str(data))
         # The simulator caps each site's BLAS threads to share the cores; POC processes
         # inherit this environment, so give them the same caps and the two are comparable

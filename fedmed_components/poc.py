@@ -23,6 +23,7 @@ command line names this workspace.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -173,6 +174,31 @@ def server_ports(kit: Path) -> list[int]:
         if server.get("admin_port"):
             ports.add(int(server["admin_port"]))
     return sorted(ports) or list(DEFAULT_PORTS)
+
+
+POC_LOCK = Path("/tmp/fedmed_poc.lock")
+
+
+@contextlib.contextmanager
+def exclusive_poc_lock(wait: float):
+    """Hold the machine-wide POC lock (FLARE's POC ports are fixed), shared with anyone
+    running `flock /tmp/fedmed_poc.lock ...`; TimeoutError after `wait` seconds."""
+    import fcntl
+
+    with open(POC_LOCK, "a") as handle:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{POC_LOCK} held by another POC user for over {wait:.0f} s") from None
+                time.sleep(2)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def busy_ports(ports) -> list[int]:

@@ -30,37 +30,22 @@ def shared_data():
     return SHARED_DATA
 
 
-POC_LOCK = Path("/tmp/fedmed_poc.lock")
-POC_PORTS = (8002, 8003)
-
-
 @contextlib.contextmanager
 def hold_poc_lock():
     """Exclusive use of the POC ports (8002/8003) on this machine, shared with anyone
     running `flock /tmp/fedmed_poc.lock ...`; on release the ports must be free again."""
-    import fcntl
-    import time
-
-    from fedmed_components.poc import busy_ports
+    from fedmed_components.poc import DEFAULT_PORTS as POC_PORTS, POC_LOCK, busy_ports, exclusive_poc_lock
 
     wait = float(os.environ.get("FEDMED_POC_LOCK_WAIT", "900"))
-    with open(POC_LOCK, "a") as handle:
-        deadline = time.monotonic() + wait
-        while True:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    pytest.skip(f"{POC_LOCK} held by another POC user for over {wait:.0f} s")
-                time.sleep(2)
+    with contextlib.ExitStack() as stack:
         try:
-            if busy_ports(POC_PORTS):
-                pytest.skip(f"ports {list(POC_PORTS)} are taken by a FLARE system that does not take {POC_LOCK}")
-            yield
-            assert busy_ports(POC_PORTS) == [], "a POC port is still in use after the test"
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            stack.enter_context(exclusive_poc_lock(wait))
+        except TimeoutError as exc:
+            pytest.skip(str(exc))
+        if busy_ports(POC_PORTS):
+            pytest.skip(f"ports {list(POC_PORTS)} are taken by a FLARE system that does not take {POC_LOCK}")
+        yield
+        assert busy_ports(POC_PORTS) == [], "a POC port is still in use after the test"
 
 
 @pytest.fixture
