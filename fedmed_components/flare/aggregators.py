@@ -93,17 +93,16 @@ class AdapterAggregator(ModelAggregator):
         meta = dict(model.meta or {})
         site = str(meta.get("client_name") or meta.get("site") or f"site{len(self._accepted)}")
         params = model.params or {}
-        if meta.get("site_error"):
-            self.rejections.append(Rejection(site=site, round=self.round, reason=f"site failed its task: {meta['site_error']}"))
-            self.warning(f"rejected update from {site} in round {self.round}: site failed its task: {meta['site_error']}")
-            return False
         if meta.get("input_skipped"):
             self.warning(f"{site} skipped bad input (lenient): {meta['input_skipped']}")
         if model.params_type == ParamsType.DIFF and params and self.reference:
             params = {k: self.reference[k] + v.to(self.reference[k].dtype) if k in self.reference else v for k, v in params.items()}
-        rejection = validate_update(
-            params, self.reference, site=site, round=self.round, allow_rank_change=self.allow_rank_change, head_modules=self.head_modules or ()
-        ) if self.reference else None
+        if meta.get("site_error"):
+            rejection = Rejection(site=site, round=self.round, reason=f"site failed its task: {meta['site_error']}")
+        else:
+            rejection = validate_update(
+                params, self.reference, site=site, round=self.round, allow_rank_change=self.allow_rank_change, head_modules=self.head_modules or ()
+            ) if self.reference else None
         if rejection is None and site in self._accepted:
             rejection = Rejection(site=site, round=self.round, reason="second update in the same round")
         if rejection is None:
