@@ -37,12 +37,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from fedmed_components.processes import blas_thread_caps  # noqa: E402
 from flare_bench import RunRecord, metered_job, row, run_metered_simulation, tiny_spec, write_site_data  # noqa: E402
 
 TARGET_OVERHEAD_S = 2.0
 
 
-def run_poc(spec, work: Path, sites: list[str], data: Path, *, timeout: float, lock_wait: float, threads_per_site: int | None) -> RunRecord:
+def run_poc(spec, work: Path, sites: list[str], data: Path, *, timeout: float, lock_wait: float) -> RunRecord:
     from fedmed_components import poc
 
     work = Path(work).resolve()
@@ -55,11 +56,6 @@ def run_poc(spec, work: Path, sites: list[str], data: Path, *, timeout: float, l
         if busy:
             raise RuntimeError(f"POC ports {busy} are in use by a FLARE system that does not take {poc.POC_LOCK}")
         poc.prepare(ws, sites, data=str(data))
-        # The simulator caps each site's BLAS threads to share the cores; POC processes
-        # inherit this environment, so give them the same caps and the two are comparable
-        # (uncapped, 2 POC sites on 2 cores ran tiny steps ~50x slower: bench/RESULTS.md).
-        if threads_per_site:
-            os.environ.update(OMP_NUM_THREADS=str(threads_per_site), MKL_NUM_THREADS=str(threads_per_site))
         try:
             poc.start(ws, timeout=180)
             launched = time.time()
@@ -126,8 +122,6 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=4, help="rounds per run (the first is reported apart)")
     parser.add_argument("--local-steps", type=int, default=2)
     parser.add_argument("--no-poc", action="store_true", help="simulator only")
-    parser.add_argument("--poc-threads", choices=["auto", "inherit"], default="auto",
-                        help="auto: cap each POC site's BLAS threads to cores/sites like the simulator does; inherit: leave them as they are")
     parser.add_argument("--no-default-run", action="store_true", help="skip the run with FLARE's default task_request_interval")
     parser.add_argument("--timeout", type=float, default=600, help="seconds allowed per run")
     parser.add_argument("--lock-wait", type=float, default=900, help="seconds to wait for the POC lock")
@@ -148,10 +142,9 @@ def main(argv=None) -> int:
             print(f"{mode}: overhead {results[mode]['overhead_s']:.2f} s per round, start-up {results[mode]['startup_s']:.1f} s")
         if not args.no_poc:
             spec = tiny_spec("overhead_poc", sites, work / "data", rounds=args.rounds, local_steps=args.local_steps)
-            threads = None if args.poc_threads == "inherit" else max(1, (os.cpu_count() or 1) // len(sites))
-            results["poc"] = summary(run_poc(spec, work / "poc_run", sites, work / "data", timeout=args.timeout,
-                                             lock_wait=args.lock_wait, threads_per_site=threads))
-            results["poc"]["threads_per_site"] = threads
+            results["poc"] = summary(run_poc(spec, work / "poc_run", sites, work / "data", timeout=args.timeout, lock_wait=args.lock_wait))
+            # `fedmed poc` caps each site's BLAS threads as the simulator does (processes.blas_thread_caps)
+            results["poc"]["threads_per_site"] = int(blas_thread_caps(len(sites)).get("OMP_NUM_THREADS") or os.environ["OMP_NUM_THREADS"])
             print(f"poc: overhead {results['poc']['overhead_s']:.2f} s per round, start-up {results['poc']['startup_s']:.1f} s")
     finally:
         if args.work is None:

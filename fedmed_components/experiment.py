@@ -527,6 +527,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | os.PathLike, *, work: str |
             raise InputError(None, None, f"--only: unknown run(s) {unknown}; this experiment has {run_ids}")
         run_ids = [r for r in run_ids if r in only]
     started = time.perf_counter()
+    _refuse_other_config(cfg, out)
     sites, external = prepare(cfg, work)
     write_json_atomic(out / "experiment.json", {
         "config": cfg.to_dict(), "runs": cfg.run_ids(),
@@ -569,6 +570,36 @@ def run_experiment(cfg: ExperimentConfig, out: str | os.PathLike, *, work: str |
     if failed:
         raise RuntimeError(f"{len(failed)} run(s) failed: {', '.join(failed)}")
     return results
+
+
+# Settings that change no number in a result: a folder made with other values of these
+# may be resumed (greedy batched generation equals one-at-a-time: tests/test_inference.py).
+OPERATIONAL_SETTINGS = ("runs", "simulator_timeout", "generation_batch_size")
+
+
+def _comparable(config: dict) -> dict:
+    """A config without where its data lies (a folder moved to another machine is the same experiment)."""
+    def placeless(source):
+        return {k: v for k, v in source.items() if k not in ("path", "test_path")} if isinstance(source, dict) else source
+
+    return {**config, "sites": [placeless(s) for s in config.get("sites") or []], "external": placeless(config.get("external"))}
+
+
+def _refuse_other_config(cfg: ExperimentConfig, out: Path) -> None:
+    """A results folder holds one experiment: resuming it with changed settings would mix
+    runs made under different configs in one table. Refuse, naming what differs."""
+    previous_file = out / "experiment.json"
+    if not previous_file.exists():
+        return
+    finished = [p for p in out.glob("*.json") if p.name != "experiment.json"]
+    if not finished:
+        return
+    previous = _comparable(json.loads(previous_file.read_text()).get("config", {}))
+    current = _comparable(cfg.to_dict())
+    differ = sorted(k for k in set(previous) | set(current) if k not in OPERATIONAL_SETTINGS and previous.get(k) != current.get(k))
+    if differ:
+        raise InputError(previous_file, None, f"{len(finished)} finished run(s) here were made with other settings ({', '.join(differ)}); "
+                         "use another --out, or delete the folder to re-make them all")
 
 
 def _claim(run_dir: Path) -> Path | None:

@@ -39,6 +39,8 @@ from pathlib import Path
 
 import yaml
 
+from fedmed_components.processes import blas_thread_caps
+
 POC_SETUP = Path(__file__).resolve().parents[1] / "poc_setup"
 DEFAULT_PRIVACY = POC_SETUP / "privacy.json"
 STATE_NAME = "fedmed_poc.json"
@@ -375,8 +377,9 @@ def start(root, *, timeout: float = 90) -> dict:
         ws.save(state)
         for port in state["ports"]:
             _wait_port(port, deadline, lambda: _process(rec) is not None)
+        site_env = {**env, **blas_thread_caps(len(info["sites"]))}  # the sites train at once on this machine
         for site in info["sites"]:
-            state["processes"][site] = start_kit(info["prod"] / site, ws.logs / f"{site}.log", env)
+            state["processes"][site] = start_kit(info["prod"] / site, ws.logs / f"{site}.log", site_env)
             ws.save(state)
         _wait_for_sites(ws, state, info["sites"], deadline)
     except BaseException:
@@ -486,6 +489,8 @@ def start_participant(root, name: str, *, timeout: float = 90) -> dict:
         raise PocError(f"{name} is already running (pid {state['processes'][name]['pid']})")
     info = project(ws)
     env = ws.env({"FEDMED_DATA": state["data"]} if state.get("data") else {})
+    if name != info["server"]:
+        env.update(blas_thread_caps(len(info["sites"])))
     deadline = time.monotonic() + timeout
     record = start_kit(info["prod"] / name, ws.logs / f"{name}.log", env)
     state.setdefault("processes", {})[name] = record

@@ -11,6 +11,16 @@ import os
 from collections.abc import Iterable
 
 
+def blas_thread_caps(concurrent_sites: int) -> dict[str, str]:
+    """Environment that shares this machine's cores between the sites that train at once
+    on it (simulator workers, POC site processes): oversubscribed BLAS threads make CPU
+    training several times slower. An explicit OMP_NUM_THREADS wins (empty dict)."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return {}
+    per_site = str(max(1, (os.cpu_count() or 1) // max(1, concurrent_sites)))
+    return {"OMP_NUM_THREADS": per_site, "MKL_NUM_THREADS": per_site}
+
+
 def stop_process_trees(root_pids: Iterable[int], *, marker: str | None = None, grace: float = 5.0) -> list[int]:
     """SIGTERM each root, its descendants and every FLARE process whose command line
     holds `marker`; SIGKILL what is left after `grace` seconds. Returns the pids stopped.

@@ -161,3 +161,28 @@ def test_mini_experiment_end_to_end(tmp_path, capsys):
     assert again["rounds"] == results["single_general_medicine"]["rounds"]
     assert again["scores"] == results["single_general_medicine"]["scores"]
     assert re.search(r"\[1/1\] single_general_medicine: done", capsys.readouterr().out)
+
+
+def test_results_folder_refuses_a_changed_config(tmp_path):
+    """Resuming a results folder with other settings would mix runs of two configs in one
+    table: refused before anything runs, naming the settings; moved data folders and
+    operational settings (timeouts, generation batch size) do not count."""
+    from dataclasses import replace
+
+    from fedmed_components.experiment import run_experiment
+
+    cfg = load_config(ROOT / "experiments" / "mini.yaml")
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "experiment.json").write_text(json.dumps({"config": cfg.to_dict()}))
+    (out / "zero_shot.json").write_text("{}")
+    changed = replace(cfg, rounds=cfg.rounds + 1, sampling=replace(cfg.sampling, max_test_sentences=999))
+    with pytest.raises(InputError, match=r"experiment.json: 1 finished run\(s\) here were made with other settings \(rounds, sampling\)"):
+        run_experiment(changed, out, work=tmp_path / "work")
+    assert not (tmp_path / "work").exists(), "refused before any data was cut"
+
+    from fedmed_components.experiment import _refuse_other_config
+
+    moved = replace(cfg, simulator_timeout=1.0, generation_batch_size=3,
+                    sites=[replace(s, path=str(tmp_path / "elsewhere")) for s in cfg.sites])
+    _refuse_other_config(moved, out)  # same experiment: resumable

@@ -106,3 +106,14 @@ def test_shared_prefix_leaves_each_prompt_a_token_of_its_own():
     assert shared_prefix_length([[1, 2, 3], [1, 2, 3, 4]]) == 2
     assert shared_prefix_length([[7, 1], [8, 1]]) == 0
     assert shared_prefix_length([[1, 2, 3]]) == 2
+
+
+def test_predict_cli_batch_size_defaults_to_the_generation_settings():
+    import argparse
+
+    from fedmed_components.commands import predict
+
+    sub = argparse.ArgumentParser().add_subparsers()
+    predict.register(sub)
+    args = sub.choices["predict"].parse_args(["--input", "notes", "--out", "out"])
+    assert args.batch_size == GenerationSettings().batch_size

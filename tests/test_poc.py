@@ -4,17 +4,20 @@ bounded, nothing left behind."""
 
 import json
 import math
+import os
 import re
 import signal
 import socket
 import subprocess
 from dataclasses import replace
 
+import psutil
 import pytest
 
 from fedmed_components import poc
 from fedmed_components.document import write_jsonl
 from fedmed_components.flare.job import JobSpec, export_job
+from fedmed_components.processes import blas_thread_caps
 
 SITES = ["site-1", "site-2"]
 PORTS = [8002, 8003]
@@ -98,6 +101,9 @@ def test_poc_runs_fed_medlora_plus_and_leaves_nothing_behind(tmp_path, site_data
         state = poc.start(ws, timeout=90)
         pids = {name: rec["pid"] for name, rec in state["processes"].items()}
         assert sorted(pids) == sorted(["server", *SITES])
+        # the sites train at once on this machine: their BLAS threads share its cores
+        threads = blas_thread_caps(len(SITES)).get("OMP_NUM_THREADS") or os.environ["OMP_NUM_THREADS"]
+        assert [psutil.Process(pids[s]).environ().get("OMP_NUM_THREADS") for s in SITES] == [threads] * len(SITES)
         # up again: idempotent, the running POC is kept
         poc.prepare(ws, SITES, data=str(site_data))
         assert {n: r["pid"] for n, r in poc.start(ws)["processes"].items()} == pids

@@ -30,3 +30,14 @@ def test_tree_and_marked_stragglers_are_stopped_but_never_our_ancestors(tmp_path
         for proc in (straggler, unrelated, tree):
             proc.kill()
         stop_process_trees([], marker=marker)
+
+
+def test_blas_thread_caps_share_the_cores_and_an_explicit_setting_wins(monkeypatch):
+    from fedmed_components.processes import blas_thread_caps
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    assert blas_thread_caps(2) == {"OMP_NUM_THREADS": "4", "MKL_NUM_THREADS": "4"}
+    assert blas_thread_caps(10) == {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert blas_thread_caps(2) == {}

@@ -20,7 +20,8 @@ def register(subparsers) -> None:
     p.add_argument("--input", required=True, help="folder of .txt notes, or a JSONL documents file")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--quantize", default="auto", choices=["auto", "4bit", "8bit", "none"])
-    p.add_argument("--batch-size", type=int, default=16)
+    # inference.GenerationSettings.batch_size (a literal: importing inference loads torch)
+    p.add_argument("--batch-size", type=int, default=32, help="sentences generated at once (default: %(default)s)")
     p.add_argument("--tasks", default="ner,modifier", help="ner or ner,modifier")
     p.set_defaults(func=_run)
 

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedmed_components.processes import stop_process_trees
+from fedmed_components.processes import blas_thread_caps, stop_process_trees
 
 ALGORITHMS = ("fed_medlora", "fed_medlora_plus", "fedsa_lora", "fed_exact_lora")
 SITE_SCRIPT = Path(__file__).resolve().parents[2] / "custom" / "fedmed_site.py"
@@ -190,7 +190,7 @@ def run_simulator(job_folder: str | os.PathLike, workspace: str | os.PathLike, s
         "-w", str(workspace), "-c", ",".join(sites), "-t", str(threads or len(sites)),
     ]
     with open(log_path, "w") as log, _terminate_raises():
-        env = {**os.environ, **_thread_caps(threads or len(sites))}
+        env = {**os.environ, **blas_thread_caps(threads or len(sites))}
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, env=env)
         try:
             rc = proc.wait(timeout=timeout)
@@ -201,15 +201,6 @@ def run_simulator(job_folder: str | os.PathLike, workspace: str | os.PathLike, s
     if rc != 0:
         raise RuntimeError(f"simulator exited with {rc}; log: {log_path}\n{tail(log_path)}")
     return workspace
-
-
-def _thread_caps(concurrent_sites: int) -> dict[str, str]:
-    """Share the cores between the sites that train at once: oversubscribed BLAS
-    threads make CPU training several times slower. An explicit setting wins."""
-    if "OMP_NUM_THREADS" in os.environ:
-        return {}
-    per_site = str(max(1, (os.cpu_count() or 1) // max(1, concurrent_sites)))
-    return {"OMP_NUM_THREADS": per_site, "MKL_NUM_THREADS": per_site}
 
 
 class _terminate_raises:
