@@ -17,7 +17,9 @@ free-form detail, ignored here)::
 its own verdict, computed from the measured numbers. Files without such rows (e.g. a
 GPU run's raw output) are listed as skipped, never guessed at.
 
-Usage: ``python bench/report.py [--results bench/results] [--out table.md] [FILE ...]``
+Usage: ``python bench/report.py [--results bench/results] [--out table.md] [FILE ...]``;
+``bench/run`` also calls ``--suite-times FILE`` (lines "NAME SECONDS" it timed) to
+record the suite's own wall time as a row (``suite.json``).
 """
 
 from __future__ import annotations
@@ -28,6 +30,28 @@ import sys
 from pathlib import Path
 
 COLUMNS = ("figure", "measured", "target", "met")
+SUITE_LIMIT_S = 20 * 60  # the CPU suite's goal on a 2-core machine
+
+
+def suite_rows(times: list[tuple[str, float]], cpus: int | None, load: tuple[float, float, float] | None) -> list[dict]:
+    """The suite's wall time (sum of the timed steps) against its 20-minute goal."""
+    total = sum(seconds for _, seconds in times)
+    steps = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in times)
+    where = f"{cpus} CPUs" + (f", load average {load[0]:.1f} at the end" if load else "")
+    return [{"figure": f"suite: bench/run wall time ({where})", "value": f"{total / 60:.1f} min ({steps})",
+             "target": f"< {SUITE_LIMIT_S // 60} min on 2 cores", "met": total < SUITE_LIMIT_S}]
+
+
+def read_times(path: Path) -> list[tuple[str, float]]:
+    times = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if line.strip():
+            try:
+                name, seconds = line.rsplit(maxsplit=1)
+                times.append((name, float(seconds)))
+            except ValueError:
+                raise SystemExit(f"{path}:{number}: expected 'NAME SECONDS', got {line!r}") from None
+    return times
 
 
 def load_rows(files: list[Path]) -> tuple[list[dict], list[str]]:
@@ -65,7 +89,13 @@ def main(argv=None) -> int:
     parser.add_argument("files", nargs="*", type=Path, help="result files (default: every *.json in --results)")
     parser.add_argument("--results", type=Path, default=Path(__file__).resolve().parent / "results", help="folder of result JSON files")
     parser.add_argument("--out", type=Path, help="also write the table (Markdown) here")
+    parser.add_argument("--suite-times", type=Path, help="bench/run's timings ('NAME SECONDS' lines): written to <results>/suite.json first")
     args = parser.parse_args(argv)
+    if args.suite_times:
+        import os
+
+        rows = suite_rows(read_times(args.suite_times), os.cpu_count(), os.getloadavg())
+        (args.results / "suite.json").write_text(json.dumps({"rows": rows}, indent=1) + "\n")
     files = args.files or sorted(args.results.glob("*.json"))
     if not files:
         print(f"no result files in {args.results}", file=sys.stderr)

@@ -4,6 +4,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 import report  # noqa: E402
@@ -37,3 +39,16 @@ def test_main_prints_the_table_and_writes_it(tmp_path, capsys):
     assert "| f | v | t | yes |" in capsys.readouterr().out
     assert out.read_text().startswith("| figure |")
     assert report.main(["--results", str(tmp_path / "empty")]) == 1
+
+
+def test_suite_times_become_a_row_against_the_20_minute_goal(tmp_path, capsys):
+    times = tmp_path / "times"
+    times.write_text("aggregation 100\nscaling 250\n")
+    assert report.main(["--results", str(tmp_path), "--suite-times", str(times)]) == 0
+    (row,) = json.loads((tmp_path / "suite.json").read_text())["rows"]
+    assert row["value"].startswith("5.8 min (aggregation 100 s, scaling 250 s)") and row["met"] is True
+    assert "suite: bench/run wall time" in capsys.readouterr().out
+    assert report.suite_rows([("x", 1300.0)], 2, None)[0]["met"] is False
+    times.write_text("aggregation\n")
+    with pytest.raises(SystemExit, match=r"times:1: expected 'NAME SECONDS'"):
+        report.read_times(times)
