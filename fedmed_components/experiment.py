@@ -74,6 +74,7 @@ class ExperimentConfig:
     new_site_from: str = "fed_medlora_plus"  # whose global adapter the new site starts from
     bert_model: str = "minilm"  # the BERT baseline's encoder (Bio_ClinicalBERT id on a GPU machine)
     bert_lr: float = 1e-3
+    bert_local_steps: int | None = None  # per site per round, pooled like centralised; None: local_steps (an encoder step is ~100x cheaper)
     runs: list[str] = field(default_factory=lambda: list(RUN_KINDS))
 
     def run_ids(self) -> list[str]:
@@ -488,7 +489,8 @@ def bert_baseline(exp: Experiment) -> dict:
         model_path = resolve_model(cfg.bert_model)
     except Exception as exc:  # the offline encoder package may be absent
         return {"kind": "bert", "status": f"not available: {cfg.bert_model}: {exc}"}
-    steps = cfg.local_steps * len(exp.sites) if cfg.local_steps else None
+    per_site = cfg.bert_local_steps or cfg.local_steps
+    steps = per_site * len(exp.sites) if per_site else None
     history = train_locally(cfg, [s.folder for s in exp.sites], run_dir, rounds=cfg.rounds, steps=steps, model=cfg.bert_model, lr=cfg.bert_lr)
     tokenizer = tc.load_tokenizer(model_path)
     model = tc.load_model(model_path, _lora(cfg), adapter=str(run_dir / f"round_{cfg.rounds - 1:03d}"))
@@ -527,7 +529,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | os.PathLike, *, work: str |
             raise InputError(None, None, f"--only: unknown run(s) {unknown}; this experiment has {run_ids}")
         run_ids = [r for r in run_ids if r in only]
     started = time.perf_counter()
-    _refuse_other_config(cfg, out)
+    _refuse_other_config(cfg, out, run_ids)
     sites, external = prepare(cfg, work)
     write_json_atomic(out / "experiment.json", {
         "config": cfg.to_dict(), "runs": cfg.run_ids(),
@@ -574,32 +576,38 @@ def run_experiment(cfg: ExperimentConfig, out: str | os.PathLike, *, work: str |
 
 # Settings that change no number in a result: a folder made with other values of these
 # may be resumed (greedy batched generation equals one-at-a-time: tests/test_inference.py).
-OPERATIONAL_SETTINGS = ("runs", "simulator_timeout", "generation_batch_size")
+OPERATIONAL_SETTINGS = ("runs", "sites", "external", "simulator_timeout", "generation_batch_size")
+# Settings only some runs depend on: changing them re-makes just those runs once their JSON is deleted.
+RUN_SETTINGS = {"bert": ("bert_model", "bert_lr", "bert_local_steps"), "new_site": ("new_site_shots", "new_site_steps", "new_site_from")}
 
 
-def _comparable(config: dict) -> dict:
-    """A config without where its data lies (a folder moved to another machine is the same experiment)."""
-    def placeless(source):
-        return {k: v for k, v in source.items() if k not in ("path", "test_path")} if isinstance(source, dict) else source
+def _settings_of(run_id: str, config: dict) -> dict:
+    """The settings a run's numbers depend on (where the data lies is not compared: a
+    results folder moved to another machine is the same experiment)."""
+    own = next((keys for kind, keys in RUN_SETTINGS.items() if run_id.startswith(kind)), ())
+    others = {k for keys in RUN_SETTINGS.values() for k in keys} - set(own)
+    return {k: v for k, v in config.items() if k not in OPERATIONAL_SETTINGS and k not in others}
 
-    return {**config, "sites": [placeless(s) for s in config.get("sites") or []], "external": placeless(config.get("external"))}
 
-
-def _refuse_other_config(cfg: ExperimentConfig, out: Path) -> None:
+def _refuse_other_config(cfg: ExperimentConfig, out: Path, run_ids: list[str]) -> None:
     """A results folder holds one experiment: resuming it with changed settings would mix
-    runs made under different configs in one table. Refuse, naming what differs."""
-    previous_file = out / "experiment.json"
-    if not previous_file.exists():
-        return
-    finished = [p for p in out.glob("*.json") if p.name != "experiment.json"]
-    if not finished:
-        return
-    previous = _comparable(json.loads(previous_file.read_text()).get("config", {}))
-    current = _comparable(cfg.to_dict())
-    differ = sorted(k for k in set(previous) | set(current) if k not in OPERATIONAL_SETTINGS and previous.get(k) != current.get(k))
-    if differ:
-        raise InputError(previous_file, None, f"{len(finished)} finished run(s) here were made with other settings ({', '.join(differ)}); "
-                         "use another --out, or delete the folder to re-make them all")
+    runs made under different configs in one table. Refuse before anything runs, naming the
+    runs and settings; a run whose JSON was deleted is simply made again."""
+    current = cfg.to_dict()
+    stale = {}
+    for run_id in run_ids:
+        finished = out / f"{run_id}.json"
+        if not finished.exists():
+            continue
+        made_with = _settings_of(run_id, json.loads(finished.read_text()).get("config") or {})
+        wanted = _settings_of(run_id, current)
+        differ = sorted(k for k in set(made_with) | set(wanted) if made_with.get(k) != wanted.get(k))
+        if differ:
+            stale[run_id] = differ
+    if stale:
+        what = "; ".join(f"{run}: {', '.join(keys)}" for run, keys in stale.items())
+        raise InputError(out, None, f"{len(stale)} finished run(s) here were made with other settings ({what}); "
+                         "delete their JSON to re-make them, or use another --out")
 
 
 def _claim(run_dir: Path) -> Path | None:

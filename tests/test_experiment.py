@@ -165,24 +165,29 @@ def test_mini_experiment_end_to_end(tmp_path, capsys):
 
 def test_results_folder_refuses_a_changed_config(tmp_path):
     """Resuming a results folder with other settings would mix runs of two configs in one
-    table: refused before anything runs, naming the settings; moved data folders and
-    operational settings (timeouts, generation batch size) do not count."""
+    table: refused before anything runs, naming runs and settings. Moved data folders and
+    operational settings (timeouts, generation batch size) do not count, and a setting only
+    one run depends on (BERT's) re-makes just that run once its JSON is deleted."""
     from dataclasses import replace
 
-    from fedmed_components.experiment import run_experiment
+    from fedmed_components.experiment import _refuse_other_config, run_experiment
 
     cfg = load_config(ROOT / "experiments" / "mini.yaml")
     out = tmp_path / "results"
     out.mkdir()
-    (out / "experiment.json").write_text(json.dumps({"config": cfg.to_dict()}))
-    (out / "zero_shot.json").write_text("{}")
+    made = {k: v for k, v in cfg.to_dict().items() if k not in ("sites", "external", "runs")}
+    for run_id in ("zero_shot", "bert"):
+        (out / f"{run_id}.json").write_text(json.dumps({"config": made}))
     changed = replace(cfg, rounds=cfg.rounds + 1, sampling=replace(cfg.sampling, max_test_sentences=999))
-    with pytest.raises(InputError, match=r"experiment.json: 1 finished run\(s\) here were made with other settings \(rounds, sampling\)"):
+    with pytest.raises(InputError, match=r"results: 2 finished run\(s\) here were made with other settings \(zero_shot: rounds, sampling; bert: rounds, sampling\)"):
         run_experiment(changed, out, work=tmp_path / "work")
     assert not (tmp_path / "work").exists(), "refused before any data was cut"
 
-    from fedmed_components.experiment import _refuse_other_config
-
-    moved = replace(cfg, simulator_timeout=1.0, generation_batch_size=3,
-                    sites=[replace(s, path=str(tmp_path / "elsewhere")) for s in cfg.sites])
-    _refuse_other_config(moved, out)  # same experiment: resumable
+    ids = cfg.run_ids()
+    moved = replace(cfg, simulator_timeout=1.0, generation_batch_size=3, sites=[replace(s, path=str(tmp_path / "elsewhere")) for s in cfg.sites])
+    _refuse_other_config(moved, out, ids)  # the same experiment: resumable
+    bert_changed = replace(cfg, bert_lr=cfg.bert_lr * 3)
+    with pytest.raises(InputError, match=r"1 finished run\(s\) .*\(bert: bert_lr\)"):
+        _refuse_other_config(bert_changed, out, ids)
+    (out / "bert.json").unlink()
+    _refuse_other_config(bert_changed, out, ids)  # only BERT is made again
