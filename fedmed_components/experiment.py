@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -411,7 +412,7 @@ class Experiment:
         from fedmed_components.modeling import load_adapter_folder
 
         cfg, run_dir = self.cfg, self.run_dir(run_id)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        _start_over_if_changed(run_id, cfg, run_dir)
         folders = [s.folder for s in self.sites]
         result: dict = {"run": run_id, "status": "done"}
         if run_id == "zero_shot":
@@ -587,6 +588,24 @@ def _settings_of(run_id: str, config: dict) -> dict:
     own = next((keys for kind, keys in RUN_SETTINGS.items() if run_id.startswith(kind)), ())
     others = {k for keys in RUN_SETTINGS.values() for k in keys} - set(own)
     return {k: v for k, v in config.items() if k not in OPERATIONAL_SETTINGS and k not in others}
+
+
+def _start_over_if_changed(run_id: str, cfg: ExperimentConfig, run_dir: Path) -> None:
+    """A run resumes from its saved rounds and scores only if they were made with the
+    settings it has now; otherwise its work folder (no result yet) is cleared first."""
+    wanted = _settings_of(run_id, cfg.to_dict())
+    marker = run_dir / "settings.json"
+    if marker.exists() and json.loads(marker.read_text()) != wanted:
+        made_with = json.loads(marker.read_text())
+        differ = sorted(k for k in set(made_with) | set(wanted) if made_with.get(k) != wanted.get(k))
+        print(f"  {run_id}: its saved rounds were made with other settings ({', '.join(differ)}): starting it over", flush=True)
+        lock = (run_dir / "running.pid").read_text() if (run_dir / "running.pid").exists() else None
+        shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True)
+        if lock is not None:
+            (run_dir / "running.pid").write_text(lock)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(marker, wanted)
 
 
 def _refuse_other_config(cfg: ExperimentConfig, out: Path, run_ids: list[str]) -> None:

@@ -191,3 +191,19 @@ def test_results_folder_refuses_a_changed_config(tmp_path):
         _refuse_other_config(bert_changed, out, ids)
     (out / "bert.json").unlink()
     _refuse_other_config(bert_changed, out, ids)  # only BERT is made again
+
+
+def test_saved_rounds_of_other_settings_are_not_resumed(tmp_path, capsys):
+    from dataclasses import replace
+
+    from fedmed_components.experiment import _start_over_if_changed
+
+    cfg = load_config(ROOT / "experiments" / "mini.yaml")
+    run_dir = tmp_path / "bert"
+    _start_over_if_changed("bert", cfg, run_dir)
+    (run_dir / "round_000").mkdir()
+    _start_over_if_changed("bert", replace(cfg, simulator_timeout=5.0), run_dir)  # operational: kept
+    assert (run_dir / "round_000").is_dir()
+    _start_over_if_changed("bert", replace(cfg, bert_local_steps=99), run_dir)
+    assert not (run_dir / "round_000").exists() and (run_dir / "settings.json").exists()
+    assert "bert: its saved rounds were made with other settings (bert_local_steps): starting it over" in capsys.readouterr().out
