@@ -182,16 +182,26 @@ def write_plots(cfg, results: dict[str, dict], out: Path) -> list[Path]:
     if zero is not None:
         ax.axhline(zero, color="grey", linestyle="--", label="zero_shot")
     ax.set(xlabel="round", ylabel="pooled strict entity F1", title="F1 per round (pooled in-domain test)")
+    ax.set_xticks(range(1, cfg.rounds + 1))
+    ax.set_xlim(0.5, cfg.rounds + 0.5)
     ax.legend(fontsize=7)
     save(fig, "f1_per_round.png")
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for run_id, r in trained.items():
-        pts = [(h["round"] + 1, h["val_loss"]) for h in r["rounds"] if h.get("val_loss") is not None]
-        if pts:
-            ax.plot(*zip(*pts), marker="o", label=run_id)
-    ax.set(xlabel="round", ylabel="validation loss", title="Validation loss per round (sites' val splits)")
-    ax.legend(fontsize=7)
+    # The BERT baseline's tagging loss is on another scale than the LLMs' answer-token loss: own panel.
+    llm_runs = {k: v for k, v in trained.items() if v.get("kind") != "bert"}
+    bert_runs = {k: v for k, v in trained.items() if v.get("kind") == "bert"}
+    panels = [(runs, what) for runs, what in ((llm_runs, "answer-token loss"), (bert_runs, "BIO tagging loss (BERT)")) if runs]
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(7 + 4 * (len(panels) > 1), 4), squeeze=False)
+    for ax, (runs, what) in zip(axes[0], panels):
+        ax.set_prop_cycle(color=plt.cm.tab10.colors, marker=["o", "s", "^", "D", "v", "P", "X", "*", "<", ">"])
+        for run_id, r in runs.items():
+            pts = [(h["round"] + 1, h["val_loss"]) for h in r["rounds"] if h.get("val_loss") is not None]
+            if pts:
+                ax.plot(*zip(*pts), label=run_id)
+        ax.set(xlabel="round", ylabel=f"validation {what}", title="Validation loss per round (sites' val splits)")
+        ax.set_xticks(range(1, cfg.rounds + 1))
+        ax.set_xlim(0.5, cfg.rounds + 0.5)
+        ax.legend(fontsize=7)
     save(fig, "val_loss_per_round.png")
 
     groups = [s.name for s in cfg.sites] + ["pooled"] + ([f"external:{cfg.external.name}"] if cfg.external else [])
