@@ -590,20 +590,24 @@ def _settings_of(run_id: str, config: dict) -> dict:
     return {k: v for k, v in config.items() if k not in OPERATIONAL_SETTINGS and k not in others}
 
 
+def _differing(made_with: dict, wanted: dict) -> list[str]:
+    return sorted(k for k in set(made_with) | set(wanted) if made_with.get(k) != wanted.get(k))
+
+
 def _start_over_if_changed(run_id: str, cfg: ExperimentConfig, run_dir: Path) -> None:
     """A run resumes from its saved rounds and scores only if they were made with the
-    settings it has now; otherwise its work folder (no result yet) is cleared first."""
+    settings it has now; otherwise its work folder (no result yet) is cleared first,
+    all but this process's claim on it (running.pid)."""
     wanted = _settings_of(run_id, cfg.to_dict())
     marker = run_dir / "settings.json"
-    if marker.exists() and json.loads(marker.read_text()) != wanted:
-        made_with = json.loads(marker.read_text())
-        differ = sorted(k for k in set(made_with) | set(wanted) if made_with.get(k) != wanted.get(k))
+    differ = _differing(json.loads(marker.read_text()), wanted) if marker.exists() else []
+    if differ:
         print(f"  {run_id}: its saved rounds were made with other settings ({', '.join(differ)}): starting it over", flush=True)
-        lock = (run_dir / "running.pid").read_text() if (run_dir / "running.pid").exists() else None
-        shutil.rmtree(run_dir)
-        run_dir.mkdir(parents=True)
-        if lock is not None:
-            (run_dir / "running.pid").write_text(lock)
+        for item in run_dir.iterdir():
+            if item.is_dir():
+                shutil.rmtree(item)
+            elif item.name != "running.pid":
+                item.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(marker, wanted)
 
@@ -618,9 +622,7 @@ def _refuse_other_config(cfg: ExperimentConfig, out: Path, run_ids: list[str]) -
         finished = out / f"{run_id}.json"
         if not finished.exists():
             continue
-        made_with = _settings_of(run_id, json.loads(finished.read_text()).get("config") or {})
-        wanted = _settings_of(run_id, current)
-        differ = sorted(k for k in set(made_with) | set(wanted) if made_with.get(k) != wanted.get(k))
+        differ = _differing(_settings_of(run_id, json.loads(finished.read_text()).get("config") or {}), _settings_of(run_id, current))
         if differ:
             stale[run_id] = differ
     if stale:
