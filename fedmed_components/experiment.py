@@ -65,12 +65,17 @@ class ExperimentConfig:
     max_val_examples: int = 64
     generation_batch_size: int = 16
     max_new_tokens: int = 256  # cap on an answer (the input sentence with tags)
-    f1_every_round: bool = False  # score every round's adapter on the pooled test (costly)
+    # "run": one warm-up + cosine across all rounds, AdamW kept between rounds (at every
+    # site); "round": the paper's restart of both every round
+    schedule: str = "run"
+    f1_every_round: bool = False  # score every round's adapter on the sites' pooled VALIDATION split (learning curves)
+    checkpoints_per_round: int = 1  # centralised: a learning-curve point this many times per round
     simulator_timeout: float = 7200
     sampling: Sampling = field(default_factory=Sampling)
     sites: list[DataSource] = field(default_factory=list)
     external: DataSource | None = None  # a cohort no site trains on; also the new site
     new_site_shots: list[int] = field(default_factory=lambda: [8, 32])
+    new_site_seeds: list[int] = field(default_factory=lambda: [0])  # which shots are drawn; mean and spread over these
     new_site_steps: int = 20
     new_site_from: str = "fed_medlora_plus"  # whose global adapter the new site starts from
     bert_model: str = "minilm"  # the BERT baseline's encoder (Bio_ClinicalBERT id on a GPU machine)
@@ -87,13 +92,25 @@ class ExperimentConfig:
             elif kind == "new_site":
                 if self.external is None:
                     raise ValueError("run new_site needs an external cohort")
-                ids += [f"new_site_{start}_{n}" for n in self.new_site_shots for start in ("scratch", "federated")]
+                ids += [new_site_id(start, n, seed, len(self.new_site_seeds) > 1)
+                        for seed in self.new_site_seeds for n in self.new_site_shots for start in ("scratch", "federated")]
             else:
                 ids.append(kind)
         return ids
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def new_site_id(start: str, shots: int, seed: int, with_seed: bool) -> str:
+    return f"new_site_{start}_{shots}" + (f"_s{seed}" if with_seed else "")
+
+
+def parse_new_site_id(run_id: str) -> tuple[str, int, int | None]:
+    """(start, shots, seed or None) of a new-site run id."""
+    parts = run_id[len("new_site_"):].split("_")
+    seed = int(parts.pop()[1:]) if parts[-1].startswith("s") else None
+    return parts[0], int(parts[1]), seed
 
 
 def load_config(path: str | os.PathLike) -> ExperimentConfig:
@@ -134,6 +151,8 @@ def load_config(path: str | os.PathLike) -> ExperimentConfig:
     cfg = ExperimentConfig(**top)
     if not cfg.sites:
         raise InputError(path, None, "an experiment needs at least one site")
+    if cfg.schedule not in ("run", "round"):
+        raise InputError(path, _line_of(path, "schedule"), f"schedule must be run or round, not {cfg.schedule!r}")
     bad = [r for r in cfg.runs if r not in RUN_KINDS]
     if bad:
         raise InputError(path, _line_of(path, bad[0]), f"unknown run(s) {bad}; known: {list(RUN_KINDS)}")
@@ -178,10 +197,38 @@ def pool_scores(scores: list[dict]) -> dict:
     relations = {m: summed("relations", m) for m in MODES}
     return {
         "documents": sum(s["documents"] for s in scores),
+        "notes": sum(len(s.get("per_note") or {}) for s in scores),
         "entities": {m: summed("entities", m) for m in MODES},
         "relations": relations if relations["strict"] else None,
         "parse_failures": sum(s.get("parse_failures") or 0 for s in scores),
     }
+
+
+def interval_block(score: dict, per_note_by_site: dict | None = None) -> dict:
+    """95% bootstrap intervals (over notes; stratified by site when pooled) of entity and
+    relation strict / lenient F1 of one score object."""
+    from fedmed_components.bootstrap import aligned_counts, bootstrap_f1
+
+    per_note = per_note_by_site or {"all": score.get("per_note") or {}}
+    out = {}
+    for group in ("entities", "relations"):
+        if not score.get(group) or not any(per_note.values()):
+            continue
+        out[group] = {}
+        for mode in ("strict", "lenient"):
+            counts, strata, _ = aligned_counts(per_note, group, mode)
+            out[group][mode] = bootstrap_f1(counts, strata).as_dict()
+    return out
+
+
+def score_intervals(scores: dict) -> dict:
+    """Intervals of each site, the pool (stratified by site) and the external cohort."""
+    out = {"sites": {name: interval_block(s) for name, s in scores["sites"].items()}}
+    by_site = {name: s.get("per_note") or {} for name, s in scores["sites"].items()}
+    out["pooled"] = interval_block(scores["pooled"], by_site)
+    if scores.get("external"):
+        out["external"] = interval_block(scores["external"])
+    return out
 
 
 # ---------------------------------------------------------------- scoring
@@ -207,7 +254,7 @@ class Scorer:
         self._model = self._tokenizer = None
         gc.collect()
 
-    def _predict_llm(self, adapter_state, docs):
+    def _predict_llm(self, adapter_state, docs, tasks=("ner", "modifier")):
         from fedmed_components.inference import GenerationSettings, predict_documents
         from fedmed_components.modeling import initial_adapter_from_config, set_adapter_state
 
@@ -216,25 +263,31 @@ class Scorer:
             adapter_state = initial_adapter_from_config(self.model_path, _lora(self.cfg), seed=self.cfg.seed)
         set_adapter_state(model, adapter_state)
         settings = GenerationSettings(batch_size=self.cfg.generation_batch_size, max_new_tokens=self.cfg.max_new_tokens)
-        preds, report = predict_documents(model, tokenizer, docs, settings=settings, progress=True)
+        preds, report = predict_documents(model, tokenizer, docs, tasks=tasks, settings=settings, progress=True)
         return preds, report.parse_failures
 
-    def score_sets(self, adapter_state, sets: dict[str, PreparedSite], cache_dir: Path, predict=None) -> dict[str, dict]:
-        """Scores of one adapter on each named test split (cached per split: a resumed run
-        skips them). The splits not yet scored are predicted in ONE call, so generation
+    def score_sets(self, adapter_state, sets: dict[str, PreparedSite], cache_dir: Path, predict=None, part: str = "test") -> dict[str, dict]:
+        """Scores of one adapter on each named split (`part`; cached per split: a resumed
+        run skips them). The splits not yet scored are predicted in one call per task set
+        (a cohort that links no modifiers gets no modifier prompts), so generation
         batches stay full. `predict(docs) -> (predictions, parse failures)` replaces the
-        LLM (the BERT baseline). Parse failures are counted per call, not per split."""
+        LLM (the BERT baseline). Parse failures are counted per call, not per split.
+        Each score carries `per_note` counts, the units of the bootstrap intervals."""
         from fedmed_components.document import write_jsonl
         from fedmed_components.metrics import score_documents
 
         caches = {name: cache_dir / f"{name}.json" for name in sets}
         todo = [name for name in sets if not caches[name].exists()]
-        if todo:
-            golds = {name: sets[name].read("test") for name in todo}
-            every = [d for name in todo for d in golds[name]]
-            preds, parse_failures = predict(every) if predict else self._predict_llm(adapter_state, every)
+        for with_links in (True, False):
+            group = [name for name in todo if bool(sets[name].relations) == with_links]
+            if not group:
+                continue
+            golds = {name: sets[name].read(part) for name in group}
+            every = [d for name in group for d in golds[name]]
+            tasks = ("ner", "modifier") if with_links else ("ner",)
+            preds, parse_failures = predict(every) if predict else self._predict_llm(adapter_state, every, tasks)
             start = 0
-            for name in todo:
+            for name in group:
                 site, gold = sets[name], golds[name]
                 mine, start = preds[start : start + len(gold)], start + len(gold)
                 if not site.relations:  # a cohort that links no modifiers is not scored on links
@@ -244,6 +297,7 @@ class Scorer:
                 result = score_documents(gold, mine, types=site.types)
                 result["parse_failures"] = None  # counted for the whole call, below
                 result["parse_failures_in_call"] = parse_failures
+                result["per_note"] = per_note_counts(gold, mine, site.types)
                 if not site.relations:
                     result["relations"] = None
                 write_json_atomic(caches[name], result)
@@ -260,6 +314,20 @@ class Scorer:
         if external is not None:
             out["external"] = scored[f"external_{external.name}"]
         return out
+
+
+def per_note_counts(gold, pred, types) -> dict[str, dict]:
+    """[tp, fp, fn] per note (its sentence documents summed), per group and mode."""
+    from fedmed_components.bootstrap import note_id
+    from fedmed_components.metrics import document_counts
+
+    notes: dict[str, dict] = {}
+    for doc_id, counts in document_counts(gold, pred, types).items():
+        mine = notes.setdefault(note_id(doc_id), {g: {m: [0, 0, 0] for m in c} for g, c in counts.items()})
+        for group, modes in counts.items():
+            for mode, values in modes.items():
+                mine[group][mode] = [a + b for a, b in zip(mine[group][mode], values)]
+    return notes
 
 
 def _lora(cfg: ExperimentConfig):
@@ -302,7 +370,7 @@ def communication(adapter_state, model_path: str, rounds: int, sites: int) -> di
 
 
 def _site_config(cfg: ExperimentConfig, steps: int | None, tasks=("ner", "modifier"), batch_size: int | None = None,
-                 model: str | None = None, lr: float | None = None):
+                 model: str | None = None, lr: float | None = None, schedule_rounds: int | None = None):
     from fedmed_components.sft_data import SFTConfig
     from fedmed_components.site import SiteConfig
     from fedmed_components.training import TrainSettings
@@ -310,16 +378,20 @@ def _site_config(cfg: ExperimentConfig, steps: int | None, tasks=("ner", "modifi
     return SiteConfig(
         model=model or cfg.model, quantize=cfg.quantize, lora=_lora(cfg),
         train=TrainSettings(learning_rate=lr or cfg.lr, batch_size=batch_size or cfg.batch_size, max_length=cfg.max_length,
-                            local_epochs=cfg.local_epochs, max_steps=steps, seed=cfg.seed),
+                            local_epochs=cfg.local_epochs, max_steps=steps, seed=cfg.seed,
+                            schedule_rounds=schedule_rounds if cfg.schedule == "run" else None,
+                            keep_optimizer_state=cfg.schedule == "run"),
         sft=SFTConfig(tasks=tuple(tasks)), val_fraction=0.0, max_val_examples=cfg.max_val_examples, seed=cfg.seed,
     )
 
 
 def train_locally(cfg: ExperimentConfig, folders: list[Path], run_dir: Path, *, rounds: int, steps: int | None,
                   initial_state=None, tasks=("ner", "modifier"), batch_size: int | None = None,
-                  model: str | None = None, lr: float | None = None) -> list[dict]:
+                  model: str | None = None, lr: float | None = None, after_round=None) -> list[dict]:
     """Rounds of the sites' own trainer on one folder or several pooled; every round's
-    adapter is saved, so an interrupted run resumes after its last saved round."""
+    adapter is saved, so an interrupted run resumes after its last saved round (AdamW's
+    moments, kept between rounds under schedule "run", restart on a resume).
+    `after_round(record, state)` may add to a round's record (validation F1)."""
     from fedmed_components.modeling import load_adapter_folder, save_adapter_folder
     from fedmed_components.site import SiteRuntime
 
@@ -328,20 +400,25 @@ def train_locally(cfg: ExperimentConfig, folders: list[Path], run_dir: Path, *, 
     done = len(history)
     if done >= rounds:
         return history
-    runtime = SiteRuntime(_site_config(cfg, steps, tasks, batch_size, model, lr), site_name=run_dir.name)
+    runtime = SiteRuntime(_site_config(cfg, steps, tasks, batch_size, model, lr, schedule_rounds=rounds), site_name=run_dir.name)
     runtime.load_data(*folders)
     state = initial_state
     if done:
         state, _, _ = load_adapter_folder(run_dir / f"round_{done - 1:03d}")
-    runtime.trainer._rounds = done  # the batch order of round k does not depend on restarts
+    runtime.trainer.rounds_done = done  # batch order and schedule segment of round k do not depend on restarts
     for rnd in range(done, rounds):
         state, stats = runtime.train(state, progress=True)
         val_loss, _ = runtime.validation_loss()
         save_adapter_folder(state, runtime.config.lora, runtime.model_path, run_dir / f"round_{rnd:03d}")
-        history.append({"round": rnd, "steps": stats.steps, "train_loss": stats.train_loss,
-                        "val_loss": None if math.isnan(val_loss) else val_loss, "num_supervised_tokens": stats.num_supervised_tokens})
+        record = {"round": rnd, "steps": stats.steps, "examples": (rnd + 1) * stats.steps * runtime.config.train.batch_size,
+                  "train_loss": stats.train_loss, "val_loss": None if math.isnan(val_loss) else val_loss,
+                  "num_supervised_tokens": stats.num_supervised_tokens, "seconds": round(stats.seconds, 1)}
+        print(f"  {run_dir.name} round {rnd + 1}/{rounds}: {stats.steps} steps in {stats.seconds:.0f} s, "
+              f"train loss {stats.train_loss:.4f}, val loss {val_loss:.4f}", flush=True)
+        if after_round is not None:
+            after_round(record, state)
+        history.append(record)
         write_json_atomic(log_file, history)
-        print(f"  {run_dir.name} round {rnd}: {stats.steps} steps, train loss {stats.train_loss:.4f}, val loss {val_loss:.4f}", flush=True)
         state = {k: v.clone() for k, v in state.items()}
     del runtime
     gc.collect()
@@ -364,7 +441,8 @@ def train_federated(cfg: ExperimentConfig, run_id: str, sites: list[PreparedSite
             data=str(data_root), quantize=cfg.quantize, loss_source=loss_source,
             server_val_data=str(data_root / "server_val.jsonl") if loss_source == "server" else None,
             output_dir=str(store), train_timeout=int(cfg.simulator_timeout), eval_timeout=int(cfg.simulator_timeout),
-            extra_site_args=f"--val-fraction 0 --max-val-examples {cfg.max_val_examples} --seed {cfg.seed}",
+            extra_site_args=f"--val-fraction 0 --max-val-examples {cfg.max_val_examples} --seed {cfg.seed}"
+            + (f" --keep-optimizer-state --schedule-rounds {cfg.rounds}" if cfg.schedule == "run" else ""),
         )
         job_dir = export_job(spec, run_dir / "job")
         print(f"  {run_id}: FLARE simulator, {len(sites)} sites x {cfg.rounds} rounds (log: {run_dir / 'simulator.log'})", flush=True)
@@ -372,7 +450,9 @@ def train_federated(cfg: ExperimentConfig, run_id: str, sites: list[PreparedSite
         state = json.loads(state_file.read_text())
     history = []
     for record in state.get("history", []):
-        history.append({"round": record.get("current_round"), "train_loss": record.get("train_loss"),
+        rnd = record.get("current_round")
+        history.append({"round": rnd, "train_loss": record.get("train_loss"),
+                        "examples": None if rnd is None or not cfg.local_steps else (rnd + 1) * cfg.local_steps * cfg.batch_size * len(sites),
                         "val_loss": record.get("val_loss"), "weights": record.get("weights"),
                         "num_supervised_tokens": record.get("num_supervised_tokens")})
     return history
@@ -394,19 +474,28 @@ class Experiment:
     def run_dir(self, run_id: str) -> Path:
         return self.work / "runs" / run_id
 
+    def validation_scores(self, record: dict, state, cache: Path) -> None:
+        """Pooled F1 of one round's adapter on the sites' VALIDATION splits (learning
+        curves, and anything chosen from them: never the test split)."""
+        pooled = pool_scores(list(self.scorer.score_sets(state, {s.name: s for s in self.sites}, cache, part="val").values()))
+        record["val_entity_strict_f1"] = pooled["entities"]["strict"]["f1"]
+        record["val_entity_lenient_f1"] = pooled["entities"]["lenient"]["f1"]
+        if pooled.get("relations"):
+            record["val_relation_strict_f1"] = pooled["relations"]["strict"]["f1"]
+            record["val_relation_lenient_f1"] = pooled["relations"]["lenient"]["f1"]
+        print(f"    validation: entity strict F1 {record['val_entity_strict_f1']:.3f}"
+              + (f", modifier strict F1 {record['val_relation_strict_f1']:.3f}" if "val_relation_strict_f1" in record else ""), flush=True)
+
     def round_scores(self, history: list[dict], adapter_dir) -> None:
-        """Pooled in-domain F1 of every round's adapter (f1_every_round)."""
+        """Validation F1 of every saved round's adapter (f1_every_round)."""
         from fedmed_components.modeling import load_adapter_folder
 
         for record in history:
             folder = adapter_dir(record["round"])
-            if not folder.exists():
+            if not folder.exists() or "val_entity_strict_f1" in record:
                 continue
             state, _, _ = load_adapter_folder(folder)
-            cache = folder.parent / "round_scores" / f"round_{record['round']:03d}"
-            pooled = pool_scores(list(self.scorer.score_sets(state, {s.name: s for s in self.sites}, cache).values()))
-            record["pooled_entity_strict_f1"] = pooled["entities"]["strict"]["f1"]
-            record["pooled_entity_lenient_f1"] = pooled["entities"]["lenient"]["f1"]
+            self.validation_scores(record, state, folder.parent / "round_scores" / f"round_{record['round']:03d}")
 
     def make_run(self, run_id: str) -> dict:
         from fedmed_components.modeling import load_adapter_folder
@@ -415,8 +504,14 @@ class Experiment:
         _start_over_if_changed(run_id, cfg, run_dir)
         folders = [s.folder for s in self.sites]
         result: dict = {"run": run_id, "status": "done"}
+
+        def after_round(record, state):
+            if cfg.f1_every_round:
+                self.validation_scores(record, state, run_dir / "round_scores" / f"round_{record['round']:03d}")
+
         if run_id == "zero_shot":
-            result.update(kind="zero_shot", rounds=[], scores=self.scorer.score_all(None, self.sites, self.external, run_dir / "scores"))
+            scores = self.scorer.score_all(None, self.sites, self.external, run_dir / "scores")
+            result.update(kind="zero_shot", rounds=[], scores=scores, intervals=score_intervals(scores))
             return result
         if run_id == "bert":
             return {**result, **bert_baseline(self)}
@@ -424,27 +519,28 @@ class Experiment:
             return {**result, **self.new_site_run(run_id, run_dir)}
         if run_id.startswith("single_"):
             site = next(s for s in self.sites if f"single_{s.name}" == run_id)
-            history = train_locally(cfg, [site.folder], run_dir, rounds=cfg.rounds, steps=cfg.local_steps)
-            kind, trained_on, n_sites = "single_site", [site.name], 1
+            history = train_locally(cfg, [site.folder], run_dir, rounds=cfg.rounds, steps=cfg.local_steps, after_round=after_round)
+            kind, trained_on, n_sites, last = "single_site", [site.name], 1, cfg.rounds - 1
             adapter_dir = lambda r: run_dir / f"round_{r:03d}"  # noqa: E731
         elif run_id == "centralised":
-            steps = cfg.local_steps * len(self.sites) if cfg.local_steps else None  # the federation's total budget
-            history = train_locally(cfg, folders, run_dir, rounds=cfg.rounds, steps=steps)
-            kind, trained_on, n_sites = "centralised", [s.name for s in self.sites], 1
+            # the federation's total budget; checkpoints_per_round pieces a round (learning-curve points)
+            pieces = cfg.rounds * cfg.checkpoints_per_round
+            steps = cfg.local_steps * len(self.sites) // cfg.checkpoints_per_round if cfg.local_steps else None
+            history = train_locally(cfg, folders, run_dir, rounds=pieces, steps=steps, after_round=after_round)
+            kind, trained_on, n_sites, last = "centralised", [s.name for s in self.sites], 1, pieces - 1
             adapter_dir = lambda r: run_dir / f"round_{r:03d}"  # noqa: E731
         elif run_id in FEDERATED:
             history = train_federated(cfg, run_id, self.sites, self.work / "data", run_dir)
-            kind, trained_on, n_sites = "federated", [s.name for s in self.sites], len(self.sites)
+            kind, trained_on, n_sites, last = "federated", [s.name for s in self.sites], len(self.sites), cfg.rounds - 1
             adapter_dir = lambda r: run_dir / "store" / f"round_{r:03d}"  # noqa: E731
+            if cfg.f1_every_round:
+                self.round_scores(history, adapter_dir)
         else:
             raise ValueError(f"unknown run {run_id!r}")
-        state, _, _ = load_adapter_folder(adapter_dir(cfg.rounds - 1))
-        if cfg.f1_every_round:
-            self.round_scores(history, adapter_dir)
-        result.update(
-            kind=kind, trained_on=trained_on, rounds=history,
-            scores=self.scorer.score_all(state, self.sites, self.external, run_dir / "scores"),
-        )
+        state, _, _ = load_adapter_folder(adapter_dir(last))
+        print(f"  {run_id}: scoring every test note", flush=True)
+        scores = self.scorer.score_all(state, self.sites, self.external, run_dir / "scores")
+        result.update(kind=kind, trained_on=trained_on, rounds=history, scores=scores, intervals=score_intervals(scores))
         if kind == "federated":
             result["communication"] = communication(state, self.model_path, cfg.rounds, n_sites)
         return result
@@ -455,8 +551,8 @@ class Experiment:
         from fedmed_components.modeling import load_adapter_folder
 
         cfg, site = self.cfg, self.external
-        start, n = run_id[len("new_site_"):].rsplit("_", 1)
-        n = int(n)
+        start, n, seed = parse_new_site_id(run_id)
+        seed = cfg.new_site_seeds[0] if seed is None else seed
         initial = None
         if start == "federated":
             global_dir = self.run_dir(cfg.new_site_from) / "store" / "global"
@@ -465,7 +561,7 @@ class Experiment:
             initial, _, _ = load_adapter_folder(global_dir)
         data = run_dir / "data"
         if not (data / "train.jsonl").exists():
-            write_jsonl(shots(site, n, cfg.seed), data / "train.jsonl")
+            write_jsonl(shots(site, n, seed), data / "train.jsonl")
             write_jsonl(site.read("val"), data / "val.jsonl")
             (data / "manifest.json").write_text(json.dumps({"annotated_types": sorted(site.types)}))
         # A cohort that links no modifiers to entities cannot teach the modifier task.
@@ -474,9 +570,9 @@ class Experiment:
                                 tasks=tasks, batch_size=min(cfg.batch_size, n))
         state, _, _ = load_adapter_folder(run_dir / "round_000")
         score = self.scorer.score_sets(state, {f"external_{site.name}": site}, run_dir / "scores")[f"external_{site.name}"]
-        return {"kind": "new_site", "start": start, "shots": n, "tasks": list(tasks),
+        return {"kind": "new_site", "start": start, "shots": n, "shot_seed": seed, "tasks": list(tasks),
                 "started_from": cfg.new_site_from if start == "federated" else None,
-                "rounds": history, "scores": {"external": score}}
+                "rounds": history, "scores": {"external": score}, "intervals": {"external": interval_block(score)}}
 
 
 def bert_baseline(exp: Experiment) -> dict:
@@ -500,7 +596,8 @@ def bert_baseline(exp: Experiment) -> dict:
         return tc.predict_documents_bert(model, tokenizer, docs, max_length=cfg.max_length, batch_size=cfg.generation_batch_size, progress=True), 0
 
     scores = exp.scorer.score_all(None, exp.sites, exp.external, run_dir / "scores", predict=predict)
-    return {"kind": "bert", "model": cfg.bert_model, "trained_on": [s.name for s in exp.sites], "rounds": history, "scores": scores}
+    return {"kind": "bert", "model": cfg.bert_model, "trained_on": [s.name for s in exp.sites], "rounds": history,
+            "scores": scores, "intervals": score_intervals(scores)}
 
 
 def prepare(cfg: ExperimentConfig, work: Path) -> tuple[list[PreparedSite], PreparedSite | None]:
@@ -579,7 +676,8 @@ def run_experiment(cfg: ExperimentConfig, out: str | os.PathLike, *, work: str |
 # may be resumed (greedy batched generation equals one-at-a-time: tests/test_inference.py).
 OPERATIONAL_SETTINGS = ("runs", "sites", "external", "simulator_timeout", "generation_batch_size")
 # Settings only some runs depend on: changing them re-makes just those runs once their JSON is deleted.
-RUN_SETTINGS = {"bert": ("bert_model", "bert_lr", "bert_local_steps"), "new_site": ("new_site_shots", "new_site_steps", "new_site_from")}
+RUN_SETTINGS = {"bert": ("bert_model", "bert_lr", "bert_local_steps"), "centralised": ("checkpoints_per_round",),
+                "new_site": ("new_site_shots", "new_site_seeds", "new_site_steps", "new_site_from")}
 
 
 def _settings_of(run_id: str, config: dict) -> dict:

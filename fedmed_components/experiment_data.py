@@ -35,6 +35,7 @@ class DataSource:
     test_path: str | None = None  # a corpus's own test split (else cut by test_fraction)
     synthetic_style: str | None = None  # synthetic notes instead of a corpus
     synthetic_docs: int = 0
+    max_test_sentences: int | None = None  # this cohort's own cap (else the sampling's)
 
     def annotated_types(self) -> list[str]:
         mapping = get_mapping(self.mapping)
@@ -129,7 +130,8 @@ def split_source(source: DataSource, sampling: Sampling) -> dict[str, list[Docum
     else:
         train_docs, test_docs = train_test_split(docs, sampling.test_fraction, sampling.seed)
     train_docs, val_docs = train_test_split(train_docs, sampling.val_fraction, sampling.seed) if sampling.val_fraction else (train_docs, [])
-    limits = {"train": sampling.max_train_sentences, "val": sampling.max_val_sentences, "test": sampling.max_test_sentences}
+    limits = {"train": sampling.max_train_sentences, "val": sampling.max_val_sentences,
+              "test": source.max_test_sentences or sampling.max_test_sentences}
     parts = {}
     for part, part_docs in (("train", train_docs), ("val", val_docs), ("test", test_docs)):
         sentences = [s for d in part_docs for s in sentence_documents(d)]

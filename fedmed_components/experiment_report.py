@@ -170,21 +170,18 @@ def write_plots(cfg, results: dict[str, dict], out: Path) -> list[Path]:
         written.append(out / name)
 
     trained = {r: v for r, v in results.items() if v.get("rounds") and v.get("kind") != "new_site"}
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for run_id, r in trained.items():
-        pts = [(h["round"] + 1, h["pooled_entity_strict_f1"]) for h in r["rounds"] if h.get("pooled_entity_strict_f1") is not None]
-        final = f1(r["scores"].get("pooled"), "entities", "strict")
-        if not pts and final is not None:
-            pts = [(len(r["rounds"]), final)]
-        if pts:
-            ax.plot(*zip(*pts), marker="o", label=run_id)
-    zero = f1((results.get("zero_shot") or {}).get("scores", {}).get("pooled"), "entities", "strict")
-    if zero is not None:
-        ax.axhline(zero, color="grey", linestyle="--", label="zero_shot")
-    ax.set(xlabel="round", ylabel="pooled strict entity F1", title="F1 per round (pooled in-domain test)")
-    ax.set_xticks(range(1, cfg.rounds + 1))
-    ax.set_xlim(0.5, cfg.rounds + 0.5)
-    ax.legend(fontsize=7)
+    # Learning curves: validation F1 (never test) against training examples seen, summed over sites.
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    for ax, key, what in ((axes[0], "val_entity_strict_f1", "entity"), (axes[1], "val_relation_strict_f1", "modifier")):
+        ax.set_prop_cycle(color=plt.cm.tab10.colors, marker=["o", "s", "^", "D", "v", "P", "X", "*", "<", ">"])
+        for run_id, r in trained.items():
+            pts = [(h["examples"], h[key]) for h in r["rounds"] if h.get(key) is not None and h.get("examples")]
+            if pts:
+                ax.plot(*zip(*pts), label=run_id)
+        ax.set(xlabel="training examples seen (all sites)", ylabel=f"validation strict {what} F1",
+               title=f"Learning curves: {what}s (pooled validation split)")
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=7)
     save(fig, "f1_per_round.png")
 
     # The BERT baseline's tagging loss is on another scale than the LLMs' answer-token loss: own panel.

@@ -160,6 +160,20 @@ def score_documents(gold: list[Document], pred: list[Document], types: set[str] 
     }
 
 
+def document_counts(gold: list[Document], pred: list[Document], types: set[str] | None = None) -> dict[str, dict]:
+    """Per gold document: {"entities"|"relations": {mode: [tp, fp, fn]}}, the units a
+    bootstrap over notes resamples (summed over documents they equal `score_documents`)."""
+    types = set(types) if types else None
+    out = {}
+    for g_doc, p_doc in _pair_documents(gold, pred):
+        ent = {m: Counter() for m in MODES}
+        rel = {m: Counter() for m in MODES}
+        _score_pair(g_doc, p_doc, types, ent, {m: {} for m in MODES}, rel)
+        out[g_doc.id] = {group: {m: [counts[m]["tp"], counts[m]["fp"], counts[m]["fn"]] for m in MODES}
+                         for group, counts in (("entities", ent), ("relations", rel))}
+    return out
+
+
 # ------------------------------------------------------------------ display
 
 

@@ -265,7 +265,9 @@ def add_site_arguments(parser) -> None:
     parser.add_argument("--local-epochs", type=float, default=t.local_epochs)
     parser.add_argument("--local-steps", type=int, default=None, help="steps per round (overrides --local-epochs)")
     parser.add_argument("--warmup-ratio", type=float, default=t.warmup_ratio)
-    parser.add_argument("--keep-optimizer-state", action="store_true", help="do not restart AdamW each round")
+    parser.add_argument("--keep-optimizer-state", action="store_true", help="do not restart AdamW each round (its moments stay at the site)")
+    parser.add_argument("--schedule-rounds", type=int, default=None,
+                        help="one warm-up + cosine schedule across this many rounds (the job's rounds) instead of a restart every round")
     parser.add_argument("--train-on-prompt", action="store_true", help="loss on prompt+answer (reference code)")
     parser.add_argument("--tasks", default="ner,modifier", help="ner,modifier")
     parser.add_argument("--val-fraction", type=float, default=d.val_fraction)
@@ -292,6 +294,7 @@ def site_config_from_args(args) -> SiteConfig:
             max_steps=args.local_steps,
             warmup_ratio=args.warmup_ratio,
             keep_optimizer_state=args.keep_optimizer_state,
+            schedule_rounds=args.schedule_rounds,
             train_on_prompt=args.train_on_prompt,
             seed=args.seed,
         ),

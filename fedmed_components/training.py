@@ -3,7 +3,11 @@
 A plain PyTorch loop over pre-tokenised examples (no Trainer): the site executor must be
 as fast as a bare peft loop, and every step is visible. The paper's defaults: lr 2e-4,
 cosine schedule with 5% warm-up, batch 4, max length 800, 1-2 local epochs per round,
-optimiser and schedule restarted each round (``keep_optimizer_state`` changes that).
+optimiser and schedule restarted each round. A federation of many short rounds pays
+for that restart: every round re-warms and decays the learning rate to zero, and AdamW
+forgets its moments. ``schedule_rounds`` stretches one warm-up + cosine over that many
+rounds (the round index picks the segment) and ``keep_optimizer_state`` keeps AdamW's
+moments between rounds (they are the site's own; nothing of them travels).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ class TrainSettings:
     max_grad_norm: float = 1.0
     train_on_prompt: bool = False  # the reference code trains on prompt+answer
     keep_optimizer_state: bool = False
+    schedule_rounds: int | None = None  # one schedule across this many rounds; None: restart every round
     seed: int = 0
 
     @classmethod
@@ -84,10 +89,12 @@ def length_grouped_batches(examples: list[dict], batch_size: int, rng: random.Ra
     return batches
 
 
-def lr_lambda(total_steps: int, warmup_ratio: float, scheduler: str):
+def lr_lambda(total_steps: int, warmup_ratio: float, scheduler: str, offset: int = 0):
+    """LR factor of step `offset + step` of a warm-up + cosine (or constant) over total_steps."""
     warmup = max(1, math.ceil(total_steps * warmup_ratio)) if warmup_ratio > 0 else 0
 
     def factor(step: int) -> float:
+        step += offset
         if warmup and step < warmup:
             return (step + 1) / warmup
         if scheduler == "constant":
@@ -128,7 +135,7 @@ class LocalTrainer:
         self.settings = settings
         self.device = device or next(model.parameters()).device
         self._optimizer: torch.optim.Optimizer | None = None
-        self._rounds = 0
+        self.rounds_done = 0  # the round index; a federation sets it from the server's round
 
     def _trainable(self):
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -154,9 +161,13 @@ class LocalTrainer:
             self._optimizer = self._new_optimizer()  # the paper restarts the optimiser each round
         for group in self._optimizer.param_groups:
             group["lr"] = s.learning_rate
-        schedule = torch.optim.lr_scheduler.LambdaLR(self._optimizer, lr_lambda(total, s.warmup_ratio, s.scheduler))
-        rng = random.Random(s.seed * 1000 + self._rounds)
-        self._rounds += 1
+        if s.schedule_rounds:  # this round is one segment of a schedule over all rounds
+            factor = lr_lambda(total * s.schedule_rounds, s.warmup_ratio, s.scheduler, offset=total * min(self.rounds_done, s.schedule_rounds - 1))
+        else:
+            factor = lr_lambda(total, s.warmup_ratio, s.scheduler)
+        schedule = torch.optim.lr_scheduler.LambdaLR(self._optimizer, factor)
+        rng = random.Random(s.seed * 1000 + self.rounds_done)
+        self.rounds_done += 1
         stats = RoundStats()
         seen: set[int] = set()
         bar = _progress(total, progress, "local training")

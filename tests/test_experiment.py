@@ -74,7 +74,7 @@ def test_default_config_names_the_real_corpora():
     assert all(Path(s.path).is_absolute() and "shared/data" in s.path for s in cfg.sites)
     ids = cfg.run_ids()
     for required in ("zero_shot", "single_general_medicine", "single_discharge_summary", "single_maccrobat",
-                     "centralised", "fed_medlora", "fed_medlora_plus", "new_site_federated_8"):
+                     "centralised", "fed_medlora", "fed_medlora_plus", "new_site_federated_20_s2"):
         assert required in ids
 
 
@@ -123,7 +123,7 @@ def test_mini_experiment_end_to_end(tmp_path, capsys):
     # The federated run went through the simulator and its persistor's rounds.
     fed = results["fed_medlora"]
     assert [h["round"] for h in fed["rounds"]] == [0, 1]
-    assert all(h["val_loss"] is not None and h["pooled_entity_strict_f1"] is not None for h in fed["rounds"])
+    assert all(h["val_loss"] is not None and h["val_entity_strict_f1"] is not None for h in fed["rounds"])
     state, _, _ = load_adapter_folder(work / "runs" / "fed_medlora" / "store" / "global")
     assert fed["communication"]["adapter_bytes_per_round_per_site"] == sum(t.numel() * t.element_size() for t in state.values())
     assert fed["communication"]["adapter_bytes_per_round_per_site"] < fed["communication"]["full_model_bytes_per_round_per_site"]

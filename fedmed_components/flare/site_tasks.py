@@ -17,6 +17,8 @@ def train(runtime, incoming: FLModel, send: str = "full", tracker=None) -> FLMod
     global_state = incoming.params or None
     if global_state and (incoming.meta or {}).get("load") == "lora_A":  # FedSA-LoRA: B stays local
         global_state = {**runtime.adapter_state(), **{k: v for k, v in global_state.items() if ".lora_A." in k}}
+    if incoming.current_round is not None:  # a schedule across rounds follows the server's round
+        runtime.trainer.rounds_done = int(incoming.current_round)
     started = time.perf_counter()
     state, stats = runtime.train(global_state, progress=True, on_step=tracker.on_step if tracker else None)
     val_loss, val_tokens = runtime.validation_loss()
