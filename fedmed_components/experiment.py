@@ -195,10 +195,12 @@ def pool_scores(scores: list[dict]) -> dict:
         return prf(*(sum(p[k] for p in parts) for k in ("tp", "fp", "fn")))
 
     relations = {m: summed("relations", m) for m in MODES}
+    mains = {m: summed("main_entities", m) for m in MODES}
     return {
         "documents": sum(s["documents"] for s in scores),
         "notes": sum(len(s.get("per_note") or {}) for s in scores),
         "entities": {m: summed("entities", m) for m in MODES},
+        "main_entities": mains if mains["strict"] else None,
         "relations": relations if relations["strict"] else None,
         "parse_failures": sum(s.get("parse_failures") or 0 for s in scores),
     }
@@ -211,7 +213,7 @@ def interval_block(score: dict, per_note_by_site: dict | None = None) -> dict:
 
     per_note = per_note_by_site or {"all": score.get("per_note") or {}}
     out = {}
-    for group in ("entities", "relations"):
+    for group in ("entities", "main_entities", "relations"):
         if not score.get(group) or not any(per_note.values()):
             continue
         out[group] = {}
@@ -295,6 +297,8 @@ class Scorer:
                         doc.relations = []
                 write_jsonl(mine, caches[name].with_suffix(".predictions.jsonl"))  # note text: work folder only
                 result = score_documents(gold, mine, types=site.types)
+                # main entities alone (problem, treatment, test, drug): the paper's NER figure
+                result["main_entities"] = {m: result_m for m, result_m in score_documents(gold, mine, types=main_types(site.types))["entities"].items() if m in ("strict", "lenient")}
                 result["parse_failures"] = None  # counted for the whole call, below
                 result["parse_failures_in_call"] = parse_failures
                 result["per_note"] = per_note_counts(gold, mine, site.types)
@@ -316,13 +320,22 @@ class Scorer:
         return out
 
 
+def main_types(types) -> set[str]:
+    from fedmed_components.schema import MAIN_TYPES
+
+    return {t for t in MAIN_TYPES if not types or t in types}
+
+
 def per_note_counts(gold, pred, types) -> dict[str, dict]:
-    """[tp, fp, fn] per note (its sentence documents summed), per group and mode."""
+    """[tp, fp, fn] per note (its sentence documents summed), per group and mode; groups:
+    entities (all types), main_entities (problem, treatment, test, drug), relations."""
     from fedmed_components.bootstrap import note_id
     from fedmed_components.metrics import document_counts
 
     notes: dict[str, dict] = {}
+    mains = document_counts(gold, pred, main_types(types))
     for doc_id, counts in document_counts(gold, pred, types).items():
+        counts = {**counts, "main_entities": mains[doc_id]["entities"]}
         mine = notes.setdefault(note_id(doc_id), {g: {m: [0, 0, 0] for m in c} for g, c in counts.items()})
         for group, modes in counts.items():
             for mode, values in modes.items():
