@@ -68,6 +68,7 @@ class ExperimentConfig:
     # "run": one warm-up + cosine across all rounds, AdamW kept between rounds (at every
     # site); "round": the paper's restart of both every round
     schedule: str = "run"
+    precision: str = "auto"  # training and generation: auto | fp32 | bf16 (precision.py)
     f1_every_round: bool = False  # score every round's adapter on the sites' pooled VALIDATION split (learning curves)
     checkpoints_per_round: int = 1  # centralised: a learning-curve point this many times per round
     simulator_timeout: float = 7200
@@ -264,7 +265,8 @@ class Scorer:
         if adapter_state is None:
             adapter_state = initial_adapter_from_config(self.model_path, _lora(self.cfg), seed=self.cfg.seed)
         set_adapter_state(model, adapter_state)
-        settings = GenerationSettings(batch_size=self.cfg.generation_batch_size, max_new_tokens=self.cfg.max_new_tokens)
+        settings = GenerationSettings(batch_size=self.cfg.generation_batch_size, max_new_tokens=self.cfg.max_new_tokens,
+                                      precision=self.cfg.precision)
         preds, report = predict_documents(model, tokenizer, docs, tasks=tasks, settings=settings, progress=True)
         return preds, report.parse_failures
 
@@ -393,7 +395,7 @@ def _site_config(cfg: ExperimentConfig, steps: int | None, tasks=("ner", "modifi
         train=TrainSettings(learning_rate=lr or cfg.lr, batch_size=batch_size or cfg.batch_size, max_length=cfg.max_length,
                             local_epochs=cfg.local_epochs, max_steps=steps, seed=cfg.seed,
                             schedule_rounds=schedule_rounds if cfg.schedule == "run" else None,
-                            keep_optimizer_state=cfg.schedule == "run"),
+                            keep_optimizer_state=cfg.schedule == "run", precision=cfg.precision),
         sft=SFTConfig(tasks=tuple(tasks)), val_fraction=0.0, max_val_examples=cfg.max_val_examples, seed=cfg.seed,
     )
 
@@ -455,7 +457,8 @@ def train_federated(cfg: ExperimentConfig, run_id: str, sites: list[PreparedSite
             server_val_data=str(data_root / "server_val.jsonl") if loss_source == "server" else None,
             output_dir=str(store), train_timeout=int(cfg.simulator_timeout), eval_timeout=int(cfg.simulator_timeout),
             extra_site_args=f"--val-fraction 0 --max-val-examples {cfg.max_val_examples} --seed {cfg.seed}"
-            + (f" --keep-optimizer-state --schedule-rounds {cfg.rounds}" if cfg.schedule == "run" else ""),
+            + (f" --keep-optimizer-state --schedule-rounds {cfg.rounds}" if cfg.schedule == "run" else "")
+            + (f" --precision {cfg.precision}" if cfg.precision != "auto" else ""),
         )
         job_dir = export_job(spec, run_dir / "job")
         print(f"  {run_id}: FLARE simulator, {len(sites)} sites x {cfg.rounds} rounds (log: {run_dir / 'simulator.log'})", flush=True)
@@ -702,7 +705,10 @@ def _settings_of(run_id: str, config: dict) -> dict:
 
 
 def _differing(made_with: dict, wanted: dict) -> list[str]:
-    return sorted(k for k in set(made_with) | set(wanted) if made_with.get(k) != wanted.get(k))
+    """Settings that differ; one a run was made without (a setting added since) counts as
+    its default, so adding a setting does not invalidate finished runs."""
+    defaults = ExperimentConfig().to_dict()
+    return sorted(k for k in set(made_with) | set(wanted) if made_with.get(k, defaults.get(k)) != wanted.get(k, defaults.get(k)))
 
 
 def _start_over_if_changed(run_id: str, cfg: ExperimentConfig, run_dir: Path) -> None:

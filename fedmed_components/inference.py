@@ -32,6 +32,7 @@ class GenerationSettings:
     length_slack: int = 32
     # share the KV cache of the prompts' common beginning when it is at least this long
     min_shared_prefix: int = 8
+    precision: str = "auto"  # auto | fp32 | bf16 autocast (precision.py)
 
     def budget(self, answer_length: int) -> int:
         return min(self.max_new_tokens, int(answer_length * self.length_factor) + self.length_slack)
@@ -62,8 +63,10 @@ def generate(model, tokenizer, prompt_texts: list[str], settings: GenerationSett
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    from fedmed_components.precision import autocast, resolve_precision
+
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(resolve_precision(settings.precision, device), device):
             prefix = encode_prefix(model, encoded[0][:shared], device) if shared else None
             for start in tqdm(range(0, len(order), settings.batch_size), disable=not progress, desc="generating", leave=False):
                 idx = order[start : start + settings.batch_size]

@@ -268,6 +268,8 @@ def add_site_arguments(parser) -> None:
     parser.add_argument("--keep-optimizer-state", action="store_true", help="do not restart AdamW each round (its moments stay at the site)")
     parser.add_argument("--schedule-rounds", type=int, default=None,
                         help="one warm-up + cosine schedule across this many rounds (the job's rounds) instead of a restart every round")
+    parser.add_argument("--precision", default=t.precision, choices=["auto", "fp32", "bf16"],
+                        help="compute precision: bf16 autocast (LoRA weights and optimiser stay fp32) or fp32; auto: bf16 on CUDA and on CPUs with AVX512-BF16/AMX, else fp32")
     parser.add_argument("--train-on-prompt", action="store_true", help="loss on prompt+answer (reference code)")
     parser.add_argument("--tasks", default="ner,modifier", help="ner,modifier")
     parser.add_argument("--val-fraction", type=float, default=d.val_fraction)
@@ -295,6 +297,7 @@ def site_config_from_args(args) -> SiteConfig:
             warmup_ratio=args.warmup_ratio,
             keep_optimizer_state=args.keep_optimizer_state,
             schedule_rounds=args.schedule_rounds,
+            precision=args.precision,
             train_on_prompt=args.train_on_prompt,
             seed=args.seed,
         ),

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fedmed_components.precision import autocast, resolve_precision
+
 log = logging.getLogger("fedmed.training")
 
 IGNORE_INDEX = -100
@@ -39,6 +41,7 @@ class TrainSettings:
     train_on_prompt: bool = False  # the reference code trains on prompt+answer
     keep_optimizer_state: bool = False
     schedule_rounds: int | None = None  # one schedule across this many rounds; None: restart every round
+    precision: str = "auto"  # auto | fp32 | bf16 (autocast; LoRA weights and AdamW state stay fp32), see precision.py
     seed: int = 0
 
     @classmethod
@@ -134,6 +137,7 @@ class LocalTrainer:
         self.pad_token_id = pad_token_id
         self.settings = settings
         self.device = device or next(model.parameters()).device
+        self.precision = resolve_precision(settings.precision, self.device)
         self._optimizer: torch.optim.Optimizer | None = None
         self.rounds_done = 0  # the round index; a federation sets it from the server's round
 
@@ -180,7 +184,8 @@ class LocalTrainer:
             batch_examples = batches.pop()
             seen.update(id(ex) for ex in batch_examples)
             batch = self._to_device(self.collate_fn(batch_examples, self.pad_token_id))
-            loss, n_sup = self.loss_fn(self.model, batch)
+            with autocast(self.precision, self.device):
+                loss, n_sup = self.loss_fn(self.model, batch)
             loss.backward()
             if s.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(self._trainable(), s.max_grad_norm)
@@ -212,7 +217,8 @@ class LocalTrainer:
         ordered = sorted(examples, key=lambda ex: len(ex["input_ids"]))
         for start in range(0, len(ordered), size):
             batch = self._to_device(self.collate_fn(ordered[start : start + size], self.pad_token_id))
-            loss, n = self.loss_fn(self.model, batch)
+            with autocast(self.precision, self.device):
+                loss, n = self.loss_fn(self.model, batch)
             total_loss += float(loss) * n
             total_tokens += n
         self.model.train()

@@ -102,7 +102,7 @@ def test_mini_experiment_end_to_end(tmp_path, capsys):
     from fedmed_components.modeling import load_adapter_folder
 
     raw = yaml.safe_load((ROOT / "experiments" / "mini.yaml").read_text())
-    raw.update(runs=["zero_shot", "single", "fed_medlora", "new_site"], max_new_tokens=48)
+    raw.update(runs=["zero_shot", "single", "centralised", "fed_medlora", "new_site"], max_new_tokens=48)
     config = tmp_path / "mini.yaml"
     config.write_text(yaml.safe_dump(raw))
     out, work = tmp_path / "results", tmp_path / "work"
@@ -110,7 +110,7 @@ def test_mini_experiment_end_to_end(tmp_path, capsys):
 
     cfg = load_config(config)
     run_ids = cfg.run_ids()
-    assert run_ids == ["zero_shot", "single_discharge_summary", "single_general_medicine", "fed_medlora",
+    assert run_ids == ["zero_shot", "single_discharge_summary", "single_general_medicine", "centralised", "fed_medlora",
                        "new_site_scratch_4", "new_site_federated_4"]
     for name in [f"{r}.json" for r in run_ids] + ["experiment.json", "summary.md", *PLOTS]:
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
@@ -132,19 +132,38 @@ def test_mini_experiment_end_to_end(tmp_path, capsys):
     # Every number of the main table equals the one recomputed from the run's JSON counts.
     summary = (out / "summary.md").read_text()
     header, rows = _table_rows(summary, "In-domain and external test")
-    assert set(rows) == {"zero_shot", "single_discharge_summary", "single_general_medicine", "fed_medlora"}
+    assert set(rows) == {"zero_shot", "single_discharge_summary", "single_general_medicine", "centralised", "fed_medlora"}
+
+    def pooled_f1(scores, group, mode):
+        return _f1({k: sum(s[group][mode][k] for s in scores["sites"].values()) for k in ("tp", "fp", "fn")})
+
     for run_id, row in rows.items():
-        scores = results[run_id]["scores"]
-        sites = scores["sites"].values()
-        expected = [f"{_f1({k: sum(s['entities'][mode][k] for s in sites) for k in ('tp', 'fp', 'fn')}):.3f}" for mode in ("strict", "lenient")]
-        expected += [f"{_f1({k: sum(s['relations'][mode][k] for s in sites) for k in ('tp', 'fp', 'fn')}):.3f}" for mode in ("strict", "lenient")]
-        expected += [f"{_f1(scores['sites'][s.name]['entities']['strict']):.3f}" for s in cfg.sites]
-        expected += [f"{_f1(scores['external']['entities'][m]):.3f}" for m in ("strict", "lenient")]
+        result = results[run_id]
+        scores, ci = result["scores"], result["intervals"]
+        expected = [f"{pooled_f1(scores, g, m):.3f} [{ci['pooled'][g][m]['low']:.3f}, {ci['pooled'][g][m]['high']:.3f}]"
+                    for g, m in (("main_entities", "strict"), ("main_entities", "lenient"), ("entities", "strict"),
+                                 ("relations", "strict"), ("relations", "lenient"))]
+        expected += [f"{_f1(scores['sites'][s.name]['main_entities']['strict']):.3f}" for s in cfg.sites]
+        ext = ci["external"]["main_entities"]["strict"]
+        expected += [f"{_f1(scores['external']['main_entities']['strict']):.3f} [{ext['low']:.3f}, {ext['high']:.3f}]",
+                     f"{_f1(scores['external']['main_entities']['lenient']):.3f}"]
         assert row[2:] == expected, run_id
+        # the per-note counts behind the intervals sum to the scores
+        for site, score in scores["sites"].items():
+            for group in ("entities", "main_entities", "relations"):
+                summed = [sum(n[group]["strict"][i] for n in score["per_note"].values()) for i in range(3)]
+                assert summed == [score[group]["strict"][k] for k in ("tp", "fp", "fn")], (run_id, site, group)
+        assert ci["pooled"]["main_entities"]["strict"]["low"] <= ci["pooled"]["main_entities"]["strict"]["estimate"] <= ci["pooled"]["main_entities"]["strict"]["high"]
+    _, diffs = _table_rows(summary, "Differences (paired bootstrap over the same test notes)")
+    gap = pooled_f1(results["fed_medlora"]["scores"], "main_entities", "strict") - pooled_f1(results["centralised"]["scores"], "main_entities", "strict")
+    assert diffs["Fed-MedLoRA - centralised"][1].startswith(f"{gap:+.3f} [")
+    # centralised is the learning curve: validation F1 at every checkpoint, examples counted
+    assert [h["examples"] for h in results["centralised"]["rounds"]] == [(i + 1) * 2 * cfg.local_steps * cfg.batch_size for i in range(cfg.rounds)]
+    assert all("val_entity_strict_f1" in h for h in results["centralised"]["rounds"])
     _, comm = _table_rows(summary, "Communication (fp32 adapter vs full-model FedAvg in fp32, upload per site)")
     assert comm["fed_medlora"][3] == f"{fed['communication']['adapter_bytes_per_round_per_site'] / 1e6:.3f}"
     _, new_site = _table_rows(summary, "New-site adaptation (case_report test split)")
-    assert new_site["from fed_medlora (new_site_federated_4)"][2] == f"{_f1(results['new_site_federated_4']['scores']['external']['entities']['strict']):.3f}"
+    assert new_site["from fed_medlora"][3] == f"{_f1(results['new_site_federated_4']['scores']['external']['main_entities']['strict']):.3f}"
 
     # Re-running skips every finished run and leaves its JSON untouched.
     stamps = {r: (out / f"{r}.json").stat().st_mtime_ns for r in run_ids}

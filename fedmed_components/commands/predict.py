@@ -23,6 +23,8 @@ def register(subparsers) -> None:
     # inference.GenerationSettings.batch_size (a literal: importing inference loads torch)
     p.add_argument("--batch-size", type=int, default=32, help="sentences generated at once (default: %(default)s)")
     p.add_argument("--tasks", default="ner,modifier", help="ner or ner,modifier")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="generation compute: bf16 autocast or fp32; auto: bf16 on CUDA and on CPUs with AVX512-BF16/AMX (default: %(default)s)")
     p.set_defaults(func=_run)
 
 
@@ -66,7 +68,7 @@ def _run(args) -> int:
         model = PeftModel.from_pretrained(model, args.adapter)
     preds, report = predict_documents(
         model, tokenizer, notes, tasks=tuple(args.tasks.split(",")),
-        settings=GenerationSettings(batch_size=args.batch_size), progress=True,
+        settings=GenerationSettings(batch_size=args.batch_size, precision=args.precision), progress=True,
     )
     return _write(preds, Path(args.out), f"{len(preds)} notes, {report.sentences} sentences, {report.parse_failures} parse failures")
 
