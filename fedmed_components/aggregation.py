@@ -27,6 +27,11 @@ Rules
     Averages the layer updates ``B_k @ A_k`` themselves (sites may use different ranks)
     and projects the average back to rank r with a truncated SVD computed from the small
     ``R x R`` core (``R = sum_k r_k``), never from the ``out x in`` matrix.
+``server_optimizer_step``
+    Server optimisers (Reddi et al. 2021, "Adaptive Federated Optimization", Alg. 2,
+    no bias correction): the weighted mean site update ``sum_k w_k (x_k - x)``
+    (``pseudo_gradient``) is a pseudo-gradient for FedAvgM, FedAdam or FedYogi on the
+    server, whose moments persist between rounds.
 """
 
 from __future__ import annotations
@@ -38,7 +43,10 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "SERVER_RULES",
     "WeightedAverager",
+    "adapter_difference",
+    "check_server_optimizer",
     "combine_site_losses",
     "exact_lora",
     "fed_medlora",
@@ -50,6 +58,8 @@ __all__ = [
     "is_lora_key",
     "lora_partner",
     "normalize_weights",
+    "pseudo_gradient",
+    "server_optimizer_step",
     "site_weights",
 ]
 
@@ -374,6 +384,120 @@ def fedsa_final(
 ) -> dict[str, Tensor]:
     """FedSA-LoRA's final round: A and B both averaged, giving one global adapter."""
     return fed_medlora(updates, weights, accumulate_dtype=accumulate_dtype)
+
+
+# --------------------------------------------------------------------- server optimisers
+SERVER_RULES = ("fedavgm", "fedadam", "fedyogi")
+
+
+def adapter_difference(new: Mapping[str, Tensor], old: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``new - old`` per tensor, in float32 on ``old``'s device; keys and shapes must match."""
+    _check_same_keys(old, new, "old", "new")
+    out = {}
+    for key, base in old.items():
+        if new[key].shape != base.shape:
+            raise ValueError(f"{key}: shape {tuple(new[key].shape)} differs from {tuple(base.shape)}")
+        out[key] = new[key].to(base.device, torch.float32) - base.float()
+    return out
+
+
+def pseudo_gradient(
+    global_state: Mapping[str, Tensor], updates: Sequence[Mapping[str, Tensor]], weights: Sequence[float]
+) -> dict[str, Tensor]:
+    """The server optimiser's input ``sum_k w_k (x_k - x) = fed_medlora(updates, weights) - x``
+    (weights normalised), in float32. ``updates`` are the sites' full adapters ``x_k``."""
+    return adapter_difference(fed_medlora(updates, weights), global_state)
+
+
+def _check_same_keys(a: Mapping, b: Mapping, a_name: str, b_name: str) -> None:
+    if a.keys() != b.keys():
+        only_a, only_b = sorted(a.keys() - b.keys()), sorted(b.keys() - a.keys())
+        raise ValueError(f"{a_name} and {b_name} have different keys: only in {a_name} {only_a[:3]}, only in {b_name} {only_b[:3]}")
+
+
+def check_server_optimizer(rule: str, lr: float, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3) -> None:
+    """ValueError unless ``rule`` is one of ``SERVER_RULES``, ``lr, tau > 0`` and ``beta1, beta2`` in [0, 1)."""
+    if rule not in SERVER_RULES:
+        raise ValueError(f"unknown server optimiser {rule!r}: use one of {', '.join(SERVER_RULES)}")
+    for name, value in (("lr", lr), ("tau", tau)):
+        if not math.isfinite(float(value)) or float(value) <= 0:
+            raise ValueError(f"{name} must be a positive number, got {value}")
+    for name, beta in (("beta1", beta1), ("beta2", beta2)):
+        if not 0.0 <= float(beta) < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {beta}")
+
+
+def server_optimizer_step(
+    global_state: Mapping[str, Tensor],
+    delta: Mapping[str, Tensor],
+    opt_state: Mapping[str, Tensor],
+    rule: str,
+    lr: float,
+    beta1: float = 0.9,
+    beta2: float = 0.99,
+    tau: float = 1e-3,
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """One server-optimiser step on the global adapter ``x`` with pseudo-gradient ``delta``.
+
+    Reddi et al. 2021, "Adaptive Federated Optimization", Algorithm 2, without bias
+    correction, per tensor and elementwise (``delta`` = ``pseudo_gradient``):
+
+    - ``fedavgm``: ``m = beta1 m + delta``; ``x = x + lr m``
+      (``beta1=0, lr=1`` is plain FedAvg: ``x`` becomes the weighted average);
+    - ``fedadam``: ``m = beta1 m + (1 - beta1) delta``;
+      ``v = beta2 v + (1 - beta2) delta^2``; ``x = x + lr m / (sqrt(v) + tau)``;
+    - ``fedyogi``: as fedadam but ``v = v - (1 - beta2) delta^2 sign(v - delta^2)``.
+
+    ``opt_state`` maps ``"m/<name>"`` (and ``"v/<name>"`` for fedadam/fedyogi) to
+    float32 tensors; ``{}`` at round 0 starts ``m = 0`` and ``v = tau^2`` (the paper
+    initialises ``v_{-1} >= tau^2``). A non-empty state must hold exactly those keys
+    with the tensors' shapes. Nothing is modified in place: returns
+    ``(new_global, new_opt_state)``, the global in its own dtypes (computed in float32),
+    the state in float32. ValueError on an unknown rule, bad hyperparameters, or keys
+    or shapes that differ between ``global_state``, ``delta`` and ``opt_state``.
+    """
+    check_server_optimizer(rule, lr, beta1, beta2, tau)
+    lr, beta1, beta2, tau = float(lr), float(beta1), float(beta2), float(tau)
+    _check_same_keys(global_state, delta, "global_state", "delta")
+    adaptive = rule != "fedavgm"
+    moments = ("m", "v") if adaptive else ("m",)
+    expected = {f"{moment}/{key}" for key in global_state for moment in moments}
+    if opt_state and opt_state.keys() != expected:
+        missing, extra = sorted(expected - opt_state.keys()), sorted(opt_state.keys() - expected)
+        raise ValueError(f"opt_state is not a {rule} state of global_state: missing {missing[:3]}, unexpected {extra[:3]}")
+
+    new_global: dict[str, Tensor] = {}
+    new_state: dict[str, Tensor] = {}
+    for key, x in global_state.items():
+        if not x.is_floating_point():
+            raise ValueError(f"{key}: not a floating-point tensor ({x.dtype})")
+        d = delta[key].to(x.device, torch.float32)
+        if d.shape != x.shape:
+            raise ValueError(f"{key}: delta has shape {tuple(d.shape)}, global {tuple(x.shape)}")
+        previous = {}
+        for moment in moments:
+            name = f"{moment}/{key}"
+            if opt_state:
+                if opt_state[name].shape != x.shape:
+                    raise ValueError(f"{name}: shape {tuple(opt_state[name].shape)} differs from {tuple(x.shape)}")
+                previous[moment] = opt_state[name].to(x.device, torch.float32)
+            else:
+                previous[moment] = torch.full_like(d, tau * tau) if moment == "v" else torch.zeros_like(d)
+        if rule == "fedavgm":
+            m = beta1 * previous["m"] + d
+            step = lr * m
+        else:
+            m = beta1 * previous["m"] + (1.0 - beta1) * d
+            d2 = d * d
+            if rule == "fedadam":
+                v = beta2 * previous["v"] + (1.0 - beta2) * d2
+            else:
+                v = previous["v"] - (1.0 - beta2) * d2 * torch.sign(previous["v"] - d2)
+            step = lr * m / (v.sqrt() + tau)
+            new_state[f"v/{key}"] = v
+        new_state[f"m/{key}"] = m
+        new_global[key] = (x.float() + step).to(x.dtype)
+    return new_global, new_state
 
 
 # --------------------------------------------------------------------- exact aggregation

@@ -275,6 +275,65 @@ class ExactLoRAAggregator(AdapterAggregator):
         return adapter
 
 
+class _ServerOptimizerStep:
+    """Mixin: the round's weighted average ``x_bar`` gives the pseudo-gradient
+    ``x_bar - x`` for a server optimiser (``aggregation.server_optimizer_step``) that
+    moves the global ``x`` (the adapter sent this round, ``reference``). The moments
+    persist between rounds; ``optimizer_state``/``load_optimizer_state`` let a persistor
+    keep them across a restart."""
+
+    def _init_optimizer(self, rule: str, lr: float, beta1: float, beta2: float, tau: float) -> None:
+        aggregation.check_server_optimizer(rule, lr, beta1, beta2, tau)
+        self.rule, self.lr, self.beta1, self.beta2, self.tau = rule, lr, beta1, beta2, tau
+        self._opt_state: dict[str, torch.Tensor] = {}
+        self._round_start_state: dict[str, torch.Tensor] = {}
+        self._step_norms: dict[str, float] = {}
+
+    def optimizer_state(self) -> dict[str, torch.Tensor]:
+        """The moments (``"m/<name>"``, ``"v/<name>"``, float32) after the last aggregation."""
+        return dict(self._opt_state)
+
+    def load_optimizer_state(self, state: dict[str, torch.Tensor]) -> None:
+        self._opt_state = self._round_start_state = {k: v.float() for k, v in state.items()}
+
+    def begin_round(self, reference: dict[str, torch.Tensor], round_number: int) -> None:
+        super().begin_round(reference, round_number)
+        self._round_start_state = self._opt_state  # aggregating a round twice still steps once
+        self._step_norms = {}
+
+    def combine(self) -> dict[str, torch.Tensor]:
+        average = super().combine()
+        if not self.reference:
+            self.warning(f"round {self.round}: no global adapter to step from; using the weighted average")
+            return average
+        delta = aggregation.adapter_difference(average, self.reference)
+        new, self._opt_state = aggregation.server_optimizer_step(
+            self.reference, delta, self._round_start_state, self.rule, self.lr, self.beta1, self.beta2, self.tau
+        )
+        self._step_norms = {"pseudo_gradient_norm": update_norm(average, self.reference), "step_norm": update_norm(new, self.reference)}
+        self.info(f"round {self.round} {self.rule} (lr {self.lr:g}): " + ", ".join(f"{k} {v:.4g}" for k, v in self._step_norms.items()))
+        return new
+
+    def round_meta(self) -> dict:
+        return {**super().round_meta(), "server_optimizer": {"rule": self.rule, "lr": self.lr, **self._step_norms}}
+
+
+class ServerOptimizerAggregator(_ServerOptimizerStep, FedMedLoRAAggregator):
+    """Fed-MedLoRA's token-weighted average as pseudo-gradient for FedAvgM/FedAdam/FedYogi."""
+
+    def __init__(self, rule: str = "fedadam", lr: float = 1e-2, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3, weighting: str = "supervised_tokens", max_norm_ratio: float = 10.0, head_modules: list[str] | None = None):
+        super().__init__(weighting=weighting, max_norm_ratio=max_norm_ratio, head_modules=head_modules)
+        self._init_optimizer(rule, lr, beta1, beta2, tau)
+
+
+class ServerOptimizerPlusAggregator(_ServerOptimizerStep, FedMedLoRAPlusAggregator):
+    """Fed-MedLoRA+'s loss-weighted average as pseudo-gradient for FedAvgM/FedAdam/FedYogi."""
+
+    def __init__(self, rule: str = "fedadam", lr: float = 1e-2, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3, temperature: float = 1.0, use_sizes: bool = False, max_norm_ratio: float = 10.0, head_modules: list[str] | None = None):
+        super().__init__(temperature=temperature, use_sizes=use_sizes, max_norm_ratio=max_norm_ratio, head_modules=head_modules)
+        self._init_optimizer(rule, lr, beta1, beta2, tau)
+
+
 def _weighted_mean(pairs) -> float:
     pairs = [(float(v), w) for v, w in pairs if v is not None]
     total = sum(w for _, w in pairs)
