@@ -69,6 +69,7 @@ class ExperimentConfig:
     # site); "round": the paper's restart of both every round
     schedule: str = "run"
     precision: str = "auto"  # training and generation: auto | fp32 | bf16 (precision.py)
+    prompt_style: str = "paper"  # paper | compact (prompts.PROMPT_STYLES): training and scoring alike
     f1_every_round: bool = False  # score every round's adapter on the sites' pooled VALIDATION split (learning curves)
     checkpoints_per_round: int = 1  # centralised: a learning-curve point this many times per round
     simulator_timeout: float = 7200
@@ -154,6 +155,10 @@ def load_config(path: str | os.PathLike) -> ExperimentConfig:
         raise InputError(path, None, "an experiment needs at least one site")
     if cfg.schedule not in ("run", "round"):
         raise InputError(path, _line_of(path, "schedule"), f"schedule must be run or round, not {cfg.schedule!r}")
+    from fedmed_components.prompts import PROMPT_STYLES
+
+    if cfg.prompt_style not in PROMPT_STYLES:
+        raise InputError(path, _line_of(path, "prompt_style"), f"prompt_style must be one of {sorted(PROMPT_STYLES)}, not {cfg.prompt_style!r}")
     bad = [r for r in cfg.runs if r not in RUN_KINDS]
     if bad:
         raise InputError(path, _line_of(path, bad[0]), f"unknown run(s) {bad}; known: {list(RUN_KINDS)}")
@@ -267,7 +272,8 @@ class Scorer:
         set_adapter_state(model, adapter_state)
         settings = GenerationSettings(batch_size=self.cfg.generation_batch_size, max_new_tokens=self.cfg.max_new_tokens,
                                       precision=self.cfg.precision)
-        preds, report = predict_documents(model, tokenizer, docs, tasks=tasks, settings=settings, progress=True)
+        preds, report = predict_documents(model, tokenizer, docs, tasks=tasks, settings=settings, progress=True,
+                                          prompt_style=self.cfg.prompt_style)
         return preds, report.parse_failures
 
     def score_sets(self, adapter_state, sets: dict[str, PreparedSite], cache_dir: Path, predict=None, part: str = "test") -> dict[str, dict]:
@@ -398,7 +404,7 @@ def _site_config(cfg: ExperimentConfig, steps: int | None, tasks=("ner", "modifi
                             local_epochs=cfg.local_epochs, max_steps=steps, seed=cfg.seed,
                             schedule_rounds=schedule_rounds if cfg.schedule == "run" else None,
                             keep_optimizer_state=cfg.schedule == "run", precision=cfg.precision),
-        sft=SFTConfig(tasks=tuple(tasks)), val_fraction=0.0, max_val_examples=cfg.max_val_examples, seed=cfg.seed,
+        sft=SFTConfig(tasks=tuple(tasks), prompt_style=cfg.prompt_style), val_fraction=0.0, max_val_examples=cfg.max_val_examples, seed=cfg.seed,
     )
 
 
@@ -460,7 +466,8 @@ def train_federated(cfg: ExperimentConfig, run_id: str, sites: list[PreparedSite
             output_dir=str(store), train_timeout=int(cfg.simulator_timeout), eval_timeout=int(cfg.simulator_timeout),
             extra_site_args=f"--val-fraction 0 --max-val-examples {cfg.max_val_examples} --seed {cfg.seed}"
             + (f" --keep-optimizer-state --schedule-rounds {cfg.rounds}" if cfg.schedule == "run" else "")
-            + (f" --precision {cfg.precision}" if cfg.precision != "auto" else ""),
+            + (f" --precision {cfg.precision}" if cfg.precision != "auto" else "")
+            + (f" --prompt-style {cfg.prompt_style}" if cfg.prompt_style != "paper" else ""),
         )
         job_dir = export_job(spec, run_dir / "job")
         print(f"  {run_id}: FLARE simulator, {len(sites)} sites x {cfg.rounds} rounds (log: {run_dir / 'simulator.log'})", flush=True)
@@ -498,10 +505,13 @@ class Experiment:
         pooled = pool_scores(list(self.scorer.score_sets(state, {s.name: s for s in self.sites}, cache, part="val").values()))
         record["val_entity_strict_f1"] = pooled["entities"]["strict"]["f1"]
         record["val_entity_lenient_f1"] = pooled["entities"]["lenient"]["f1"]
+        if pooled.get("main_entities"):  # the headline figure (problem, treatment, test, drug)
+            record["val_main_strict_f1"] = pooled["main_entities"]["strict"]["f1"]
         if pooled.get("relations"):
             record["val_relation_strict_f1"] = pooled["relations"]["strict"]["f1"]
             record["val_relation_lenient_f1"] = pooled["relations"]["lenient"]["f1"]
         print(f"    validation: entity strict F1 {record['val_entity_strict_f1']:.3f}"
+              + (f", main-entity strict F1 {record['val_main_strict_f1']:.3f}" if "val_main_strict_f1" in record else "")
               + (f", modifier strict F1 {record['val_relation_strict_f1']:.3f}" if "val_relation_strict_f1" in record else ""), flush=True)
 
     def round_scores(self, history: list[dict], adapter_dir) -> None:

@@ -181,11 +181,17 @@ def predict_documents(
     output_format: str = "html",
     settings: GenerationSettings | None = None,
     progress: bool = False,
+    prompt_style: str = "paper",
 ) -> tuple[list[Document], PredictionReport]:
-    """Predict main entities per sentence, then each entity's modifiers; note offsets."""
+    """Predict main entities per sentence, then each entity's modifiers; note offsets.
+    `prompt_style` must be the one the adapter was trained with (prompts.PROMPT_STYLES)."""
     from fedmed_components.parsing import parse_modifiers, parse_ner
     from fedmed_components.prompts import modifier_prompt, ner_prompt, render_chat
+    from fedmed_components.prompts import prompt_style as get_style
     from fedmed_components.segmentation import split_sentences
+
+    style = get_style(prompt_style)
+    ner_format, modifier_format = style.formats(output_format)
 
     report = PredictionReport()
     sentences = []  # (doc index, sentence start, sentence text)
@@ -195,23 +201,24 @@ def predict_documents(
     report.sentences = len(sentences)
     preds = [Document(id=doc.id, text=doc.text, site=doc.site) for doc in docs]
 
-    prompts = [render_chat(tokenizer, ner_prompt(s, output_format=output_format))[0] for _, _, s in sentences]
+    prompts = [render_chat(tokenizer, ner_prompt(s, ner_format, style=style), system=style.system)[0] for _, _, s in sentences]
     lengths = [len(tokenizer(s, add_special_tokens=False)["input_ids"]) for _, _, s in sentences]
     ner_outputs = generate(model, tokenizer, prompts, settings, progress, answer_lengths=lengths)
     mains = []  # (doc index, sentence start, sentence, (type, start, end), entity id)
     for (d, offset, sentence), output in zip(sentences, ner_outputs):
-        parsed = parse_ner(output, sentence, output_format=output_format)
+        parsed = parse_ner(output, sentence, output_format=ner_format)
         report.ner_parse_failures += int(parsed.failed)
         for etype, s, e in parsed.spans:
             ent = _add_entity(preds[d], etype, offset + s, offset + e)
             mains.append((d, offset, sentence, (etype, s, e), ent.id))
 
     if "modifier" in tasks and mains:
-        prompts = [render_chat(tokenizer, modifier_prompt(sent, main, output_format=output_format))[0] for _, _, sent, main, _ in mains]
+        prompts = [render_chat(tokenizer, modifier_prompt(sent, main, modifier_format, style=style), system=style.system)[0]
+                   for _, _, sent, main, _ in mains]
         lengths = [len(tokenizer(sent, add_special_tokens=False)["input_ids"]) for _, _, sent, _, _ in mains]
         mod_outputs = generate(model, tokenizer, prompts, settings, progress, answer_lengths=lengths)
         for (d, offset, sentence, _main, head_id), output in zip(mains, mod_outputs):
-            parsed = parse_modifiers(output, sentence, output_format=output_format, main=_main)
+            parsed = parse_modifiers(output, sentence, output_format=modifier_format, main=_main)
             report.modifier_parse_failures += int(parsed.failed)
             for mtype, s, e in parsed.spans:
                 tail = _add_entity(preds[d], mtype, offset + s, offset + e)

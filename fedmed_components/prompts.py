@@ -9,6 +9,17 @@
 - ``output_format="json"``: the answer is ``[{"type": ..., "text": ...}, ...]`` in
   sentence order instead of the tagged sentence.
 
+Two prompt styles (`PROMPT_STYLES`):
+
+- ``paper``: the instructions above, in full, naming every type and the output format,
+  under a one-sentence system prompt; both tasks answer in ``output_format``.
+- ``compact``: the fixed part cut to a few tokens (it is 44-63% of a paper-style
+  example's tokens on the real corpora: bench/RESULTS.md, "Token economy"). NER answers
+  in HTML (the tagged sentence); the modifier task answers with the JSON list of the
+  main entity's modifiers, ``[]`` when it has none, so the model is not taught to copy
+  a sentence it does not change; the modifier types are named only for a site that
+  annotates a subset of them.
+
 What flat tags cannot express, and what is done instead (deterministic):
 
 - a discontinuous entity is tagged by its covering span (first to last character);
@@ -36,6 +47,34 @@ from fedmed_components.segmentation import split_sentences
 SYSTEM_PROMPT = "You are a clinical information extraction assistant."
 IGNORE_INDEX = -100
 OUTPUT_FORMATS = ("html", "json")
+
+
+@dataclass(frozen=True)
+class PromptStyle:
+    name: str
+    system: str
+    compact: bool  # short instructions; NER in HTML, modifiers as a JSON list
+
+    def formats(self, output_format: str = "html") -> tuple[str, str]:
+        """(NER answer format, modifier answer format)."""
+        _check_format(output_format)
+        return ("html", "json") if self.compact else (output_format, output_format)
+
+
+# A chat template (SmolLM2's) that adds its own long system prompt when none is given
+# is why the compact style keeps a short one.
+PROMPT_STYLES = {
+    "paper": PromptStyle("paper", SYSTEM_PROMPT, compact=False),
+    "compact": PromptStyle("compact", "Clinical information extraction.", compact=True),
+}
+
+
+def prompt_style(name: str | PromptStyle) -> PromptStyle:
+    if isinstance(name, PromptStyle):
+        return name
+    if name not in PROMPT_STYLES:
+        raise ValueError(f"prompt style must be one of {sorted(PROMPT_STYLES)}, not {name!r}")
+    return PROMPT_STYLES[name]
 
 Span = tuple[str, int, int]  # (type, start, end) relative to the sentence
 
@@ -108,9 +147,11 @@ def _ordered(types, reference: tuple[str, ...]) -> list[str]:
     return [t for t in reference if t in wanted]
 
 
-def ner_prompt(sentence: str, output_format: str = "html", types=MAIN_TYPES) -> str:
+def ner_prompt(sentence: str, output_format: str = "html", types=MAIN_TYPES, style: str | PromptStyle = "paper") -> str:
     """Ask for the main entities of `types` (a partial-schema site lists only its own)."""
     names = ", ".join(_ordered(types, MAIN_TYPES))
+    if prompt_style(style).compact:
+        return f"Tag {names}:\n{sentence}"
     return f"Extract the clinical entities ({names}) from the sentence. {_how(output_format, 'entity')}\nSentence: {sentence}"
 
 
@@ -118,10 +159,15 @@ def ner_answer(sentence: str, spans: list[Span], output_format: str = "html") ->
     return _answer(sentence, spans, output_format)
 
 
-def modifier_prompt(sentence: str, main: Span, output_format: str = "html", types=MODIFIER_TYPES) -> str:
+def modifier_prompt(sentence: str, main: Span, output_format: str = "html", types=MODIFIER_TYPES,
+                    style: str | PromptStyle = "paper") -> str:
     """Ask for the modifiers of the main entity marked with <main class="TYPE">."""
-    names = ", ".join(_ordered(types, MODIFIER_TYPES))
+    ordered = _ordered(types, MODIFIER_TYPES)
+    names = ", ".join(ordered)
     marked = tag_html(sentence, [main], tag="main")
+    if prompt_style(style).compact:
+        subset = f" ({names})" if len(ordered) < len(MODIFIER_TYPES) else ""
+        return f"Modifiers{subset} of <main>:\n{marked}"
     return (
         f"Find the modifiers ({names}) of the {main[0]} marked with <main>. "
         f"{_how(output_format, 'modifier')}\nSentence: {marked}"
@@ -160,19 +206,21 @@ def _sentence_of(ent: Entity, sentences: list[tuple[int, int]], starts: list[int
 
 @dataclass
 class _ExampleMaker:
-    """Builds the examples of one note in one output format and (partial) schema."""
+    """Builds the examples of one note in one prompt style, output format and (partial) schema."""
 
     doc_id: str
     output_format: str
     main_types: list[str]
     modifier_types: list[str]
     stats: Counter
+    style: PromptStyle = PROMPT_STYLES["paper"]
 
     def ner(self, s_start: int, sentence: str, mains: list[Entity]) -> Example:
         kept, dropped = flatten_spans([_relative(e, s_start) for e in mains])
         self.stats["overlapping_main"] += len(dropped)
-        prompt = ner_prompt(sentence, self.output_format, self.main_types)
-        answer = ner_answer(sentence, kept, self.output_format)
+        fmt = self.style.formats(self.output_format)[0]
+        prompt = ner_prompt(sentence, fmt, self.main_types, self.style)
+        answer = ner_answer(sentence, kept, fmt)
         return Example(self.doc_id, "ner", s_start, sentence, prompt, answer, spans=tuple(kept), unexpressed=tuple(dropped))
 
     def modifier(self, sentence_range: tuple[int, int], sentence: str, ent: Entity, modifiers: list[Entity]) -> Example:
@@ -183,8 +231,9 @@ class _ExampleMaker:
         self.stats["cross_sentence_relation"] += len(modifiers) - len(inside)
         kept, dropped = flatten_spans([_relative(m, s_start) for m in inside])
         self.stats["overlapping_modifier"] += len(dropped)
-        prompt = modifier_prompt(sentence, main, self.output_format, self.modifier_types)
-        answer = modifier_answer(sentence, main, kept, self.output_format)
+        fmt = self.style.formats(self.output_format)[1]
+        prompt = modifier_prompt(sentence, main, fmt, self.modifier_types, self.style)
+        answer = modifier_answer(sentence, main, kept, fmt)
         return Example(self.doc_id, "modifier", s_start, sentence, prompt, answer, main=main,
                        spans=tuple(kept), unexpressed=tuple(dropped))
 
@@ -215,6 +264,7 @@ def document_examples(
     types: set[str] | None = None,
     include_empty_modifier_examples: bool = True,
     stats: Counter | None = None,
+    style: str | PromptStyle = "paper",
 ) -> list[Example]:
     """Sentence-level examples of one note, in text order.
 
@@ -222,12 +272,12 @@ def document_examples(
     Modifiers: one example per main entity, including those without modifiers unless
     `include_empty_modifier_examples` is False. `types` limits a partial-schema site to
     the types it annotates (its prompts then name only those). `stats`, if given,
-    counts entities and what could not be expressed.
+    counts entities and what could not be expressed. `style`: `PROMPT_STYLES`.
     """
     _check_format(output_format)
     allowed = set(types) if types else set(MAIN_TYPES) | set(MODIFIER_TYPES)
     make = _ExampleMaker(doc.id, output_format, _ordered(allowed, MAIN_TYPES), _ordered(allowed, MODIFIER_TYPES),
-                         stats if stats is not None else Counter())
+                         stats if stats is not None else Counter(), prompt_style(style))
     sentences = split_sentences(doc.text)
     mains_in = _mains_by_sentence(doc, make.main_types, sentences, make.stats)
     tails = _modifiers_by_head(doc, make.modifier_types)
@@ -282,7 +332,8 @@ def _ids(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def tokenize_example(tokenizer, example: Example, max_length: int, train_on_prompt: bool = False) -> dict:
+def tokenize_example(tokenizer, example: Example, max_length: int, train_on_prompt: bool = False,
+                     style: str | PromptStyle = "paper") -> dict:
     """input_ids and labels (-100 on the prompt unless train_on_prompt), cut at max_length.
 
     The prompt is tokenised alone, as at inference; the full text is tokenised whole
@@ -290,7 +341,7 @@ def tokenize_example(tokenizer, example: Example, max_length: int, train_on_prom
     are concatenated. Truncation drops tokens from the right; num_supervised_tokens
     counts the labelled tokens that are left (Fed-MedLoRA's aggregation weight).
     """
-    prompt_text, full_text = render_chat(tokenizer, example.prompt, example.answer)
+    prompt_text, full_text = render_chat(tokenizer, example.prompt, example.answer, system=prompt_style(style).system)
     prompt_ids = _ids(tokenizer, prompt_text)
     full_ids = _ids(tokenizer, full_text)
     if full_ids[: len(prompt_ids)] != prompt_ids:

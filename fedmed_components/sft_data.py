@@ -14,6 +14,7 @@ class SFTConfig:
     max_length: int = 800
     train_on_prompt: bool = False
     include_empty_modifier_examples: bool = True
+    prompt_style: str = "paper"  # prompts.PROMPT_STYLES; inference must use the same
 
 
 def build_examples(docs: list[Document], config: SFTConfig, types: set[str] | None = None):
@@ -28,6 +29,7 @@ def build_examples(docs: list[Document], config: SFTConfig, types: set[str] | No
             output_format=config.output_format,
             types=types,
             include_empty_modifier_examples=config.include_empty_modifier_examples,
+            style=config.prompt_style,
         )
     return examples
 
@@ -38,7 +40,7 @@ def tokenize_examples(examples, tokenizer, config: SFTConfig) -> list[dict]:
 
     out = []
     for example in examples:
-        item = tokenize_example(tokenizer, example, config.max_length, train_on_prompt=config.train_on_prompt)
+        item = tokenize_example(tokenizer, example, config.max_length, train_on_prompt=config.train_on_prompt, style=config.prompt_style)
         if item["num_supervised_tokens"] > 0:
             out.append(item)
     return out

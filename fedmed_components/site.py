@@ -272,6 +272,9 @@ def add_site_arguments(parser) -> None:
                         help="compute precision: bf16 autocast (LoRA weights and optimiser stay fp32) or fp32; auto: bf16 on CUDA and on CPUs with AVX512-BF16/AMX, else fp32")
     parser.add_argument("--train-on-prompt", action="store_true", help="loss on prompt+answer (reference code)")
     parser.add_argument("--tasks", default="ner,modifier", help="ner,modifier")
+    parser.add_argument("--prompt-style", default=SFTConfig.prompt_style, choices=["paper", "compact"],
+                        help="paper: the paper's full instructions, HTML answers; compact: a few-token instruction, "
+                             "modifiers answered as a JSON list (fewer tokens a step; predict with the same style)")
     parser.add_argument("--val-fraction", type=float, default=d.val_fraction)
     parser.add_argument("--max-train-examples", type=int, default=None)
     parser.add_argument("--max-val-examples", type=int, default=d.max_val_examples)
@@ -301,7 +304,7 @@ def site_config_from_args(args) -> SiteConfig:
             train_on_prompt=args.train_on_prompt,
             seed=args.seed,
         ),
-        sft=SFTConfig(tasks=tuple(args.tasks.split(","))),
+        sft=SFTConfig(tasks=tuple(args.tasks.split(",")), prompt_style=args.prompt_style),
         val_fraction=args.val_fraction,
         max_train_examples=args.max_train_examples,
         max_val_examples=args.max_val_examples,

@@ -13,10 +13,10 @@ from fedmed_components.metrics import score_documents
 from fedmed_components.schema import MAIN_TYPES
 
 
-def _oracle_scores(monkeypatch, docs, types=None):
+def _oracle_scores(monkeypatch, docs, types=None, style="paper"):
     # The predictor asks every note with the full-schema prompts (a partial-schema site
     # is scored on its own types only), so the oracle answers those.
-    answers = {ex.prompt: ex.answer for doc in docs for ex in prompts.document_examples(doc)}
+    answers = {ex.prompt: ex.answer for doc in docs for ex in prompts.document_examples(doc, style=style)}
     unknown = []
 
     def oracle(model, tokenizer, texts, *args, **kwargs):
@@ -25,7 +25,8 @@ def _oracle_scores(monkeypatch, docs, types=None):
 
     monkeypatch.setattr(prompts, "render_chat", lambda tokenizer, text, *a, **k: (text, None))
     monkeypatch.setattr(inference, "generate", oracle)
-    preds, report = inference.predict_documents(None, lambda s, add_special_tokens=False: {"input_ids": list(s)}, docs)
+    preds, report = inference.predict_documents(None, lambda s, add_special_tokens=False: {"input_ids": list(s)}, docs,
+                                                prompt_style=style)
     assert report.parse_failures == 0
     assert not unknown, f"the predictor asked {len(unknown)} prompt(s) training never shows, e.g. {unknown[0][:200]}"
     every = score_documents(docs, preds, types=types)
@@ -33,24 +34,26 @@ def _oracle_scores(monkeypatch, docs, types=None):
     return every, mains
 
 
-def test_gold_answers_score_full_marks_on_synthetic_notes(monkeypatch):
+@pytest.mark.parametrize("style", sorted(prompts.PROMPT_STYLES))
+def test_gold_answers_score_full_marks_on_synthetic_notes(monkeypatch, style):
     from fedmed_components.experiment_data import sentence_documents
     from fedmed_components.synth import generate_site_corpus
 
     docs = [s for d in generate_site_corpus("site", 6, 0, "discharge_summary") for s in sentence_documents(d)]
-    every, mains = _oracle_scores(monkeypatch, docs)
+    every, mains = _oracle_scores(monkeypatch, docs, style=style)
     assert every["relations"]["strict"]["tp"] > 20
     assert mains["entities"]["strict"]["f1"] == pytest.approx(1.0)
     assert every["relations"]["strict"]["f1"] > 0.99
 
 
+@pytest.mark.parametrize("style", sorted(prompts.PROMPT_STYLES))
 @pytest.mark.parametrize("folder, mapping", [("mtsamples_kiwi/train", "kiwi"), ("maccrobat2020/brat", "maccrobat")])
-def test_gold_answers_score_full_marks_on_real_notes(monkeypatch, shared_data, folder, mapping):
+def test_gold_answers_score_full_marks_on_real_notes(monkeypatch, shared_data, folder, mapping, style):
     from fedmed_components.experiment_data import DataSource, Sampling, split_source
 
     source = DataSource(name="oracle", path=str(shared_data / folder), mapping=mapping)
     docs = split_source(source, Sampling(max_test_sentences=400))["test"]
-    every, mains = _oracle_scores(monkeypatch, docs, types=set(source.annotated_types()))
+    every, mains = _oracle_scores(monkeypatch, docs, types=set(source.annotated_types()), style=style)
     # Overlapping gold spans cannot all be written as flat HTML tags; that (measured: well
     # under 1% of main entities and links) is the only loss allowed.
     assert mains["entities"]["strict"]["f1"] > 0.99

@@ -210,3 +210,42 @@ def test_tokenize_example_train_on_prompt_and_truncation(tokenizer):
     cut = tokenize_example(tokenizer, example, max_length=n_prompt + 3)
     assert cut["input_ids"] == full["input_ids"][: n_prompt + 3] and cut["num_supervised_tokens"] == 3
     assert tokenize_example(tokenizer, example, max_length=n_prompt - 1)["num_supervised_tokens"] == 0
+
+
+def test_compact_style_asks_briefly_and_answers_modifiers_as_a_json_list():
+    doc = _note()
+    paper = document_examples(doc)
+    compact = document_examples(doc, style="compact")
+    assert [(e.task, e.spans) for e in compact] == [(e.task, e.spans) for e in paper]  # same gold, other words
+    for short, long in zip(compact, paper):
+        assert len(short.prompt) < len(long.prompt) - 60
+        assert short.prompt.endswith(long.prompt.split("Sentence: ")[1])
+    ner = next(e for e in compact if e.task == "ner" and e.spans)
+    assert ner.answer == next(e for e in paper if e.task == "ner" and e.spans).answer  # NER stays HTML
+    mods = [e for e in compact if e.task == "modifier"]
+    bare = Document("b", "He has a cough.", entities=[Entity("T1", "problem", [(9, 14)], "cough")])
+    assert [e.answer for e in document_examples(bare, tasks=("modifier",), style="compact")] == ["[]"]
+    with_mods = next(e for e in mods if e.spans)
+    assert json.loads(with_mods.answer) == [{"type": t, "text": with_mods.sentence[s:e]} for t, s, e in with_mods.spans]
+
+
+def test_compact_modifier_prompt_names_types_only_for_a_partial_schema():
+    sentence = "No fever or cough."
+    full = modifier_prompt(sentence, ("problem", 12, 17), style="compact")
+    partial = modifier_prompt(sentence, ("problem", 12, 17), types=["severity", "negation"], style="compact")
+    assert "negation" not in full and "(negation, severity)" in partial
+    assert full.endswith('<main class="problem">cough</main>.')
+    with pytest.raises(ValueError, match="prompt style"):
+        modifier_prompt(sentence, ("problem", 12, 17), style="terse")
+
+
+def test_compact_style_uses_its_own_short_system_prompt(tokenizer):
+    from fedmed_components.prompts import PROMPT_STYLES
+
+    example = document_examples(_note(), tasks=("ner",), style="compact")[0]
+    paper = tokenize_example(tokenizer, example, 512)
+    compact = tokenize_example(tokenizer, example, 512, style="compact")
+    text = tokenizer.decode(compact["input_ids"])
+    assert PROMPT_STYLES["compact"].system in text and SYSTEM_PROMPT not in text
+    assert len(compact["input_ids"]) < len(paper["input_ids"])
+    assert compact["num_supervised_tokens"] == paper["num_supervised_tokens"]  # the answer is the same

@@ -23,6 +23,8 @@ def register(subparsers) -> None:
     # inference.GenerationSettings.batch_size (a literal: importing inference loads torch)
     p.add_argument("--batch-size", type=int, default=32, help="sentences generated at once (default: %(default)s)")
     p.add_argument("--tasks", default="ner,modifier", help="ner or ner,modifier")
+    p.add_argument("--prompt-style", default=None, choices=["paper", "compact"],
+                   help="the prompt style the adapter was trained with (default: the one its metadata records, else paper)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="generation compute: bf16 autocast or fp32; auto: bf16 on CUDA and on CPUs with AVX512-BF16/AMX (default: %(default)s)")
     p.set_defaults(func=_run)
@@ -61,14 +63,17 @@ def _run(args) -> int:
         return _write(preds, Path(args.out), f"{len(notes)} notes (BERT tagging)")
     tokenizer = load_tokenizer(model_path)
     model = load_base_model(model_path, quantize=args.quantize)
+    style = args.prompt_style
     if args.adapter:
         from peft import PeftModel
 
-        load_adapter_folder(args.adapter)  # fail early, with the folder's name, on a bad adapter
+        _, _, meta = load_adapter_folder(args.adapter)  # fail early, with the folder's name, on a bad adapter
+        style = style or meta.get("prompt_style")
         model = PeftModel.from_pretrained(model, args.adapter)
     preds, report = predict_documents(
         model, tokenizer, notes, tasks=tuple(args.tasks.split(",")),
         settings=GenerationSettings(batch_size=args.batch_size, precision=args.precision), progress=True,
+        prompt_style=style or "paper",
     )
     return _write(preds, Path(args.out), f"{len(preds)} notes, {report.sentences} sentences, {report.parse_failures} parse failures")
 
