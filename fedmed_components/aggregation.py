@@ -276,6 +276,16 @@ class WeightedAverager:
         self._total = 0.0
         self.count = 0
 
+    def prepare(self, like: Mapping[str, Tensor]) -> None:
+        """Allocate and touch the accumulator for updates shaped like ``like`` now, before
+        the round (the server has the global adapter while the sites train), so the first
+        round's sum is as fast as a later round's: fresh buffers cost a page fault per
+        page on first write (bench_aggregation: 2.06x a copy pass cold, 1.12x warm, K=2)."""
+        if self.count:
+            raise ValueError("prepare() before the first add() of a round")
+        if not self._reusable(like):
+            self._sums = {k: torch.zeros(t.shape, dtype=self.accumulate_dtype, device=t.device) for k, t in like.items()}
+
     @property
     def total_weight(self) -> float:
         return self._total

@@ -311,6 +311,25 @@ def test_weighted_averager_reuses_its_buffers_across_rounds():
     assert averager.result()[next(iter(averager.result()))].shape[0] == 2
 
 
+def test_weighted_averager_prepared_ahead_sums_into_the_prepared_buffers():
+    updates = [make_adapter(seed) for seed in range(3)]
+    averager = WeightedAverager()
+    averager.prepare(make_adapter(9))  # the global adapter: same names and shapes
+    buffers = {k: v.data_ptr() for k, v in averager._sums.items()}
+    for update, weight in zip(updates, WEIGHTS):
+        averager.add(update, weight)
+    assert {k: v.data_ptr() for k, v in averager._sums.items()} == buffers  # no allocation in the round
+    batch = fed_medlora(updates, WEIGHTS[:3])
+    for key, value in averager.result().items():
+        assert torch.equal(value, batch[key])
+    with pytest.raises(ValueError, match="before the first add"):
+        averager.prepare(updates[0])
+    averager.reset()
+    averager.prepare(make_adapter(9, rank=2))  # another shape: new buffers
+    averager.add(make_adapter(1, rank=2), 1.0)
+    assert averager.result()[next(iter(averager.result()))].shape[0] == 2
+
+
 def test_weighted_averager_bad_add_leaves_state_and_reset():
     updates = [make_adapter(seed) for seed in range(2)]
     averager = WeightedAverager()

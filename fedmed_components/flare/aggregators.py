@@ -59,6 +59,8 @@ class AdapterAggregator(ModelAggregator):
         self.reset_stats()
         self.reference = reference
         self.round = round_number
+        if self.streaming and reference:
+            self._averager.prepare(reference)  # while the sites train, not when their updates arrive
 
     def handle_event(self, event_type: str, fl_ctx):
         super().handle_event(event_type, fl_ctx)
