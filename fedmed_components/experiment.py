@@ -583,9 +583,15 @@ class Experiment:
         seed = cfg.new_site_seeds[0] if seed is None else seed
         initial = None
         if start == "federated":
-            global_dir = self.run_dir(cfg.new_site_from) / "store" / "global"
+            if cfg.new_site_from not in FEDERATED:
+                raise InputError(None, None, f"new_site_from: {cfg.new_site_from!r} is not a federated run ({sorted(FEDERATED)})")
+            source = self.run_dir(cfg.new_site_from)
+            global_dir = source / "store" / "global"
             if not global_dir.exists():
-                return {"kind": "new_site", "status": f"not run: needs the global adapter of {cfg.new_site_from}"}
+                # Adapters are never committed: a results folder resumed on a fresh machine holds
+                # the source run's JSON but not its weights, so its training (not its scoring) is re-made.
+                print(f"  {run_id}: the global adapter of {cfg.new_site_from} is not in {source}; training it again", flush=True)
+                train_federated(cfg, cfg.new_site_from, self.sites, self.work / "data", source)
             initial, _, _ = load_adapter_folder(global_dir)
         data = run_dir / "data"
         if not (data / "train.jsonl").exists():
@@ -702,7 +708,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | os.PathLike, *, work: str |
 
 # Settings that change no number in a result: a folder made with other values of these
 # may be resumed (greedy batched generation equals one-at-a-time: tests/test_inference.py).
-OPERATIONAL_SETTINGS = ("runs", "sites", "external", "simulator_timeout", "generation_batch_size")
+OPERATIONAL_SETTINGS = ("name", "runs", "sites", "external", "simulator_timeout", "generation_batch_size")
 # Settings only some runs depend on: changing them re-makes just those runs once their JSON is deleted.
 RUN_SETTINGS = {"bert": ("bert_model", "bert_lr", "bert_local_steps"), "centralised": ("checkpoints_per_round",),
                 "new_site": ("new_site_shots", "new_site_seeds", "new_site_steps", "new_site_from")}

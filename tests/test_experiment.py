@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -180,6 +181,17 @@ def test_mini_experiment_end_to_end(tmp_path, capsys):
     assert again["rounds"] == results["single_general_medicine"]["rounds"]
     assert again["scores"] == results["single_general_medicine"]["scores"]
     assert re.search(r"\[1/1\] single_general_medicine: done", capsys.readouterr().out)
+
+    # On a fresh machine the federation's JSON is there but its adapters are not (never
+    # committed): the new-site run trains that federation again, and leaves its JSON alone.
+    shutil.rmtree(work / "runs" / "fed_medlora" / "store")
+    (out / "new_site_federated_4.json").unlink()
+    fed_stamp = (out / "fed_medlora.json").stat().st_mtime_ns
+    assert main(["experiment", str(config), "--out", str(out), "--work", str(work), "--only", "new_site_federated_4"]) == 0
+    assert "global adapter of fed_medlora is not in" in capsys.readouterr().out
+    assert (work / "runs" / "fed_medlora" / "store" / "global").is_dir()
+    assert json.loads((out / "new_site_federated_4.json").read_text())["started_from"] == "fed_medlora"
+    assert (out / "fed_medlora.json").stat().st_mtime_ns == fed_stamp
 
 
 def test_results_folder_refuses_a_changed_config(tmp_path):
