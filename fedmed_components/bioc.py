@@ -40,6 +40,9 @@ from fedmed_components.document import Document, Entity, InputError, Relation
 NOT_WELL_FORMED = "not well-formed XML"
 HEAD_ROLES = {"head", "arg1"}
 TAIL_ROLES = {"tail", "arg2"}
+# A passage further than this past the text before it is an offset typo, not a gap
+# to fill with that many newlines (10**12 would exhaust memory).
+MAX_PASSAGE_GAP = 10_000_000
 # Characters XML 1.0 cannot hold, not even as character references.
 _NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
 
@@ -75,6 +78,8 @@ def _parse_xml(path: Path) -> tuple[ET.Element, dict[ET.Element, int]]:
     except expat.ExpatError as exc:
         kind = NOT_UTF8 if "invalid token" in str(exc) and _not_utf8(data) else NOT_WELL_FORMED
         raise InputError(path, exc.lineno, f"{kind}: {expat.ErrorString(exc.code)}") from exc
+    except (LookupError, ValueError) as exc:  # Python's codecs, asked by expat for the declared encoding
+        raise InputError(path, parser.CurrentLineNumber, f"{NOT_WELL_FORMED}: cannot decode the declared encoding ({exc})") from exc
     return builder.close(), lines
 
 
@@ -129,6 +134,10 @@ class _DocumentReader:
         for offset, piece, holder in sorted(pieces, key=lambda p: p[0]):
             if offset < len(text):
                 self.problem(self.path, self.lines.get(holder), MALFORMED_LINE, f"<{holder.tag}> at offset {offset} overlaps the text before it")
+                return None
+            if offset - len(text) > MAX_PASSAGE_GAP:
+                self.problem(self.path, self.lines.get(holder), MALFORMED_LINE,
+                             f"<{holder.tag}> at offset {offset} is more than {MAX_PASSAGE_GAP:,} characters past the text before it")
                 return None
             text += "\n" * (offset - len(text)) + piece
         return text

@@ -48,7 +48,8 @@ MISSING_FILE = "missing file"
 NEGATED_ATTRIBUTE = "Negated"
 
 _ID = re.compile(r"^(?:[TREAMN#]\S*|\*)$")
-_SPAN = re.compile(r"^(\d+)\s+(\d+)$")
+# At most 18 digits: no text is longer, and int() refuses a few thousand digits.
+_SPAN = re.compile(r"^(\d{1,18})\s+(\d{1,18})$")
 
 
 @dataclass
@@ -578,11 +579,48 @@ def _check_spans(doc: Document, entity: Entity) -> None:
             raise InputError(None, None, f"document {doc.id}: entity {entity.id} span {start}-{end} is not inside the text")
 
 
-def _document_stem(doc: Document, folder: Path) -> Path:
-    stem = folder / doc.id
-    if not doc.id or Path(doc.id).is_absolute() or ".." in Path(doc.id).parts:
-        raise InputError(None, None, f"document id {doc.id!r} cannot be a file name inside {folder}")
-    return stem
+# Each name must fit NAME_MAX (255 bytes) with the longest suffix the writer adds.
+_MAX_NAME_BYTES = 255 - len(".ann.tmp")
+_MAX_ID_BYTES = 1024  # deep enough for any corpus layout, far below PATH_MAX
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def file_name_problem(doc_id: str) -> str | None:
+    """Why a document id cannot name BRAT files inside an output folder (None: it can).
+
+    An id is written as a relative path of plain names ('train/note1', what the reader
+    gives). Anything that could climb out of the folder, or that the file system
+    refuses, is turned down here rather than met as an OSError half-way through.
+    """
+    if not doc_id:
+        return "it is empty"
+    if _CONTROL.search(doc_id):
+        return "it holds a control character (NUL, newline, ...)"
+    try:
+        size = len(doc_id.encode("utf-8"))
+    except UnicodeEncodeError:
+        return "it is not valid Unicode (a lone surrogate)"
+    if doc_id.startswith(("/", "\\")):
+        return "it is an absolute path"
+    parts = re.split(r"[/\\]", doc_id)  # a backslash separates folders on Windows
+    if any(part in ("", ".", "..") for part in parts):
+        return "an empty, '.' or '..' part could lead outside the folder"
+    if size > _MAX_ID_BYTES or any(len(part.encode("utf-8")) > _MAX_NAME_BYTES for part in parts):
+        return f"it is too long for a file name (at most {_MAX_NAME_BYTES} bytes a part, {_MAX_ID_BYTES} in all)"
+    return None
+
+
+def check_file_names(docs: Iterable[Document], folder: str | os.PathLike, source: str | os.PathLike | None = None) -> None:
+    """Refuse, before anything is written, an id that cannot be a file inside `folder`."""
+    for doc in docs:
+        problem = file_name_problem(doc.id)
+        if problem:
+            raise InputError(source, None, f"document id {_clip(doc.id)!r} cannot be a file name inside {folder}: {problem}; rename the document")
+
+
+def _document_stem(doc: Document, folder: Path, source: str | os.PathLike | None = None) -> Path:
+    check_file_names([doc], folder, source)
+    return folder / doc.id
 
 
 def _write_atomic(path: Path, content: str) -> None:
@@ -592,10 +630,13 @@ def _write_atomic(path: Path, content: str) -> None:
     os.replace(tmp, path)
 
 
-def write_brat_document(doc: Document, folder: str | os.PathLike) -> Path:
-    """Write `<folder>/<id>.txt` (byte-exact) and `<id>.ann`; returns the .ann path."""
+def write_brat_document(doc: Document, folder: str | os.PathLike, *, source: str | os.PathLike | None = None) -> Path:
+    """Write `<folder>/<id>.txt` (byte-exact) and `<id>.ann`; returns the .ann path.
+
+    `source` (the input the document came from) is what an InputError names.
+    """
     folder = Path(folder)
-    stem = _document_stem(doc, folder)
+    stem = _document_stem(doc, folder, source)
     stem.parent.mkdir(parents=True, exist_ok=True)
     lines = _ann_lines(doc)  # validate before touching the disk
     txt_path, ann_path = Path(f"{stem}.txt"), Path(f"{stem}.ann")
@@ -604,9 +645,11 @@ def write_brat_document(doc: Document, folder: str | os.PathLike) -> Path:
     return ann_path
 
 
-def write_brat_dir(docs: Iterable[Document], folder: str | os.PathLike) -> Path:
+def write_brat_dir(docs: Iterable[Document], folder: str | os.PathLike, *, source: str | os.PathLike | None = None) -> Path:
     folder = Path(folder)
+    docs = list(docs)
+    check_file_names(docs, folder, source)  # no half-written folder for one bad id
     folder.mkdir(parents=True, exist_ok=True)
     for doc in docs:
-        write_brat_document(doc, folder)
+        write_brat_document(doc, folder, source=source)
     return folder

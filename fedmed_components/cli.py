@@ -7,6 +7,7 @@ import importlib
 import sys
 
 from fedmed_components.document import InputError
+from fedmed_components.errors import ModelError
 
 # Each module registers its own subcommands; order is the order shown in --help.
 COMMAND_MODULES = [
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except InputError as exc:
+    except (InputError, ModelError) as exc:  # the user's to fix: one line, no traceback
         print(f"fedmed: error: {exc}", file=sys.stderr)
         return 2
 

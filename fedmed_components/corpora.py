@@ -32,7 +32,7 @@ from fedmed_components.brat import (
     read_brat_files,
     warn_if_skipped,
 )
-from fedmed_components.document import Document, Entity, InputError, Relation
+from fedmed_components.document import DOCUMENT_PARSE_ERRORS, Document, Entity, InputError, Relation
 from fedmed_components.schema import CorpusMapping, fits_schema, get_mapping
 
 logger = logging.getLogger(__name__)
@@ -211,7 +211,7 @@ def _parse_jsonl_line(path: Path, number: int, raw: bytes, problem: InputProblem
         return None
     try:
         return Document.from_dict(json.loads(line))
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+    except DOCUMENT_PARSE_ERRORS as exc:
         problem(path, number, MALFORMED_LINE, f"not a document object: {exc}")
         return None
 

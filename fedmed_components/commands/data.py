@@ -180,8 +180,10 @@ def _convert(args) -> int:
 
     docs, _, mapped = _load(args.input, args, args.mapping, site=args.site)
     fmt = _output_format(args.output, args.to_fmt)
-    writer = {"jsonl": write_jsonl, "bioc": write_bioc, "brat": write_brat_dir}[fmt]
-    writer(docs, args.output)
+    if fmt == "brat":  # ids become file names: a bad one is named with the input it came from
+        write_brat_dir(docs, args.output, source=args.input)
+    else:
+        {"jsonl": write_jsonl, "bioc": write_bioc}[fmt](docs, args.output)
     spans = sum(len(d.entities) for d in docs)
     relations = sum(len(d.relations) for d in docs)
     print(f"wrote {len(docs)} documents, {spans} spans, {relations} relations to {args.output} ({fmt})")

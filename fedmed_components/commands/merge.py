@@ -20,12 +20,11 @@ def register(subparsers) -> None:
 
 
 def _run(args) -> int:
-    from peft import PeftModel
+    from fedmed_components.modeling import apply_adapter, load_adapter_folder, load_base_model, load_tokenizer, resolve_model
 
-    from fedmed_components.modeling import load_base_model, load_tokenizer, resolve_model
-
+    load_adapter_folder(args.adapter)  # a broken adapter fails before the base model loads
     path = resolve_model(args.model)
-    model = PeftModel.from_pretrained(load_base_model(path, quantize="none"), args.adapter)
+    model, _ = apply_adapter(load_base_model(path, quantize="none"), args.adapter, args.model)
     merged = model.merge_and_unload()
     merged.save_pretrained(args.out)
     load_tokenizer(path).save_pretrained(args.out)

@@ -97,7 +97,9 @@ def _up(args) -> int:
 
 def _submit(args) -> int:
     from fedmed_components import poc
+    from fedmed_components.flare.job_check import check_job_folder
 
+    check_job_folder(args.job_folder)  # a bad config fails here, not in the server's log
     try:
         job_id = poc.submit(args.workspace, args.job_folder)
         print(f"submitted job {job_id}")

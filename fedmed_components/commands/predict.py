@@ -48,10 +48,17 @@ def read_notes(path: Path):
 
 
 def _run(args) -> int:
-    from fedmed_components.inference import GenerationSettings, predict_documents
-    from fedmed_components.modeling import load_adapter_folder, load_base_model, load_tokenizer, resolve_model
+    from fedmed_components.brat import check_file_names
 
+    # Everything a user can get wrong fails here, before the model loads and generates.
     notes = read_notes(Path(args.input))
+    check_file_names(notes, Path(args.out) / "brat", source=args.input)
+
+    from fedmed_components.inference import GenerationSettings, predict_documents
+    from fedmed_components.modeling import apply_adapter, load_adapter_folder, load_base_model, load_tokenizer, resolve_model
+
+    if args.adapter:
+        load_adapter_folder(args.adapter)
     model_path = resolve_model(args.model)
     from fedmed_components import token_classification as tc
 
@@ -65,11 +72,8 @@ def _run(args) -> int:
     model = load_base_model(model_path, quantize=args.quantize)
     style = args.prompt_style
     if args.adapter:
-        from peft import PeftModel
-
-        _, _, meta = load_adapter_folder(args.adapter)  # fail early, with the folder's name, on a bad adapter
+        model, meta = apply_adapter(model, args.adapter, args.model)
         style = style or meta.get("prompt_style")
-        model = PeftModel.from_pretrained(model, args.adapter)
     preds, report = predict_documents(
         model, tokenizer, notes, tasks=tuple(args.tasks.split(",")),
         settings=GenerationSettings(batch_size=args.batch_size, precision=args.precision), progress=True,
@@ -83,7 +87,7 @@ def _write(preds, out: Path, summary: str) -> int:
     from fedmed_components.document import write_jsonl
 
     write_jsonl(preds, out / "predictions.jsonl")
-    write_brat_dir(preds, out / "brat")
+    write_brat_dir(preds, out / "brat")  # ids were checked when the notes were read
     n_ent = sum(len(d.entities) for d in preds)
     print(f"{summary}, {n_ent} spans -> {out}")
     return 0
