@@ -16,8 +16,10 @@ Gaussian differential privacy (site level, one release per round)
     record: "site-level" DP, no sampling). Privacy loss is tracked with Renyi DP
     (Mironov 2017): one release has ``RDP(alpha) = alpha / (2 sigma^2)``, RDP adds up
     over rounds, and ``(epsilon, delta)`` is the minimum over orders of the conversion
-    (``"improved"``, Canonne, Kamath & Steinke 2020 / Balle et al. 2020, the one Opacus
-    uses; or Mironov's original ``rdp + log(1/delta)/(alpha-1)``).
+    (``"improved"``, Canonne, Kamath & Steinke 2020 / Balle et al. 2020; or Mironov's
+    original ``rdp + log(1/delta)/(alpha-1)``). The RDP of the (sampled) Gaussian and
+    the improved conversion are Opacus's (``opacus.accountants.analysis.rdp``); record-
+    level DP-SGD (``dp_sgd.py``) composes its steps in the same accountant.
 
 8-bit transfer
     Per-tensor absmax int8: ``scale = max|x| / 127``, ``q = round(x / scale)``; the
@@ -27,6 +29,7 @@ Gaussian differential privacy (site level, one release per round)
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -136,33 +139,46 @@ DEFAULT_ORDERS: tuple[float, ...] = tuple(
 )
 
 
-def gaussian_rdp(noise_multiplier: float, orders: Sequence[float] = DEFAULT_ORDERS) -> list[float]:
-    """RDP of one Gaussian release with sensitivity C and noise std ``sigma*C``:
-    ``alpha / (2 sigma^2)`` at each order (infinite without noise)."""
+def gaussian_rdp(noise_multiplier: float, orders: Sequence[float] = DEFAULT_ORDERS, sample_rate: float = 1.0) -> list[float]:
+    """RDP of one Gaussian release with sensitivity C and noise std ``sigma*C``, on a
+    Poisson sample of the records at ``sample_rate`` (1: every record, ``alpha / (2
+    sigma^2)``; infinite without noise). Opacus's analysis of the sampled Gaussian."""
     if noise_multiplier <= 0:
         return [math.inf for _ in orders]
-    return [alpha / (2.0 * noise_multiplier**2) for alpha in orders]
+    return list(_sampled_gaussian_rdp(float(noise_multiplier), float(sample_rate), tuple(orders)))
+
+
+@functools.lru_cache(maxsize=64)
+def _sampled_gaussian_rdp(noise_multiplier: float, sample_rate: float, orders: tuple[float, ...]) -> tuple[float, ...]:
+    # fractional orders of the sampled Gaussian are series: ~0.1 s; a DP-SGD step must not pay it again
+    from opacus.accountants.analysis.rdp import compute_rdp
+
+    return tuple(float(x) for x in compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=list(orders)))
 
 
 def rdp_to_epsilon(
     rdp: Sequence[float], orders: Sequence[float], delta: float, conversion: str = "improved"
 ) -> tuple[float, float]:
-    """``(epsilon, best_order)`` for the given ``delta`` from RDP values at ``orders``."""
+    """``(epsilon, best_order)`` for the given ``delta`` from RDP values at ``orders``:
+    Opacus's conversion (``improved``), or Mironov's ``rdp + log(1/delta)/(alpha-1)``."""
     if not 0 < delta < 1:
         raise ValueError(f"delta must be in (0, 1), not {delta}")
     if conversion not in ("improved", "mironov"):
         raise ValueError(f"conversion must be 'improved' or 'mironov', not {conversion!r}")
-    best, best_order = math.inf, float("nan")
-    for alpha, r in zip(orders, rdp):
-        if alpha <= 1 or not math.isfinite(r):
-            continue
-        if conversion == "mironov":
-            eps = r + math.log(1 / delta) / (alpha - 1)
-        else:
-            eps = r + math.log1p(-1 / alpha) - (math.log(delta) + math.log(alpha)) / (alpha - 1)
-        if eps < best:
-            best, best_order = eps, alpha
-    return max(best, 0.0), best_order
+    usable = [(a, r) for a, r in zip(orders, rdp) if a > 1 and math.isfinite(r)]
+    if not usable:
+        return math.inf, float("nan")
+    if conversion == "mironov":
+        eps, order = min((r + math.log(1 / delta) / (a - 1), a) for a, r in usable)
+    else:
+        import warnings
+
+        from opacus.accountants.analysis.rdp import get_privacy_spent
+
+        with warnings.catch_warnings():  # "optimal order is the largest alpha": the orders reach 4096
+            warnings.simplefilter("ignore")
+            eps, order = get_privacy_spent(orders=[a for a, _ in usable], rdp=[r for _, r in usable], delta=delta)
+    return max(float(eps), 0.0), float(order)
 
 
 def gaussian_epsilon(
@@ -171,25 +187,28 @@ def gaussian_epsilon(
     delta: float,
     orders: Sequence[float] = DEFAULT_ORDERS,
     conversion: str = "improved",
+    sample_rate: float = 1.0,
 ) -> float:
-    """epsilon after ``rounds`` Gaussian releases (no sampling) at this ``delta``."""
+    """epsilon after ``rounds`` Gaussian releases (each on a Poisson sample at
+    ``sample_rate``; 1: no sampling) at this ``delta``."""
     if rounds <= 0:
         return 0.0
-    rdp = [rounds * r for r in gaussian_rdp(noise_multiplier, orders)]
+    rdp = [rounds * r for r in gaussian_rdp(noise_multiplier, orders, sample_rate)]
     return rdp_to_epsilon(rdp, orders, delta, conversion)[0]
 
 
 @dataclass
 class RdpAccountant:
-    """Composition of Gaussian releases; ``epsilon(delta)`` at any point."""
+    """Composition of (sampled) Gaussian releases; ``epsilon(delta)`` at any point.
+    The site-level filter counts one release a round; DP-SGD one a step."""
 
     orders: Sequence[float] = DEFAULT_ORDERS
     conversion: str = "improved"
     rdp: list[float] = field(default_factory=list)
     releases: int = 0
 
-    def step(self, noise_multiplier: float, count: int = 1) -> None:
-        add = gaussian_rdp(noise_multiplier, self.orders)
+    def step(self, noise_multiplier: float, count: int = 1, sample_rate: float = 1.0) -> None:
+        add = gaussian_rdp(noise_multiplier, self.orders, sample_rate)
         if not self.rdp:
             self.rdp = [0.0] * len(self.orders)
         self.rdp = [r + count * a for r, a in zip(self.rdp, add)]

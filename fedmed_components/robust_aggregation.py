@@ -6,13 +6,14 @@ No FLARE import, like ``aggregation.py``: each rule takes one dict of tensors pe
 What the rules are applied to
 -----------------------------
 The rules are meant for *updates*, ``u_k = x_k - x_global``: what site k sent minus the
-global adapter of the round (``updates_from_states`` makes them, ``state_from_update``
-adds the aggregate back). For the coordinate-wise rules the choice does not matter:
-median and trimmed mean commute with adding the same ``x_global`` to every site
-(``rule(x_k) = x_global + rule(x_k - x_global)``), so they can be run on full adapters
-too. Norm bounding does *not* commute with that shift: the norm of a full adapter is
-mostly the norm of the global adapter, not of what the site changed, so
-``norm_bounded_mean`` must be given updates.
+global adapter of the round (``aggregation.adapter_difference(x_k, x_global)`` makes
+them, ``state_from_update`` adds the aggregate back; ``flare/aggregators.RobustAggregator``
+does both in a FLARE job, after the screening in ``update_validation``). For the
+coordinate-wise rules the choice does not matter: median and trimmed mean commute
+with adding the same ``x_global`` to every site (``rule(x_k) = x_global + rule(x_k -
+x_global)``), so they can be run on full adapters too. Norm bounding does *not*
+commute with that shift: the norm of a full adapter is mostly the norm of the global
+adapter, not of what the site changed, so ``norm_bounded_mean`` must be given updates.
 
 Like Fed-MedLoRA, every tensor (each ``lora_A`` and ``lora_B``) is treated on its own;
 the rules do not look at the layer product ``B @ A``.
@@ -74,8 +75,8 @@ __all__ = [
     "norm_bounded_mean",
     "robust_aggregate",
     "state_from_update",
+    "tolerated_attackers",
     "trimmed_mean",
-    "updates_from_states",
 ]
 
 ROBUST_RULES = ("median", "trimmed_mean", "norm_bounded")
@@ -123,27 +124,9 @@ def _stacked(updates: Sequence[Mapping[str, Tensor]], key: str) -> Tensor:
 
 
 # ---------------------------------------------------------------------- state <-> update
-def updates_from_states(
-    states: Sequence[Mapping[str, Tensor]], global_state: Mapping[str, Tensor]
-) -> list[dict[str, Tensor]]:
-    """``x_k - x_global`` for each site's adapter, in float32 or wider.
-
-    Low-precision adapters (bf16, fp16) give float32 updates, so the small differences
-    are not rounded away. The sites' keys and shapes must match ``global_state``.
-    """
-    _check_aligned([global_state, *states], ["global adapter", *(f"state {i}" for i in range(len(states)))])
-    updates = []
-    for state in states:
-        update = {}
-        for key, base in global_state.items():
-            dtype = torch.promote_types(torch.promote_types(state[key].dtype, base.dtype), torch.float32)
-            update[key] = state[key].to(dtype) - base.to(device=state[key].device, dtype=dtype)
-        updates.append(update)
-    return updates
-
-
 def state_from_update(global_state: Mapping[str, Tensor], update: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """``x_global + u`` in the global adapter's dtypes (the inverse of ``updates_from_states``)."""
+    """``x_global + u`` in the global adapter's dtypes (the inverse of
+    ``aggregation.adapter_difference``, which gives float32 updates ``x_k - x_global``)."""
     _check_aligned([global_state, update], ["global adapter", "update"])
     return {
         key: (base.to(torch.promote_types(base.dtype, update[key].dtype)) + update[key].to(base.device)).to(base.dtype)
@@ -232,6 +215,27 @@ def norm_bounded_mean(
 
 # ---------------------------------------------------------------------------- dispatch
 _OPTIONS = {"median": (), "trimmed_mean": ("beta",), "norm_bounded": ("clip",)}
+
+
+def tolerated_attackers(rule: str, k: int, beta: float | None = None) -> int | None:
+    """How many of ``k`` sites may send anything while every coordinate of the result
+    stays within the range of the honest sites' values (the rule's breakdown point).
+
+    ``median``: ``(k - 1) // 2`` (any f < k/2). ``trimmed_mean``: ``floor(beta * k)``
+    (``beta`` required). ``norm_bounded``: None: it rejects no one, it bounds each
+    site's pull on the mean to ``w_k * clip`` (see the module docstring).
+    """
+    if rule not in _OPTIONS:
+        raise ValueError(f"unknown robust rule {rule!r}: use one of {', '.join(repr(r) for r in ROBUST_RULES)}")
+    if k < 1:
+        raise ValueError(f"need at least one site, got {k}")
+    if rule == "median":
+        return (k - 1) // 2
+    if rule == "trimmed_mean":
+        if beta is None:
+            raise ValueError("rule 'trimmed_mean' needs beta= (the fraction trimmed at each end)")
+        return _trim_count(float(beta), k)
+    return None
 
 
 def robust_aggregate(

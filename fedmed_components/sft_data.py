@@ -47,4 +47,9 @@ def tokenize_examples(examples, tokenizer, config: SFTConfig) -> list[dict]:
 
 
 def build_sft_dataset(docs: list[Document], tokenizer, config: SFTConfig, types: set[str] | None = None) -> list[dict]:
-    return tokenize_examples(build_examples(docs, config, types), tokenizer, config)
+    """Tokenised examples, each tagged with its note's id (DP-SGD's record=note)."""
+    out = []
+    for doc in docs:
+        for item in tokenize_examples(build_examples([doc], config, types), tokenizer, config):
+            out.append({**item, "note": doc.id})
+    return out

@@ -270,6 +270,11 @@ def add_site_arguments(parser) -> None:
                         help="one warm-up + cosine schedule across this many rounds (the job's rounds) instead of a restart every round")
     parser.add_argument("--precision", default=t.precision, choices=["auto", "fp32", "bf16"],
                         help="compute precision: bf16 autocast (LoRA weights and optimiser stay fp32) or fp32; auto: bf16 on CUDA and on CPUs with AVX512-BF16/AMX, else fp32")
+    parser.add_argument("--prox-mu", type=float, default=t.prox_mu,
+                        help="FedProx: add mu/2 ||theta - theta_global||^2 over the LoRA parameters to the local loss (0: off)")
+    parser.add_argument("--dp-sgd", default=t.dp_sgd, metavar="noise=S,clip=C[,delta=D][,record=example|note]",
+                        help="record-level DP-SGD (Opacus per-example gradients): each example or each note is a record, "
+                             "Poisson-sampled, clipped to C, Gaussian noise S*C; epsilon at delta is reported every round")
     parser.add_argument("--train-on-prompt", action="store_true", help="loss on prompt+answer (reference code)")
     parser.add_argument("--tasks", default="ner,modifier", help="ner,modifier")
     parser.add_argument("--prompt-style", default=SFTConfig.prompt_style, choices=["paper", "compact"],
@@ -301,6 +306,8 @@ def site_config_from_args(args) -> SiteConfig:
             keep_optimizer_state=args.keep_optimizer_state,
             schedule_rounds=args.schedule_rounds,
             precision=args.precision,
+            prox_mu=args.prox_mu,
+            dp_sgd=args.dp_sgd,
             train_on_prompt=args.train_on_prompt,
             seed=args.seed,
         ),

@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fedmed_components.dp_sgd import gradients_by_record, noisy_clipped_gradient, parse_dp_sgd, poisson_sample, record_ids
 from fedmed_components.precision import autocast, resolve_precision
+from fedmed_components.privacy import RdpAccountant
 
 log = logging.getLogger("fedmed.training")
 
@@ -42,6 +44,8 @@ class TrainSettings:
     keep_optimizer_state: bool = False
     schedule_rounds: int | None = None  # one schedule across this many rounds; None: restart every round
     precision: str = "auto"  # auto | fp32 | bf16 (autocast; LoRA weights and AdamW state stay fp32), see precision.py
+    prox_mu: float = 0.0  # FedProx: + mu/2 ||theta - theta_global||^2 over the trainable (LoRA) parameters
+    dp_sgd: str = ""  # record-level DP-SGD, "noise=..,clip=..[,delta=..][,record=example|note]" (dp_sgd.py)
     seed: int = 0
 
     @classmethod
@@ -59,6 +63,7 @@ class RoundStats:
     train_loss: float = float("nan")
     seconds: float = 0.0
     losses: list[float] = field(default_factory=list)
+    privacy: dict | None = None  # DP-SGD: epsilon at delta over every step so far, and its settings
 
     @property
     def tokens_per_second(self) -> float:
@@ -108,22 +113,38 @@ def lr_lambda(total_steps: int, warmup_ratio: float, scheduler: str, offset: int
     return factor
 
 
-def supervised_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Mean next-token loss over supervised tokens, and how many there were.
+def _answer_token_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token losses (rows x kept positions) and the mask of supervised ones.
 
     The vocabulary projection runs only at positions where some row has a target (the
     answer, not the prompt): on a small model it is a fifth of the compute per token.
     """
     targets = batch["labels"][:, 1:]  # the logit at position t predicts token t + 1
-    supervised = targets != IGNORE_INDEX
-    n = int(supervised.sum())
-    keep = supervised.any(dim=0).nonzero().squeeze(-1)
+    keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)
     outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep)
     logits = outputs.logits.float()
-    loss = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.size(-1)), targets[:, keep].reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    return loss / max(n, 1), n
+    kept = targets[:, keep]
+    losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), kept, ignore_index=IGNORE_INDEX, reduction="none")
+    return losses, kept != IGNORE_INDEX
+
+
+def supervised_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Mean next-token loss over the batch's supervised tokens, and how many there were."""
+    losses, supervised = _answer_token_losses(model, batch)
+    n = int(supervised.sum())
+    return losses.sum() / max(n, 1), n
+
+
+def per_example_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Each row's own mean loss over its supervised tokens (DP-SGD's per-record loss)."""
+    losses, supervised = _answer_token_losses(model, batch)
+    counts = supervised.sum(dim=1)
+    return losses.sum(dim=1) / counts.clamp(min=1), int(counts.sum())
+
+
+def proximal_term(params: list[torch.nn.Parameter], anchors: list[torch.Tensor], mu: float) -> torch.Tensor:
+    """FedProx (Li et al. 2020): ``mu/2 * ||theta - theta_global||^2``; gradient ``mu (theta - theta_global)``."""
+    return 0.5 * mu * sum(((p.float() - a.float()) ** 2).sum() for p, a in zip(params, anchors))
 
 
 class LocalTrainer:
@@ -140,6 +161,11 @@ class LocalTrainer:
         self.precision = resolve_precision(settings.precision, self.device)
         self._optimizer: torch.optim.Optimizer | None = None
         self.rounds_done = 0  # the round index; a federation sets it from the server's round
+        self.dp = parse_dp_sgd(settings.dp_sgd)
+        if self.dp is not None and loss_fn is not None:
+            raise ValueError("dp-sgd is implemented for the causal LM's loss, not the BERT baseline's")
+        self.accountant = RdpAccountant()  # DP-SGD steps of every round at this site
+        self._grad_sample_model = None
 
     def _trainable(self):
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -174,6 +200,9 @@ class LocalTrainer:
         self.rounds_done += 1
         stats = RoundStats()
         seen: set[int] = set()
+        # FedProx's anchor: the parameters this round starts from (the global adapter)
+        anchors = [p.detach().clone() for p in self._trainable()] if s.prox_mu else None
+        private = self._dp_plan(examples, total) if self.dp is not None else None
         bar = _progress(total, progress, "local training")
         self.model.train()
         started = time.perf_counter()
@@ -181,21 +210,19 @@ class LocalTrainer:
         while stats.steps < total:
             if not batches:
                 batches = length_grouped_batches(examples, s.batch_size, rng)
-            batch_examples = batches.pop()
+            if self.dp is None:
+                batch_examples = batches.pop()
+                loss, n_sup, n_tok = self._step(batch_examples, anchors)
+            else:
+                batch_examples, loss, n_sup, n_tok = self._dp_step(examples, private, rng)
             seen.update(id(ex) for ex in batch_examples)
-            batch = self._to_device(self.collate_fn(batch_examples, self.pad_token_id))
-            with autocast(self.precision, self.device):
-                loss, n_sup = self.loss_fn(self.model, batch)
-            loss.backward()
-            if s.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(self._trainable(), s.max_grad_norm)
             self._optimizer.step()
             schedule.step()
             self._optimizer.zero_grad(set_to_none=True)
             stats.steps += 1
             stats.num_supervised_tokens += n_sup
-            stats.num_tokens += int(batch["attention_mask"].sum())
-            stats.losses.append(float(loss.detach()))
+            stats.num_tokens += n_tok
+            stats.losses.append(loss)
             if on_step:
                 on_step(stats.steps, stats.losses[-1], schedule.get_last_lr()[0])
             bar.update(1)
@@ -203,8 +230,69 @@ class LocalTrainer:
         bar.close()
         stats.seconds = time.perf_counter() - started
         stats.num_examples = len(seen)
-        stats.train_loss = sum(stats.losses) / len(stats.losses)
+        sampled = [x for x in stats.losses if not math.isnan(x)]  # a DP-SGD step may sample no record
+        stats.train_loss = sum(sampled) / len(sampled) if sampled else float("nan")
+        if self.dp is not None:
+            stats.privacy = {"epsilon": self.accountant.epsilon(self.dp.delta), "delta": self.dp.delta,
+                             "noise_multiplier": self.dp.noise_multiplier, "clip": self.dp.clip, "record": self.dp.record,
+                             "sample_rate": private.rate, "steps": self.accountant.releases}
         return stats
+
+    def _step(self, batch_examples: list[dict], anchors: list[torch.Tensor] | None) -> tuple[float, int, int]:
+        """Forward and backward of one batch (gradients left on the parameters)."""
+        batch = self._to_device(self.collate_fn(batch_examples, self.pad_token_id))
+        with autocast(self.precision, self.device):
+            loss, n_sup = self.loss_fn(self.model, batch)
+        objective = loss + proximal_term(self._trainable(), anchors, self.settings.prox_mu) if anchors else loss
+        objective.backward()
+        if self.settings.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self._trainable(), self.settings.max_grad_norm)
+        return float(loss.detach()), n_sup, int(batch["attention_mask"].sum())
+
+    def _dp_plan(self, examples: list[dict], total: int) -> "_PrivatePlan":
+        """Records, and the sampling rate that puts batch_size records in a step on average
+        (a note-level step trains every example of its notes, in batches of batch_size)."""
+        if self.settings.prox_mu:
+            raise ValueError("dp-sgd and FedProx together are not supported (the proximal term is not per record)")
+        if self._grad_sample_model is None:
+            from opacus import GradSampleModule
+
+            self._grad_sample_model = GradSampleModule(self.model, loss_reduction="sum", strict=False)
+        ids = record_ids(examples, self.dp.record)
+        members: dict = {}
+        for row, rec in enumerate(ids):
+            members.setdefault(rec, []).append(row)
+        rate = min(1.0, self.settings.batch_size / len(members))
+        # A site restarted mid-federation has not counted the rounds it trained before: count
+        # them as trained at these settings, so epsilon is never understated.
+        missing = self.rounds_done * total - total - self.accountant.releases
+        if missing > 0:
+            self.accountant.step(self.dp.noise_multiplier, count=missing, sample_rate=rate)
+        return _PrivatePlan(groups=list(members.values()), rate=rate)
+
+    def _dp_step(self, examples: list[dict], plan: "_PrivatePlan", rng: random.Random) -> tuple[list[dict], float, int, int]:
+        """One DP-SGD step: Poisson-sampled records, per-record clipped gradients plus noise."""
+        params, size = self._trainable(), self.settings.batch_size
+        rows = [row for g in poisson_sample(len(plan.groups), plan.rate, rng) for row in plan.groups[g]]
+        record_of = {row: g for g, group in enumerate(plan.groups) for row in group} if rows else {}
+        per_record: dict[int, list[torch.Tensor]] = {}
+        loss_sum, n_sup, n_tok = 0.0, 0, 0
+        for start in range(0, len(rows), size):
+            chunk = rows[start : start + size]
+            batch = self._to_device(self.collate_fn([examples[r] for r in chunk], self.pad_token_id))
+            with autocast(self.precision, self.device):
+                losses, n = per_example_loss(self._grad_sample_model, batch)
+            losses.sum().backward()
+            for rec, grads in gradients_by_record(params, [record_of[r] for r in chunk]).items():
+                per_record[rec] = grads if rec not in per_record else [a + b for a, b in zip(per_record[rec], grads)]
+            for p in params:
+                p.grad_sample, p.grad = None, None
+            loss_sum += float(losses.detach().sum())
+            n_sup, n_tok = n_sup + n, n_tok + int(batch["attention_mask"].sum())
+        noisy_clipped_gradient(params, list(per_record.values()), self.dp, expected_records=plan.rate * len(plan.groups))
+        self.accountant.step(self.dp.noise_multiplier, sample_rate=plan.rate)
+        loss = loss_sum / len(rows) if rows else float("nan")
+        return [examples[r] for r in rows], loss, n_sup, n_tok
 
     @torch.no_grad()
     def evaluate_loss(self, examples: list[dict], batch_size: int | None = None) -> tuple[float, int]:
@@ -223,6 +311,12 @@ class LocalTrainer:
             total_tokens += n
         self.model.train()
         return total_loss / max(total_tokens, 1), total_tokens
+
+
+@dataclass
+class _PrivatePlan:
+    groups: list[list[int]]  # the example rows of each record
+    rate: float  # Poisson sampling rate of a record per step
 
 
 def _progress(total: int, enabled: bool, desc: str):

@@ -8,15 +8,15 @@ import math
 import pytest
 import torch
 
-from fedmed_components.aggregation import fed_medlora
+from fedmed_components.aggregation import adapter_difference, fed_medlora
 from fedmed_components.robust_aggregation import (
     ROBUST_RULES,
     coordinate_median,
     norm_bounded_mean,
     robust_aggregate,
     state_from_update,
+    tolerated_attackers,
     trimmed_mean,
-    updates_from_states,
 )
 from fedmed_components.update_validation import norm_outliers, update_norm
 
@@ -169,29 +169,43 @@ def test_no_updates_is_an_error():
 
 
 # ------------------------------------------------------------ states <-> updates
-def test_updates_from_states_and_back():
+def test_updates_from_adapter_difference_and_back():
+    """The rules take ``aggregation.adapter_difference(x_k, x_global)``; ``state_from_update`` inverts it."""
     global_state = {A: torch.tensor([1.0, 2.0], dtype=torch.bfloat16), B: t(0.5)}
     states = [{A: torch.tensor([1.5, 2.0], dtype=torch.bfloat16), B: t(1.5)}, {A: torch.tensor([0.0, 4.0], dtype=torch.bfloat16), B: t(0.0)}]
-    updates = updates_from_states(states, global_state)
+    updates = [adapter_difference(state, global_state) for state in states]
     assert updates[0][A].dtype == torch.float32  # small differences are not rounded to bf16
     assert_close(updates[0], {A: t(0.5, 0.0), B: t(1.0)})
     assert_close(updates[1], {A: t(-1.0, 2.0), B: t(-0.5)})
     back = state_from_update(global_state, updates[1])
     assert back[A].dtype == torch.bfloat16 and torch.equal(back[A], states[1][A]) and torch.equal(back[B], states[1][B])
-    with pytest.raises(ValueError, match=f"state 1: missing tensor '{B}'"):
-        updates_from_states([states[0], {A: states[1][A]}], global_state)
+    with pytest.raises(ValueError, match="update: missing tensor"):
+        state_from_update(global_state, {A: updates[0][A]})
 
 
 def test_coordinate_rules_commute_with_the_global_shift():
     """median(x_k) = x_g + median(x_k - x_g), same for the trimmed mean (not for norm bounding)."""
     gen = torch.Generator().manual_seed(3)
-    global_state = {A: torch.randn(4, 6, generator=gen, dtype=torch.float64)}
-    states = [{A: global_state[A] + 0.1 * torch.randn(4, 6, generator=gen, dtype=torch.float64)} for _ in range(6)]
-    updates = updates_from_states(states, global_state)
+    global_state = {A: torch.randn(4, 6, generator=gen)}
+    states = [{A: global_state[A] + 0.1 * torch.randn(4, 6, generator=gen)} for _ in range(6)]
+    updates = [adapter_difference(state, global_state) for state in states]
     for rule, options in [("median", {}), ("trimmed_mean", {"beta": 0.2})]:
         on_states = robust_aggregate(states, rule, **options)
         on_updates = state_from_update(global_state, robust_aggregate(updates, rule, **options))
-        assert_close(on_states, on_updates, atol=1e-12)
+        assert_close(on_states, on_updates, atol=1e-6)
+
+
+def test_tolerated_attackers_is_each_rules_breakdown_point():
+    assert [tolerated_attackers("median", k) for k in (1, 2, 3, 4, 5, 6, 7)] == [0, 0, 1, 1, 2, 2, 3]
+    assert tolerated_attackers("trimmed_mean", 5, beta=0.2) == 1
+    assert tolerated_attackers("trimmed_mean", 7, beta=0.3) == 2
+    assert tolerated_attackers("trimmed_mean", 100, beta=0.29) == 29  # float error tolerated
+    assert tolerated_attackers("trimmed_mean", 4, beta=0.2) == 0
+    assert tolerated_attackers("norm_bounded", 5) is None
+    with pytest.raises(ValueError, match="needs beta"):
+        tolerated_attackers("trimmed_mean", 5)
+    with pytest.raises(ValueError, match="unknown robust rule"):
+        tolerated_attackers("krum", 5)
 
 
 # ------------------------------------------------------------------------------ attacks

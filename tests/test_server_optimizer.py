@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
+from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
+from nvflare.app_common.abstract.model import ModelLearnableKey, make_model_learnable
+from safetensors.torch import load_file
 
 from fedmed_components import aggregation
 from fedmed_components.aggregation import adapter_difference, pseudo_gradient, server_optimizer_step
@@ -15,6 +19,8 @@ from fedmed_components.flare.aggregators import (
     ServerOptimizerAggregator,
     ServerOptimizerPlusAggregator,
 )
+from fedmed_components.flare.persistor import SERVER_OPTIMIZER_FILE, AdapterPersistor
+from fedmed_components.flare.wire import SERVER_OPTIMIZER_STATE
 
 A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
 B = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
@@ -272,3 +278,100 @@ def test_aggregator_rejects_bad_settings_at_construction():
         ServerOptimizerAggregator(rule="adam")
     with pytest.raises(ValueError, match="lr"):
         ServerOptimizerPlusAggregator(lr=-1.0)
+
+
+# ------------------------------------------------- the state survives a server restart
+def _persistor(store):
+    return AdapterPersistor(model="tiny", lora={"r": 4, "alpha": 8}, output_dir=str(store))
+
+
+def _site_updates(x: dict, rnd: int) -> list:
+    g = torch.Generator().manual_seed(100 + rnd)
+    return [(site, {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in x.items()}, tokens) for site, tokens in (("site-1", 300), ("site-2", 100))]
+
+
+def _persisted_round(agg, persistor, x: dict, rnd: int) -> dict:
+    """What the controller does with a round: aggregate, then persist the result and its meta."""
+    result = run_round(agg, x, rnd, _site_updates(x, rnd))
+    persistor.save_model(make_model_learnable(result.params, {**result.meta, "current_round": rnd}), FLContext())
+    return result.params
+
+
+@pytest.mark.parametrize("rule", aggregation.SERVER_RULES)
+def test_a_restarted_server_steps_exactly_as_an_uninterrupted_one(tmp_path, tiny_model_path, rule):
+    hp = dict(rule=rule, lr=0.05)
+    # uninterrupted: rounds 0, 1, 2 with one aggregator
+    store, uninterrupted = tmp_path / "uninterrupted", ServerOptimizerAggregator(**hp)
+    x = _persistor(store).load_model(FLContext())[ModelLearnableKey.WEIGHTS]
+    for rnd in range(3):
+        x = _persisted_round(uninterrupted, _persistor(store), x, rnd)
+
+    # interrupted after round 1: a new persistor and a new aggregator on the same store
+    store, before_restart = tmp_path / "restarted", ServerOptimizerAggregator(**hp)
+    y = _persistor(store).load_model(FLContext())[ModelLearnableKey.WEIGHTS]
+    for rnd in range(2):
+        y = _persisted_round(before_restart, _persistor(store), y, rnd)
+    learnable = _persistor(store).load_model(FLContext())
+    meta = learnable[ModelLearnableKey.META]
+    assert meta["next_round"] == 2
+    resumed = ServerOptimizerAggregator(**hp)
+    assert f"{rule} state resumed" in resumed.resume_state(meta, 2)
+    y = _persisted_round(resumed, _persistor(store), learnable[ModelLearnableKey.WEIGHTS], 2)
+
+    assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    expected_state = uninterrupted.optimizer_state()
+    assert expected_state.keys() == resumed.optimizer_state().keys()
+    assert all(torch.equal(expected_state[k], resumed.optimizer_state()[k]) for k in expected_state)
+    # without the saved moments the step would differ: the test can tell
+    start = learnable[ModelLearnableKey.WEIGHTS]
+    from_zero = run_round(ServerOptimizerAggregator(**hp), start, 2, _site_updates(start, 2)).params
+    assert not all(torch.equal(from_zero[k], y[k]) for k in y)
+
+    # each round's folder (and global/) holds its moments; state.json holds none
+    for folder in ("round_000", "round_001", "round_002", "global"):
+        saved = load_file(str(store / folder / SERVER_OPTIMIZER_FILE))
+        assert {k.split("/", 1)[0] for k in saved} == ({"m"} if rule == "fedavgm" else {"m", "v"})
+    global_moments = load_file(str(store / "global" / SERVER_OPTIMIZER_FILE))
+    assert all(torch.equal(global_moments[k], v) for k, v in resumed.optimizer_state().items())
+    history = json.loads((store / "state.json").read_text())["history"]
+    assert [h["server_optimizer"]["rule"] for h in history] == [rule] * 3
+    assert all(SERVER_OPTIMIZER_STATE not in h for h in history)
+    assert not [p.name for p in store.iterdir() if p.name.startswith(".")], "temp files left in the store"
+
+
+def test_resuming_checks_the_saved_moments_fit_the_rule():
+    avgm = ServerOptimizerAggregator(rule="fedavgm", lr=1.0)
+    run_round(avgm, adapter(0), 0, [("site-1", adapter(1), 100)])
+    meta = {SERVER_OPTIMIZER_STATE: avgm.optimizer_state()}
+    with pytest.raises(ValueError, match="fedadam keeps \\['m', 'v'\\]"):
+        ServerOptimizerAggregator(rule="fedadam").resume_state(meta, 1)
+    # nothing saved (a round folder from before the optimiser): moments start at zero
+    assert ServerOptimizerAggregator(rule="fedadam").resume_state({}, 1) is None
+    # plain averaging keeps nothing and hands nothing to the persistor
+    plain = FedMedLoRAAggregator()
+    assert plain.resume_state(meta, 1) is None
+    assert SERVER_OPTIMIZER_STATE not in run_round(plain, adapter(0), 0, [("site-1", adapter(1), 100)]).meta
+
+
+def test_a_crash_while_writing_the_moments_resumes_from_the_round_before(tmp_path, tiny_model_path, monkeypatch):
+    import fedmed_components.flare.persistor as persistor_module
+
+    store, agg = tmp_path / "store", ServerOptimizerAggregator(rule="fedadam", lr=0.05)
+    x = _persistor(store).load_model(FLContext())[ModelLearnableKey.WEIGHTS]
+    x = _persisted_round(agg, _persistor(store), x, 0)
+    moments_after_round0 = agg.optimizer_state()
+
+    def power_cut(tensors, filename, metadata=None):
+        open(filename, "wb").write(b"half a file")
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(persistor_module, "save_file", power_cut)
+    with pytest.raises(OSError):
+        _persisted_round(agg, _persistor(store), x, 1)
+    monkeypatch.undo()
+    meta = _persistor(store).load_model(FLContext())[ModelLearnableKey.META]  # the restart also clears the temp file
+    assert meta["next_round"] == 1
+    resumed = ServerOptimizerAggregator(rule="fedadam", lr=0.05)
+    resumed.resume_state(meta, 1)
+    assert all(torch.equal(resumed.optimizer_state()[k], v) for k, v in moments_after_round0.items())
+    assert not [p.name for p in store.iterdir() if p.name.startswith(".")]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 # The committed jobs/ folders: `fedmed job export --all --out jobs` regenerates them.
@@ -11,6 +12,11 @@ COMMITTED_JOBS = {
     "fed_medlora_plus_server": dict(algorithm="fed_medlora_plus", loss_source="server"),
     "fedsa_lora": dict(algorithm="fedsa_lora"),
     "fed_exact_lora": dict(algorithm="fed_exact_lora"),
+    # Server optimisers on the token-weighted average (lr: SERVER_LR_DEFAULTS unless --server-lr).
+    "fed_avgm": dict(algorithm="fed_avgm"),
+    "fed_adam": dict(algorithm="fed_adam"),
+    "fed_yogi": dict(algorithm="fed_yogi"),
+    "fed_prox": dict(algorithm="fed_prox"),
     # The BERT baseline (BIO tagging) aggregated with Fed-MedLoRA; MiniLM is the embedded
     # encoder, production passes --model emilyalsentzer/Bio_ClinicalBERT (BERT: <= 512 tokens).
     # Its sites' privacy scope clinical_bert lets the classifier head leave with the adapter.
@@ -23,6 +29,7 @@ COMMITTED_JOBS = {
 
 def register(subparsers) -> None:
     from fedmed_components.flare.job import ALGORITHMS, JobSpec
+    from fedmed_components.robust_aggregation import ROBUST_RULES
 
     d = JobSpec()
     job = subparsers.add_parser("job", help="export FLARE job folders (nvflare job submit takes them as is) or simulate one")
@@ -50,6 +57,19 @@ def register(subparsers) -> None:
     export.add_argument("--alpha", type=int, default=d.alpha)
     export.add_argument("--data", default=d.data, help="site data root (default: each site's $FEDMED_DATA)")
     export.add_argument("--quantize", default=d.quantize, choices=["auto", "4bit", "8bit", "none"])
+    export.add_argument("--server-lr", type=float, default=d.server_lr, help="fed_avgm/fed_adam/fed_yogi: server learning rate (default: 1 for fed_avgm, 0.01 for the adaptive rules)")
+    export.add_argument("--server-momentum", type=float, default=d.server_beta1, help="server optimisers: beta1 (FedAvgM's momentum)")
+    export.add_argument("--server-beta2", type=float, default=d.server_beta2, help="fed_adam/fed_yogi: second-moment decay")
+    export.add_argument("--server-tau", type=float, default=d.server_tau, help="fed_adam/fed_yogi: adaptivity (added to sqrt(v))")
+    sampling = export.add_mutually_exclusive_group()
+    sampling.add_argument("--sample-fraction", type=float, default=d.sample_fraction, help="train a seeded fraction (0, 1] of the sites each round (at least --min-clients)")
+    sampling.add_argument("--sample-clients", type=int, default=d.sample_clients, help="train this many sites each round (at least --min-clients)")
+    export.add_argument("--prox-mu", type=float, default=d.prox_mu, help="fed_prox: mu of the sites' proximal term mu/2 ||theta - theta_global||^2 (default 0.01)")
+    export.add_argument("--robust-rule", default=d.robust_rule, choices=ROBUST_RULES,
+                        help="fed_medlora: aggregate the updates with a Byzantine-robust rule (docs/robust_aggregation.md)")
+    export.add_argument("--trim-beta", type=float, default=d.trim_beta, help="trimmed_mean: share of sites trimmed on each side")
+    export.add_argument("--robust-clip", type=float, default=d.robust_clip, help="norm_bounded: clip norm (default: the round's median update norm)")
+    export.add_argument("--sample-seed", type=int, default=d.sample_seed, help="seed of the per-round site sample")
     export.add_argument("--train-timeout", type=int, default=d.train_timeout, help="seconds a site has for a round before it is dropped")
     export.add_argument("--output-dir", default=d.output_dir, help="where the server keeps adapters (absolute: survives restarts)")
     export.add_argument("--site-args", default="", help="extra arguments for the site script")
@@ -75,7 +95,10 @@ def spec_from_args(args, **overrides):
         local_epochs=args.local_epochs, batch_size=args.batch_size, max_length=args.max_length,
         learning_rate=args.lr, rank=args.rank, alpha=args.alpha, data=args.data, quantize=args.quantize,
         train_timeout=args.train_timeout, output_dir=args.output_dir, extra_site_args=args.site_args,
-        task_model=args.task_model,
+        task_model=args.task_model, server_lr=args.server_lr, server_beta1=args.server_momentum,
+        server_beta2=args.server_beta2, server_tau=args.server_tau, sample_fraction=args.sample_fraction,
+        sample_clients=args.sample_clients, sample_seed=args.sample_seed, prox_mu=args.prox_mu,
+        robust_rule=args.robust_rule, trim_beta=args.trim_beta, robust_clip=args.robust_clip,
     )
     values.update(overrides)
     return JobSpec(**values)
@@ -86,7 +109,11 @@ def _export(args) -> int:
 
     specs = [spec_from_args(args, name=name, **extra) for name, extra in COMMITTED_JOBS.items()] if args.all else [spec_from_args(args)]
     for spec in specs:
-        folder = export_job(spec, Path(args.out))
+        try:
+            folder = export_job(spec, Path(args.out))
+        except ValueError as exc:  # a bad setting (sampling, server optimiser, ...): the components refuse it
+            print(f"fedmed job export: error: {exc}", file=sys.stderr)
+            return 2
         print(f"wrote {folder}")
     return 0
 
@@ -95,7 +122,9 @@ def _simulate(args) -> int:
     import os
 
     from fedmed_components.flare.job import run_simulator
+    from fedmed_components.flare.job_check import check_job_folder
 
+    check_job_folder(args.job_folder)  # a bad config fails here, not in the simulator's log
     if args.data:
         os.environ["FEDMED_DATA"] = str(Path(args.data).resolve())
     workspace = run_simulator(args.job_folder, args.workspace, args.sites.split(","), timeout=args.timeout)

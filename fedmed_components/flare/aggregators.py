@@ -10,6 +10,7 @@ losses are known without holding K adapters in memory.
 from __future__ import annotations
 
 import shutil
+import statistics
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,8 @@ from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.aggregators.model_aggregator import ModelAggregator
 from safetensors.torch import load_file, save_file
 
-from fedmed_components import aggregation
+from fedmed_components import aggregation, robust_aggregation
+from fedmed_components.flare.wire import SERVER_OPTIMIZER_STATE
 from fedmed_components.update_validation import Rejection, norm_outliers, update_norm, validate_update
 
 
@@ -83,6 +85,11 @@ class AdapterAggregator(ModelAggregator):
         """Instructions that travel with the global adapter to the sites."""
         return {}
 
+    def resume_state(self, meta: dict, next_round: int) -> str | None:
+        """Take back what `round_meta` handed the persistor (the model's meta on load);
+        returns a line for the log. Plain averaging keeps nothing between rounds."""
+        return None
+
     @property
     def accepted_sites(self) -> list[str]:
         return sorted(self._accepted)
@@ -112,6 +119,9 @@ class AdapterAggregator(ModelAggregator):
                 weight = self.site_weight(meta)
             except (KeyError, TypeError, ValueError) as exc:
                 rejection = Rejection(site=site, round=self.round, reason=f"bad aggregation metadata: {exc}")
+            else:
+                if not weight > 0:  # e.g. no supervised token this round: it would count for nothing, or zero the sum
+                    rejection = Rejection(site=site, round=self.round, reason=f"aggregation weight {weight:g} (nothing to count it by this round)")
         if rejection is not None:
             self.rejections.append(rejection)
             self.warning(f"rejected update from {site} in round {self.round}: {rejection.reason}")
@@ -123,6 +133,10 @@ class AdapterAggregator(ModelAggregator):
         if self.streaming:
             self._averager.add(params, weight)
         self.info(f"accepted update from {site}: {len(params)} LoRA tensors, weight {weight:g}, update norm {norm:.4g}")
+        if isinstance(meta.get("dp_sgd"), dict):  # the site's record-level privacy spent so far
+            dp = meta["dp_sgd"]
+            self.info(f"{site} DP-SGD: epsilon {dp.get('epsilon', float('nan')):.3f} at delta {dp.get('delta')} "
+                      f"after {dp.get('steps')} steps (record: {dp.get('record')}, noise {dp.get('noise_multiplier')}, clip {dp.get('clip')})")
         return True
 
     def drop_norm_outliers(self) -> None:
@@ -175,6 +189,7 @@ class AdapterAggregator(ModelAggregator):
             "train_loss": mean("train_loss"),
             "val_loss": mean("val_loss"),
             "num_supervised_tokens": sum(int(a.meta.get("num_supervised_tokens", 0)) for a in entries),
+            **({"dp_sgd": dp} if (dp := {a.site: a.meta["dp_sgd"] for a in entries if isinstance(a.meta.get("dp_sgd"), dict)}) else {}),
         }
 
     def candidates(self) -> dict[str, dict[str, torch.Tensor]]:
@@ -281,8 +296,11 @@ class _ServerOptimizerStep:
     """Mixin: the round's weighted average ``x_bar`` gives the pseudo-gradient
     ``x_bar - x`` for a server optimiser (``aggregation.server_optimizer_step``) that
     moves the global ``x`` (the adapter sent this round, ``reference``). The moments
-    persist between rounds; ``optimizer_state``/``load_optimizer_state`` let a persistor
-    keep them across a restart."""
+    persist between rounds; across a restart they travel in the round's meta
+    (``SERVER_OPTIMIZER_STATE``): ``round_meta`` hands them to the persistor, which
+    returns them with the adapter on load, and ``resume_state`` takes them back."""
+
+    _always_serialize_args = ("rule", "lr")  # a job folder names its optimiser even at the defaults
 
     def _init_optimizer(self, rule: str, lr: float, beta1: float, beta2: float, tau: float) -> None:
         aggregation.check_server_optimizer(rule, lr, beta1, beta2, tau)
@@ -296,7 +314,20 @@ class _ServerOptimizerStep:
         return dict(self._opt_state)
 
     def load_optimizer_state(self, state: dict[str, torch.Tensor]) -> None:
+        moments = {key.split("/", 1)[0] for key in state}
+        expected = {"m"} if self.rule == "fedavgm" else {"m", "v"}
+        if state and moments != expected:
+            raise ValueError(f"the saved server optimiser state holds moments {sorted(moments)}, {self.rule} keeps {sorted(expected)}")
         self._opt_state = self._round_start_state = {k: v.float() for k, v in state.items()}
+
+    def resume_state(self, meta: dict, next_round: int) -> str | None:
+        state = meta.get(SERVER_OPTIMIZER_STATE)
+        if state:
+            self.load_optimizer_state(state)
+            return f"{self.rule} state resumed: {len(state)} moment tensors from round {next_round - 1}"
+        if next_round:
+            self.warning(f"resuming at round {next_round} without a saved {self.rule} state: its moments start again from zero")
+        return None
 
     def begin_round(self, reference: dict[str, torch.Tensor], round_number: int) -> None:
         super().begin_round(reference, round_number)
@@ -317,7 +348,11 @@ class _ServerOptimizerStep:
         return new
 
     def round_meta(self) -> dict:
-        return {**super().round_meta(), "server_optimizer": {"rule": self.rule, "lr": self.lr, **self._step_norms}}
+        return {
+            **super().round_meta(),
+            "server_optimizer": {"rule": self.rule, "lr": self.lr, **self._step_norms},
+            SERVER_OPTIMIZER_STATE: self.optimizer_state(),  # for the persistor, kept with the round's adapter
+        }
 
 
 class ServerOptimizerAggregator(_ServerOptimizerStep, FedMedLoRAAggregator):
@@ -334,6 +369,87 @@ class ServerOptimizerPlusAggregator(_ServerOptimizerStep, FedMedLoRAPlusAggregat
     def __init__(self, rule: str = "fedadam", lr: float = 1e-2, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3, temperature: float = 1.0, use_sizes: bool = False, max_norm_ratio: float = 10.0, head_modules: list[str] | None = None):
         super().__init__(temperature=temperature, use_sizes=use_sizes, max_norm_ratio=max_norm_ratio, head_modules=head_modules)
         self._init_optimizer(rule, lr, beta1, beta2, tau)
+
+
+class RobustAggregator(AdapterAggregator):
+    """Byzantine-robust aggregation (``robust_aggregation``) of the sites' updates
+    ``x_k - x_global`` after the usual screening, added back to the global adapter.
+
+    ``robust_rule``: ``median`` (coordinate-wise; tolerates f < K/2 sites sending
+    anything), ``trimmed_mean`` (drops the ``floor(trim_beta * K)`` largest and smallest
+    values per coordinate; tolerates that many per side) or ``norm_bounded`` (each
+    update scaled down to at most ``clip``, default the median of the round's update
+    norms, then the ``weighting`` mean: it bounds a scaled update's pull but lets a
+    wrong direction at an honest norm through). Median and trimmed mean give each site
+    one vote, so the reported weights are uniform; ``norm_bounded`` keeps ``weighting``.
+    See docs/robust_aggregation.md for which rule to choose.
+    """
+
+    streaming = False  # the coordinate rules need every update of the round
+
+    def __init__(
+        self,
+        robust_rule: str = "median",
+        trim_beta: float = 0.2,
+        clip: float | None = None,
+        weighting: str = "supervised_tokens",
+        max_norm_ratio: float = 10.0,
+        head_modules: list[str] | None = None,
+    ):
+        super().__init__(weighting=weighting, max_norm_ratio=max_norm_ratio, head_modules=head_modules)
+        if robust_rule not in robust_aggregation.ROBUST_RULES:
+            raise ValueError(f"unknown robust_rule {robust_rule!r}: use one of {', '.join(robust_aggregation.ROBUST_RULES)}")
+        if not (0 <= float(trim_beta) < 0.5):
+            raise ValueError(f"trim_beta must be in [0, 0.5), got {trim_beta}")
+        if clip is not None and not (float(clip) > 0 and float(clip) != float("inf")):
+            raise ValueError(f"clip must be a positive number or None (the median update norm), got {clip}")
+        # kept as given: FLARE exports constructor args by name
+        self.robust_rule = robust_rule
+        self.trim_beta = trim_beta
+        self.clip = clip
+        self._robust_report: dict = {}
+
+    def reset_stats(self):
+        super().reset_stats()
+        self._robust_report = {}
+
+    def _options(self) -> dict:
+        if self.robust_rule == "trimmed_mean":
+            return {"beta": float(self.trim_beta)}
+        if self.robust_rule == "norm_bounded" and self.clip is not None:
+            return {"clip": float(self.clip)}
+        return {}
+
+    def combine(self) -> dict[str, torch.Tensor]:
+        sites = sorted(self._accepted)
+        rule, k = self.robust_rule, len(sites)
+        if not self.reference:
+            self.warning(f"round {self.round}: no global adapter to take updates from; using the weighted average")
+            return self.averaged()
+        updates = [aggregation.adapter_difference(load_file(str(self._accepted[s].path)), self.reference) for s in sites]
+        weights = [self._accepted[s].weight for s in sites]
+        aggregate = robust_aggregation.robust_aggregate(updates, rule, weights=weights, **self._options())
+        tolerated = robust_aggregation.tolerated_attackers(rule, k, self.trim_beta if rule == "trimmed_mean" else None)
+        report = {"rule": rule, "sites": k, "tolerated_attackers": tolerated, "update_norm": update_norm(aggregate)}
+        if rule == "trimmed_mean":
+            report["trim_beta"] = float(self.trim_beta)
+        if rule == "norm_bounded":
+            norms = {s: self._accepted[s].norm for s in sites}
+            clip = float(self.clip) if self.clip is not None else statistics.median(norms.values())
+            report["clip"] = clip
+            report["clipped"] = {s: round(n / clip, 4) for s, n in norms.items() if clip > 0 and n > clip}
+        else:
+            for site in sites:  # one site, one vote: what the round's weights report
+                self._accepted[site].weight = 1.0
+        if tolerated == 0:
+            self.warning(f"round {self.round}: {rule} over {k} site(s) tolerates no attacker (see docs/robust_aggregation.md)")
+        self._robust_report = report
+        details = ", ".join(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}" for key, value in report.items() if key != "rule")
+        self.info(f"round {self.round} robust aggregation {rule}: {details}")
+        return robust_aggregation.state_from_update(self.reference, aggregate)
+
+    def round_meta(self) -> dict:
+        return {**super().round_meta(), "robust": dict(self._robust_report)}
 
 
 def _weighted_mean(pairs) -> float:

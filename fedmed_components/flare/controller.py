@@ -3,6 +3,8 @@
 FLARE's FedAvg waits forever for a sampled site and has no step for Fed-MedLoRA+'s
 candidate scoring, so this controller runs the round itself, with a timeout on every
 task: a site that does not answer in time is dropped for that round, not awaited.
+Optionally each round trains a seeded sample of the sites (`sampling.sample_sites`);
+the others get no task that round.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import time
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.workflows.model_controller import ModelController
 
-from fedmed_components import aggregation
+from fedmed_components import aggregation, sampling
 from fedmed_components.flare.wire import CANDIDATES_TASK, TRAIN_TASK, pack_candidates
 
 LOSS_SOURCES = ("none", "server", "sites")
@@ -30,6 +32,9 @@ class FedMedController(ModelController):
         train_timeout: int = 3600,
         eval_timeout: int = 1800,
         task_check_period: float = 0.2,
+        sample_fraction: float | None = None,
+        sample_clients: int | None = None,
+        sample_seed: int = 0,
     ):
         super().__init__(persistor_id=persistor_id, task_check_period=task_check_period)  # FLARE polls its tasks at this period too (its default: 0.5 s)
         if loss_source not in LOSS_SOURCES:
@@ -42,6 +47,10 @@ class FedMedController(ModelController):
         self.train_timeout = train_timeout
         self.eval_timeout = eval_timeout
         self.task_check_period = task_check_period
+        sampling.check_sampling(sample_fraction, sample_clients)
+        self.sample_fraction = sample_fraction
+        self._sample_clients = sample_clients  # underscore: ModelController has a sample_clients method
+        self.sample_seed = sample_seed
         self.aggregator = None
         self.evaluator = None
 
@@ -56,6 +65,10 @@ class FedMedController(ModelController):
             return
         if start:
             self.info(f"resuming at round {start} of {self.num_rounds}")
+        # State the aggregator keeps between rounds (server optimiser moments) comes back with the adapter.
+        resumed = self.aggregator.resume_state(model.meta or {}, start)
+        if resumed:
+            self.info(resumed)
         global_params = model.params
         for rnd in range(start, self.num_rounds):
             if self.abort_signal.triggered:
@@ -70,7 +83,11 @@ class FedMedController(ModelController):
         self.info(f"round {rnd} started")
         self.aggregator.fl_ctx = self.fl_ctx
         self.aggregator.begin_round(global_params, rnd)
-        clients = self.sample_clients()
+        try:
+            clients, available = self.round_sites(rnd)
+        except ValueError as exc:
+            self.panic(f"round {rnd}: {exc}")
+            return None
         outgoing = FLModel(params=global_params, params_type=ParamsType.FULL, current_round=rnd, total_rounds=self.num_rounds, meta=self.aggregator.outgoing_meta())
         # A failed or silent site must not stop the round while min_clients can still answer.
         self.broadcast_model(
@@ -101,10 +118,19 @@ class FedMedController(ModelController):
         if self.loss_source != "none":
             self.aggregator.set_losses(self.candidate_losses(rnd, answered))
         result = self.aggregator.aggregate_model()
-        result.meta.update(current_round=rnd, round_seconds=round(time.perf_counter() - started, 3))
+        result.meta.update(current_round=rnd, sampled=clients, available=available, round_seconds=round(time.perf_counter() - started, 3))
         self.save_model(FLModel(params=result.params, params_type=ParamsType.FULL, meta=result.meta, current_round=rnd))
         self.info(f"round {rnd} done in {result.meta['round_seconds']:.1f} s with {answered}")
         return result.params
+
+    def round_sites(self, rnd: int) -> tuple[list[str], list[str]]:
+        """(the sites that train this round, the connected sites they were drawn from)."""
+        available = sorted(client.name for client in self.engine.get_clients())
+        chosen = sampling.sample_sites(
+            available, rnd, fraction=self.sample_fraction, count=self._sample_clients, seed=self.sample_seed, min_sites=self.min_clients
+        )
+        self.info(f"round {rnd}: sampled {chosen} of {available}")
+        return chosen, available
 
     def candidate_losses(self, rnd: int, sites: list[str]) -> dict[str, float]:
         """Each candidate adapter's validation loss, from the server or from the sites."""

@@ -19,7 +19,14 @@ from pathlib import Path
 
 from fedmed_components.processes import blas_thread_caps, stop_process_trees
 
-ALGORITHMS = ("fed_medlora", "fed_medlora_plus", "fedsa_lora", "fed_exact_lora")
+# Server optimisers (Reddi et al. 2021) on Fed-MedLoRA's token-weighted average: job algorithm -> rule.
+SERVER_OPTIMIZERS = {"fed_avgm": "fedavgm", "fed_adam": "fedadam", "fed_yogi": "fedyogi"}
+ALGORITHMS = ("fed_medlora", "fed_medlora_plus", "fedsa_lora", "fed_exact_lora", *SERVER_OPTIMIZERS, "fed_prox")
+# FedProx (Li et al. 2020): Fed-MedLoRA's aggregation, sites train with a proximal term.
+PROX_MU_DEFAULT = 0.01
+# FedAvgM's usual server lr is 1 (lr 1 without momentum is FedAvg); the adaptive rules
+# divide by sqrt(v), so each coordinate moves about lr per round: far smaller.
+SERVER_LR_DEFAULTS = {"fedavgm": 1.0, "fedadam": 1e-2, "fedyogi": 1e-2}
 SITE_SCRIPT = Path(__file__).resolve().parents[2] / "custom" / "fedmed_site.py"
 
 
@@ -44,6 +51,24 @@ class JobSpec:
     server_val_data: str | None = None
     weighting: str = "supervised_tokens"
     max_norm_ratio: float = 10.0
+    # fed_avgm / fed_adam / fed_yogi: server lr (None: SERVER_LR_DEFAULTS), momentum
+    # beta1, second-moment beta2 and tau (adaptive rules)
+    server_lr: float | None = None
+    server_beta1: float = 0.9
+    server_beta2: float = 0.99
+    server_tau: float = 1e-3
+    # Client sampling per round (controller): a fraction or a count of the connected
+    # sites, seeded, never fewer than min_clients; None for both: every site trains.
+    sample_fraction: float | None = None
+    sample_clients: int | None = None
+    sample_seed: int = 0
+    # fed_prox: mu of the sites' proximal term (None: PROX_MU_DEFAULT; 0 is plain Fed-MedLoRA)
+    prox_mu: float | None = None
+    # fed_medlora with a Byzantine-robust rule on the updates (docs/robust_aggregation.md):
+    # median | trimmed_mean (trim_beta per side) | norm_bounded (robust_clip; None: median norm)
+    robust_rule: str | None = None
+    trim_beta: float = 0.2
+    robust_clip: float | None = None
     train_timeout: int = 3600
     eval_timeout: int = 1800
     output_dir: str = "fedmed_adapters"
@@ -83,13 +108,20 @@ class JobSpec:
             args += ["--task-model", self.task_model, "--target-modules", ",".join(self.lora()["target_modules"])]
         if not self.tensorboard:
             args += ["--no-tensorboard"]
+        if self.algorithm == "fed_prox":
+            args += ["--prox-mu", str(PROX_MU_DEFAULT if self.prox_mu is None else self.prox_mu)]
         return shlex.join(args) + (" " + self.extra_site_args if self.extra_site_args else "")
 
 
 def build_aggregator(spec: JobSpec):
     from fedmed_components.flare import aggregators as agg
 
-    if spec.algorithm == "fed_medlora":
+    if spec.robust_rule is not None:
+        if spec.algorithm != "fed_medlora":
+            raise ValueError(f"a robust rule ({spec.robust_rule}) applies to fed_medlora's updates, not to {spec.algorithm}")
+        return agg.RobustAggregator(robust_rule=spec.robust_rule, trim_beta=spec.trim_beta, clip=spec.robust_clip,
+                                    weighting=spec.weighting, max_norm_ratio=spec.max_norm_ratio, head_modules=spec.head_modules())
+    if spec.algorithm in ("fed_medlora", "fed_prox"):
         return agg.FedMedLoRAAggregator(weighting=spec.weighting, max_norm_ratio=spec.max_norm_ratio, head_modules=spec.head_modules())
     if spec.algorithm == "fed_medlora_plus":
         return agg.FedMedLoRAPlusAggregator(max_norm_ratio=spec.max_norm_ratio, head_modules=spec.head_modules())
@@ -97,6 +129,13 @@ def build_aggregator(spec: JobSpec):
         return agg.FedSALoRAAggregator(num_rounds=spec.num_rounds, weighting=spec.weighting, max_norm_ratio=spec.max_norm_ratio)
     if spec.algorithm == "fed_exact_lora":
         return agg.ExactLoRAAggregator(rank=spec.rank, alpha=spec.alpha, weighting=spec.weighting, max_norm_ratio=spec.max_norm_ratio)
+    if spec.algorithm in SERVER_OPTIMIZERS:
+        rule = SERVER_OPTIMIZERS[spec.algorithm]
+        return agg.ServerOptimizerAggregator(
+            rule=rule, lr=spec.server_lr if spec.server_lr is not None else SERVER_LR_DEFAULTS[rule],
+            beta1=spec.server_beta1, beta2=spec.server_beta2, tau=spec.server_tau,
+            weighting=spec.weighting, max_norm_ratio=spec.max_norm_ratio,
+        )
     raise ValueError(f"unknown algorithm {spec.algorithm!r}; choose from {ALGORITHMS}")
 
 
@@ -133,6 +172,9 @@ def build_job(spec: JobSpec):
             evaluator_id="evaluator" if loss_source == "server" else None,
             train_timeout=spec.train_timeout,
             eval_timeout=spec.eval_timeout,
+            sample_fraction=spec.sample_fraction,
+            sample_clients=spec.sample_clients,
+            sample_seed=spec.sample_seed,
         ),
         id="controller",
     )

@@ -4,6 +4,9 @@ The server never loads base weights: the first adapter is built from the model's
 on the meta device (or read from a given PEFT folder). Every round is written atomically
 as ``round_NNN/``, the latest as ``global/`` and the best so far as ``best/``;
 ``state.json`` records the last finished round so a restarted job resumes after it.
+A server optimiser's moments (round meta ``SERVER_OPTIMIZER_STATE``) are kept as
+``server_optimizer.safetensors`` in ``round_NNN/`` and ``global/`` and come back with
+the adapter on resume.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.abstract.model import ModelLearnable, ModelLearnableKey, make_model_learnable
 from nvflare.app_common.abstract.model_persistor import ModelPersistor
 from nvflare.app_common.app_constant import AppConstants
+from safetensors.torch import load_file, save_file
 
+from fedmed_components.flare.wire import SERVER_OPTIMIZER_STATE
 from fedmed_components.modeling import (
     LoraSettings,
     fsync_path,
@@ -28,6 +33,7 @@ from fedmed_components.modeling import (
 )
 
 STATE_FILE = "state.json"
+SERVER_OPTIMIZER_FILE = "server_optimizer.safetensors"
 
 
 class AdapterPersistor(ModelPersistor):
@@ -85,7 +91,10 @@ class AdapterPersistor(ModelPersistor):
             tensors, _, _ = load_adapter_folder(folder)
             next_round = int(state["last_round"]) + 1
             self.log_info(fl_ctx, f"resuming from {folder}: next round {next_round}")
-            return make_model_learnable(tensors, {"next_round": next_round, "resumed": True})
+            meta = {"next_round": next_round, "resumed": True}
+            if (folder / SERVER_OPTIMIZER_FILE).exists():
+                meta[SERVER_OPTIMIZER_STATE] = load_file(str(folder / SERVER_OPTIMIZER_FILE))
+            return make_model_learnable(tensors, meta)
         if self.initial_adapter:
             tensors, _, _ = load_adapter_folder(self.initial_adapter)
             self.log_info(fl_ctx, f"initial adapter from {self.initial_adapter}")
@@ -96,14 +105,18 @@ class AdapterPersistor(ModelPersistor):
 
     def save_model(self, learnable: ModelLearnable, fl_ctx: FLContext):
         meta = dict(learnable.get(ModelLearnableKey.META) or {})
+        optimizer_state = meta.pop(SERVER_OPTIMIZER_STATE, None)  # tensors: a file, not part of the record
         weights = learnable[ModelLearnableKey.WEIGHTS]
         rnd = meta.get("current_round", fl_ctx.get_prop(AppConstants.CURRENT_ROUND))
         root = self.root(fl_ctx)
         record = {k: v for k, v in meta.items() if isinstance(v, (int, float, str, list, dict, bool)) or v is None}
         base = resolve_model(self.model)
+        # The optimiser file goes in after its folder (which the rename replaces whole);
+        # state.json, written last, names only rounds whose folder holds both.
         if self.keep_rounds and rnd is not None:
-            save_adapter_folder(weights, self.lora_settings, base, root / f"round_{int(rnd):03d}", extra_meta=record)
-        save_adapter_folder(weights, self.lora_settings, base, root / "global", extra_meta=record)
+            folder = save_adapter_folder(weights, self.lora_settings, base, root / f"round_{int(rnd):03d}", extra_meta=record)
+            _save_optimizer_state(optimizer_state, folder)
+        _save_optimizer_state(optimizer_state, save_adapter_folder(weights, self.lora_settings, base, root / "global", extra_meta=record))
         state = self._state(fl_ctx)
         metric = meta.get(self.best_metric)
         if _is_better(metric, state.get("best_value"), self.best_mode):
@@ -138,6 +151,17 @@ def _is_better(value, best, mode: str) -> bool:
     if best is None:
         return True
     return value < best if mode == "min" else value > best
+
+
+def _save_optimizer_state(state: dict | None, folder: Path) -> None:
+    """Temp file in the store root (a name a restart clears), fsync, rename into folder."""
+    if not state:
+        return
+    tmp = folder.parent / f".{SERVER_OPTIMIZER_FILE}-{folder.name}"
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in state.items()}, str(tmp))
+    fsync_path(tmp)
+    os.replace(tmp, folder / SERVER_OPTIMIZER_FILE)
+    fsync_path(folder)
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:

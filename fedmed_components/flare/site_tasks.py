@@ -42,6 +42,10 @@ def train(runtime, incoming: FLModel, send: str = "full", tracker=None) -> FLMod
     }
     if val_f1 is not None:
         meta["val_f1"] = val_f1
+    if stats.privacy is not None:  # record-level DP-SGD: epsilon over every step so far
+        meta["dp_sgd"] = stats.privacy
+        log.info("%s round %s: DP-SGD epsilon %.3f at delta %g after %d steps (record: %s)", runtime.site_name,
+                 incoming.current_round, stats.privacy["epsilon"], stats.privacy["delta"], stats.privacy["steps"], stats.privacy["record"])
     if runtime.input_skipped:
         meta["input_skipped"] = runtime.input_skipped
     log.info(

@@ -38,6 +38,8 @@ class SiteTracker:
         self.writer.add_scalar("round/supervised_tokens", stats.num_supervised_tokens, global_step=rnd)
         if val_f1 is not None:  # the BERT baseline's lenient entity F1 on the validation notes
             self.writer.add_scalar("round/val_f1", val_f1, global_step=rnd)
+        if getattr(stats, "privacy", None):  # record-level DP-SGD
+            self.writer.add_scalar("round/dp_epsilon", stats.privacy["epsilon"], global_step=rnd)
 
 
 def add_tensorboard(job) -> None:

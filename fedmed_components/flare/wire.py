@@ -7,6 +7,11 @@ VALIDATE_TASK = "validate"
 SUBMIT_MODEL_TASK = "submit_model"
 CANDIDATES_TASK = "score_candidates"  # Fed-MedLoRA+ with losses measured at the sites
 
+# Round-meta key for the server optimiser's moments (tensors): the aggregator puts them in
+# the round's result, the persistor writes them beside the adapter and returns them with
+# it on resume, the controller gives them back to the aggregator. Never sent to sites.
+SERVER_OPTIMIZER_STATE = "server_optimizer_state"
+
 _SEP = "::"
 
 
