@@ -96,8 +96,8 @@ def f1_runs(model: str, work: Path, timeout: float, **overrides) -> dict:
     """The demo experiment twice: fp32 and int8 adapter transfer, same everything else
     (``overrides``: DemoConfig fields, e.g. fewer rounds on a busy machine)."""
     import torch
-
     from flare_bench import metered_job
+
     from fedmed_components.demo import DemoConfig, evaluate_adapter, write_demo_data
     from fedmed_components.flare.job import JobSpec, run_simulator
     from fedmed_components.modeling import LoraSettings, load_adapter_folder, resolve_model

@@ -37,8 +37,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fedmed_components.processes import blas_thread_caps  # noqa: E402
 from flare_bench import RunRecord, metered_job, row, run_metered_simulation, tiny_spec, write_site_data  # noqa: E402
+
+from fedmed_components.processes import blas_thread_caps  # noqa: E402
 
 TARGET_OVERHEAD_S = 2.0
 

@@ -42,7 +42,7 @@ def site_documents(cfg):
 
 
 def count_tokens(tokenizer, docs, types, style: str, max_length: int) -> dict:
-    from fedmed_components.prompts import _ids, document_examples, render_chat, prompt_style
+    from fedmed_components.prompts import _ids, document_examples, prompt_style, render_chat
 
     system = prompt_style(style).system
     totals = {"ner": [0, 0, 0, 0], "modifier": [0, 0, 0, 0]}  # examples, fixed, sentence, answer

@@ -24,9 +24,9 @@ import os
 import re
 import warnings
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 from tqdm.auto import tqdm
 
@@ -71,7 +71,7 @@ class ReadReport:
     def skipped(self) -> int:
         return sum(self.counts.values())
 
-    def merge(self, other: "ReadReport") -> None:
+    def merge(self, other: ReadReport) -> None:
         self.counts.update(other.counts)
         self.problems.extend(other.problems)
         self.not_carried.update(other.not_carried)

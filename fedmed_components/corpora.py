@@ -15,9 +15,9 @@ import logging
 import os
 import re
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 from fedmed_components.bioc import read_bioc_files
 from fedmed_components.brat import (

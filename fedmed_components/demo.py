@@ -43,7 +43,7 @@ class DemoConfig:
     timeout: float = 900
 
     @classmethod
-    def for_model(cls, model: str, **overrides) -> "DemoConfig":
+    def for_model(cls, model: str, **overrides) -> DemoConfig:
         preset = dict(PRESETS.get(model, PRESETS["smollm2-135m"]))
         preset.update({k: v for k, v in overrides.items() if v is not None})
         return cls(model=model, **preset)
@@ -55,7 +55,7 @@ def write_demo_data(cfg: DemoConfig, data_dir: Path) -> tuple[list[str], list[Do
 
     corpus = demo_corpus(n_sites=cfg.sites, docs_per_site=cfg.docs_per_site + cfg.test_docs + 2, seed=cfg.seed)
     sites, test = [], []
-    for i, (style, docs) in enumerate(sorted(corpus.items()), start=1):
+    for i, (_style, docs) in enumerate(sorted(corpus.items()), start=1):
         site = f"site-{i}"
         docs = list(docs)
         random.Random(cfg.seed + i).shuffle(docs)

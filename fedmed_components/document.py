@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
 
 
 class InputError(ValueError):
@@ -50,7 +50,7 @@ class Entity:
         return out
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Entity":
+    def from_dict(cls, d: dict) -> Entity:
         return cls(
             id=str(d["id"]),
             type=str(d["type"]),
@@ -70,7 +70,7 @@ class Relation:
         return {"type": self.type, "head": self.head, "tail": self.tail}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Relation":
+    def from_dict(cls, d: dict) -> Relation:
         return cls(type=str(d["type"]), head=str(d["head"]), tail=str(d["tail"]))
 
 
@@ -98,7 +98,7 @@ class Document:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Document":
+    def from_dict(cls, d: dict) -> Document:
         return cls(
             id=str(d["id"]),
             site=_optional(d, "site", str),

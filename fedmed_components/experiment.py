@@ -526,12 +526,14 @@ class Experiment:
             self.validation_scores(record, state, folder.parent / "round_scores" / f"round_{record['round']:03d}")
 
     def make_run(self, run_id: str) -> dict:
-        from fedmed_components.modeling import load_adapter_folder
+        from fedmed_components.modeling import default_device, load_adapter_folder
+        from fedmed_components.precision import resolve_precision
 
         cfg, run_dir = self.cfg, self.run_dir(run_id)
         _start_over_if_changed(run_id, cfg, run_dir)
         folders = [s.folder for s in self.sites]
-        result: dict = {"run": run_id, "status": "done"}
+        # precision "auto" is bf16 on a CPU with AVX512-BF16 and fp32 on one without: say which ran
+        result: dict = {"run": run_id, "status": "done", "resolved_precision": resolve_precision(cfg.precision, default_device())}
 
         def after_round(record, state):
             if cfg.f1_every_round:
@@ -648,8 +650,8 @@ def prepare(cfg: ExperimentConfig, work: Path) -> tuple[list[PreparedSite], Prep
 
 
 def run_experiment(cfg: ExperimentConfig, out: str | os.PathLike, *, work: str | os.PathLike | None = None, only: list[str] | None = None) -> dict[str, dict]:
-    from fedmed_components.modeling import resolve_model
     from fedmed_components.experiment_report import write_report
+    from fedmed_components.modeling import resolve_model
 
     out = Path(out).resolve()
     work = Path(work).resolve() if work else out / "work"

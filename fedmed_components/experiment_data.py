@@ -79,7 +79,7 @@ def load_source(source: DataSource, seed: int) -> tuple[list[Document], list[Doc
         return generate_site_corpus(source.name, source.synthetic_docs, seed, source.synthetic_style), None
     if not source.path:
         raise InputError(None, None, f"data source {source.name!r}: give a path or synthetic_style")
-    from fedmed_components.corpora import load_corpus, mtsamples_note_type
+    from fedmed_components.corpora import mtsamples_note_type
 
     docs = _load_quietly(source.path, source.mapping, source.name)
     if source.note_type:

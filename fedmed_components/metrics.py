@@ -184,10 +184,10 @@ def format_table(result: dict) -> str:
     lines = [f"{result['documents']} documents, {result['parse_failures']} parse failures", "", head]
 
     def row(label: str, scores: dict) -> str:
-        s, l = scores["strict"], scores["lenient"]
+        s, le = scores["strict"], scores["lenient"]
         return (
             f"{label:22s} {s['precision']:8.3f} {s['recall']:6.3f} {s['f1']:6.3f} {s['tp']:6d} {s['fp']:6d} {s['fn']:6d}"
-            f"   {l['precision']:9.3f} {l['recall']:6.3f} {l['f1']:6.3f}"
+            f"   {le['precision']:9.3f} {le['recall']:6.3f} {le['f1']:6.3f}"
         )
 
     lines.append(row("entities (micro)", result["entities"]))

@@ -70,7 +70,7 @@ class LoraSettings:
         )
 
     @classmethod
-    def from_dict(cls, d: dict) -> "LoraSettings":
+    def from_dict(cls, d: dict) -> LoraSettings:
         return cls(**{k: d[k] for k in ("r", "alpha", "dropout", "target_modules", "task_type") if k in d})
 
 
@@ -245,7 +245,7 @@ def _check_model_exists(name: str) -> None:
             raise ModelError(f"model folder {name} holds no config.json (a folder written by save_pretrained is what --model takes)")
         return
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import HFValidationError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
         hf_hub_download(name, "config.json")

@@ -49,7 +49,7 @@ class TrainSettings:
     seed: int = 0
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainSettings":
+    def from_dict(cls, d: dict) -> TrainSettings:
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in d.items() if k in known})
 
@@ -249,7 +249,7 @@ class LocalTrainer:
             torch.nn.utils.clip_grad_norm_(self._trainable(), self.settings.max_grad_norm)
         return float(loss.detach()), n_sup, int(batch["attention_mask"].sum())
 
-    def _dp_plan(self, examples: list[dict], total: int) -> "_PrivatePlan":
+    def _dp_plan(self, examples: list[dict], total: int) -> _PrivatePlan:
         """Records, and the sampling rate that puts batch_size records in a step on average
         (a note-level step trains every example of its notes, in batches of batch_size)."""
         if self.settings.prox_mu:
@@ -270,7 +270,7 @@ class LocalTrainer:
             self.accountant.step(self.dp.noise_multiplier, count=missing, sample_rate=rate)
         return _PrivatePlan(groups=list(members.values()), rate=rate)
 
-    def _dp_step(self, examples: list[dict], plan: "_PrivatePlan", rng: random.Random) -> tuple[list[dict], float, int, int]:
+    def _dp_step(self, examples: list[dict], plan: _PrivatePlan, rng: random.Random) -> tuple[list[dict], float, int, int]:
         """One DP-SGD step: Poisson-sampled records, per-record clipped gradients plus noise."""
         params, size = self._trainable(), self.settings.batch_size
         rows = [row for g in poisson_sample(len(plan.groups), plan.rate, rng) for row in plan.groups[g]]

@@ -36,8 +36,8 @@ def test_json_output_has_the_contract_keys(tmp_path, capsys):
                     result["relations"]["lenient"], result["entities"]["per_type"]["drug"]["strict"]):
         assert set(metrics) == {"precision", "recall", "f1", "tp", "fp", "fn"}
     assert result["documents"] == 1 and result["parse_failures"] == 2
-    s, l = result["entities"]["strict"], result["entities"]["lenient"]
-    assert (s["tp"], s["fp"], s["fn"]) == (1, 1, 3) and (l["tp"], l["fp"], l["fn"]) == (2, 0, 2)
+    s, le = result["entities"]["strict"], result["entities"]["lenient"]
+    assert (s["tp"], s["fp"], s["fn"]) == (1, 1, 3) and (le["tp"], le["fp"], le["fn"]) == (2, 0, 2)
     assert result["relations"]["lenient"]["fn"] == 2
 
 

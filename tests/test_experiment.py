@@ -84,8 +84,8 @@ def test_default_config_names_the_real_corpora():
 
 def _table_rows(markdown: str, heading: str) -> tuple[list[str], dict[str, list[str]]]:
     section = markdown.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
-    lines = [l for l in section.splitlines() if l.startswith("|")]
-    cells = [[c.strip() for c in l.strip("|").split("|")] for l in lines]
+    lines = [line for line in section.splitlines() if line.startswith("|")]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
     return cells[0], {row[0]: row for row in cells[2:]}
 
 
@@ -119,6 +119,7 @@ def test_mini_experiment_end_to_end(tmp_path, capsys):
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     results = {r: json.loads((out / f"{r}.json").read_text()) for r in run_ids}
     assert all(r["status"] == "done" for r in results.values())
+    assert all(r["resolved_precision"] in ("fp32", "bf16") for r in results.values())
     assert not list(out.glob("*.jsonl")), "predictions (note text) belong in the work folder"
 
     # The federated run went through the simulator and its persistor's rounds.

@@ -11,7 +11,6 @@ import torch
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from safetensors.torch import load_file
 
-from fedmed_components import aggregation
 from fedmed_components.flare.aggregators import ExactLoRAAggregator, FedMedLoRAAggregator, FedMedLoRAPlusAggregator, FedSALoRAAggregator
 
 # Runs in this process and in a fresh interpreter; writes every rule's result.
@@ -87,7 +86,7 @@ def _update(site, params, tokens, loss):
 def test_flare_aggregator_result_does_not_depend_on_arrival_order(make):
     rules = _rules()
     reference = rules["updates"](0, n=1)[0]
-    sites = {f"site-{i}": (u, t, l) for i, (u, t, l) in enumerate(zip(rules["updates"](3), [1200, 345, 78], [1.31, 0.97, 2.2]), 1)}
+    sites = {f"site-{i}": (u, t, loss) for i, (u, t, loss) in enumerate(zip(rules["updates"](3), [1200, 345, 78], [1.31, 0.97, 2.2]), 1)}
     results = []
     for order in itertools.permutations(sites):
         agg = make()

@@ -21,8 +21,8 @@ from dataclasses import replace
 
 import psutil
 import pytest
-
 from conftest import flare_processes_naming, hold_poc_lock
+
 from fedmed_components import poc
 from fedmed_components.document import write_jsonl
 from fedmed_components.flare.job import JobSpec, export_job

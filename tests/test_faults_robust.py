@@ -94,7 +94,7 @@ def recorded_round(folder: Path, sites: list[str]):
     for site in sites:
         tensors = load_file(str(folder / f"{site}.safetensors"))
         metas[site] = json.loads((folder / f"{site}.json").read_text())
-        part = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
+        part = lambda prefix, tensors=tensors: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
         received = part("global/")
         if global_state is None:
             global_state = received

@@ -36,8 +36,8 @@ def test_fed_bert_produces_a_peft_token_classifier_adapter(bert_run):
     from peft import PeftModel
     from transformers import AutoModelForTokenClassification
 
-    from fedmed_components.token_classification import NUM_LABELS, encoder_lora
     from fedmed_components.modeling import LoraSettings
+    from fedmed_components.token_classification import NUM_LABELS, encoder_lora
 
     spec, workspace, store = bert_run
     state, settings, meta = load_adapter_folder(store / "global")

@@ -2,16 +2,15 @@
 
 import dataclasses
 import json
-import os
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
+from fedmed_components.aggregation import is_lora_key
 from fedmed_components.document import write_jsonl
 from fedmed_components.flare.job import JobSpec, export_job, run_simulator
-from fedmed_components.aggregation import is_lora_key
 from fedmed_components.modeling import LoraSettings, initial_adapter_from_config, load_adapter_folder
 
 pytestmark = pytest.mark.slow

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from fedmed_components.commands.job import COMMITTED_JOBS
 from fedmed_components.cli import main
+from fedmed_components.commands.job import COMMITTED_JOBS
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -58,7 +58,7 @@ def test_empty_and_blank_text():
 @given(st.text(alphabet=st.sampled_from(list("ab Dr.12\n\r?!:ABC")), max_size=80))
 def test_segments_never_overlap_and_keep_offsets(text):
     spans = split_sentences(text)
-    for (s1, e1), (s2, e2) in zip(spans, spans[1:]):
+    for (_s1, e1), (s2, _e2) in zip(spans, spans[1:]):
         assert e1 <= s2
     for s, e in spans:
         assert 0 <= s < e <= len(text) and text[s:e].strip() == text[s:e]

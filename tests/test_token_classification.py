@@ -44,7 +44,7 @@ def _note() -> Document:
 def _decode_gold(examples, docs, tokenizer):
     """Turn the training labels back into spans, as prediction decodes logits."""
     spans = {"main": [], "modifier": []}
-    for ex, (_, _, ids, offsets) in zip(examples, tc._windows(docs, tokenizer, 256)):
+    for ex, (_, _, _ids, offsets) in zip(examples, tc._windows(docs, tokenizer, 256)):
         spans["main"] += tc.decode_bio([tc.MAIN_TAGS[i] for i in ex["main_labels"][1:-1]], offsets)
         spans["modifier"] += tc.decode_bio([tc.MODIFIER_TAGS[i] for i in ex["modifier_labels"][1:-1]], offsets)
     return spans

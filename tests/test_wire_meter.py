@@ -10,6 +10,7 @@ import torch
 from nvflare.apis.dxo import DXO, DataKind
 from nvflare.apis.event_type import EventType
 from nvflare.apis.fl_constant import FLContextKey
+from nvflare.apis.shareable import Shareable
 from nvflare.fuel.f3.cellnet.defs import MessageHeaderKey
 from nvflare.fuel.f3.message import Message
 from nvflare.fuel.f3.sfm.prefix import PREFIX_LEN
@@ -42,7 +43,7 @@ def _message(origin: str, payload: bytes) -> Message:
     return Message({MessageHeaderKey.ORIGIN: origin, MessageHeaderKey.TOPIC: "submitUpdate"}, payload)
 
 
-def _adapter_result(n: int = 3) -> "Shareable":
+def _adapter_result(n: int = 3) -> Shareable:
     params = {f"base_model.model.layers.{i}.q_proj.lora_A.weight": torch.ones(4, 8) for i in range(n)}
     return DXO(data_kind=DataKind.WEIGHTS, data=params).to_shareable()
 

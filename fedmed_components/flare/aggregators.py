@@ -240,7 +240,7 @@ class FedMedLoRAPlusAggregator(AdapterAggregator):
         except ValueError as exc:  # no finite loss at all: do not lose the round
             self.warning(f"round {self.round}: {exc}; falling back to uniform weights")
             weights = [1.0 / len(sites)] * len(sites)
-        self.info(f"round {self.round} Fed-MedLoRA+ from {source}: " + ", ".join(f"{s}: L={l:.4f} w={w:.3f}" for s, l, w in zip(sites, losses, weights)))
+        self.info(f"round {self.round} Fed-MedLoRA+ from {source}: " + ", ".join(f"{s}: L={loss:.4f} w={w:.3f}" for s, loss, w in zip(sites, losses, weights)))
         for site, weight in zip(sites, weights):
             self._accepted[site].weight = weight
         averager = aggregation.WeightedAverager()

@@ -15,8 +15,8 @@ import inspect
 import json
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from fedmed_components.document import InputError
 
