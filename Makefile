@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fedmed-installed
 PYTEST_ARGS ?=
 
-.PHONY: demo demo-tiny test test-fast install clean
+.PHONY: demo demo-tiny lint test test-fast install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -25,7 +25,11 @@ demo: $(STAMP)
 demo-tiny: $(STAMP)
 	$(VENV)/bin/fedmed demo --model tiny --out demo_output_tiny
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: $(STAMP) lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: $(STAMP)

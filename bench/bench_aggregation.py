@@ -171,7 +171,9 @@ def memory_child(k: int, dtype_name: str) -> None:
 def measure_memory(k: int, dtype_name: str) -> dict:
     out = subprocess.run(
         [sys.executable, __file__, "--memory-child", str(k), "--dtype", dtype_name],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     )
     data = json.loads(out.stdout.strip().splitlines()[-1])
     return {"baseline_rss_mb": data["baseline"] / 2**20, "peak_over_baseline_mb": (data["peak"] - data["baseline"]) / 2**20}
@@ -183,7 +185,9 @@ def main(argv=None) -> int:
     parser.add_argument("--sites", type=int, nargs="+", default=[2, 5, 10], help="numbers of sites K")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument(
-        "--repeats", type=int, default=3,
+        "--repeats",
+        type=int,
+        default=3,
         help="timing rounds (>= 2): the first is reported as cold (allocates the accumulator), the minimum of the rest as warm",
     )
     parser.add_argument("--exact", action="store_true", help="also time exact_lora (SVD re-projection)")
@@ -250,23 +254,44 @@ def table_rows(rows: list[dict], dtype: str) -> list[dict]:
     cold = [r["ratio_add_cold"] for r in rows]
     prepared = [r["ratio_add_prepared"] for r in rows]
     table = [
-        {"figure": f"aggregation: streaming Fed-MedLoRA average / one memory-copy pass, K={ks} Llama-3.1-8B-shaped adapters ({dtype})",
-         "value": " / ".join(f"{x:.2f}x" for x in warm) + " (later rounds)", "target": "<= 2x", "met": max(warm) <= 2.0},
-        {"figure": f"aggregation: the same, first round, accumulator prepared at round start (as the FLARE aggregators do), K={ks}",
-         "value": " / ".join(f"{x:.2f}x" for x in prepared), "target": "<= 2x", "met": max(prepared) <= 2.0},
-        {"figure": f"aggregation: the same, first round, accumulator allocated by the first update (not prepared), K={ks}",
-         "value": " / ".join(f"{x:.2f}x" for x in cold), "target": "no target (report)", "met": None},
+        {
+            "figure": f"aggregation: streaming Fed-MedLoRA average / one memory-copy pass, K={ks} Llama-3.1-8B-shaped adapters ({dtype})",
+            "value": " / ".join(f"{x:.2f}x" for x in warm) + " (later rounds)",
+            "target": "<= 2x",
+            "met": max(warm) <= 2.0,
+        },
+        {
+            "figure": f"aggregation: the same, first round, accumulator prepared at round start (as the FLARE aggregators do), K={ks}",
+            "value": " / ".join(f"{x:.2f}x" for x in prepared),
+            "target": "<= 2x",
+            "met": max(prepared) <= 2.0,
+        },
+        {
+            "figure": f"aggregation: the same, first round, accumulator allocated by the first update (not prepared), K={ks}",
+            "value": " / ".join(f"{x:.2f}x" for x in cold),
+            "target": "no target (report)",
+            "met": None,
+        },
     ]
     if all("peak_in_adapters" in r for r in rows):
         peaks = [r["peak_in_adapters"] for r in rows]
-        table.append({
-            "figure": f"aggregation: server peak memory, K={ks}, in adapters ({rows[0]['adapter_mb']:.0f} MiB each)",
-            "value": " / ".join(f"{x:.2f}" for x in peaks) + f" (spread {max(peaks) - min(peaks):.2f})",
-            "target": "flat in K (spread <= 0.25 adapter)", "met": max(peaks) - min(peaks) <= 0.25,
-        })
+        table.append(
+            {
+                "figure": f"aggregation: server peak memory, K={ks}, in adapters ({rows[0]['adapter_mb']:.0f} MiB each)",
+                "value": " / ".join(f"{x:.2f}" for x in peaks) + f" (spread {max(peaks) - min(peaks):.2f})",
+                "target": "flat in K (spread <= 0.25 adapter)",
+                "met": max(peaks) - min(peaks) <= 0.25,
+            }
+        )
     if all("exact_s" in r for r in rows):
-        table.append({"figure": f"aggregation: exact (SVD) LoRA aggregation, K={ks}", "value": " / ".join(f"{r['exact_s']:.1f} s" for r in rows),
-                      "target": "no target (report)", "met": None})
+        table.append(
+            {
+                "figure": f"aggregation: exact (SVD) LoRA aggregation, K={ks}",
+                "value": " / ".join(f"{r['exact_s']:.1f} s" for r in rows),
+                "target": "no target (report)",
+                "met": None,
+            }
+        )
     return table
 
 

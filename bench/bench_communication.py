@@ -73,8 +73,9 @@ def wire_runs(model: str, work: Path, timeout: float) -> dict:
     sites = write_site_data(work / "data", 2, docs_per_site=3)
     out = {}
     for mode in ("fp32", "int8"):
-        spec = tiny_spec(f"comm_{mode}", sites, work / "data", rounds=2, local_steps=1, model=model, rank=16, alpha=64,
-                         batch_size=1, max_length=256)
+        spec = tiny_spec(
+            f"comm_{mode}", sites, work / "data", rounds=2, local_steps=1, model=model, rank=16, alpha=64, batch_size=1, max_length=256
+        )
         started = time.perf_counter()
         record = run_metered_simulation(spec, work / mode, sites, int8=(mode == "int8"), timeout=timeout)
         out[mode] = {
@@ -85,8 +86,10 @@ def wire_runs(model: str, work: Path, timeout: float) -> dict:
             "raw_adapter_bytes": record.raw_tensor_bytes(),
             "results": record.train_results(),
         }
-        print(f"{mode}: {out[mode]['frame_bytes'] / 1e6:.4f} MB per site per round on the wire, adapter tensors "
-              f"{out[mode]['raw_adapter_bytes'] / 1e6:.4f} MB as trained ({out[mode]['seconds']:.0f} s)")
+        print(
+            f"{mode}: {out[mode]['frame_bytes'] / 1e6:.4f} MB per site per round on the wire, adapter tensors "
+            f"{out[mode]['raw_adapter_bytes'] / 1e6:.4f} MB as trained ({out[mode]['seconds']:.0f} s)"
+        )
     if out["int8"]["tensor_bytes_received"] >= out["fp32"]["tensor_bytes_received"]:
         raise RuntimeError(f"the int8 filter did not run: {out['int8']['tensor_bytes_received']} tensor bytes arrived")
     return out
@@ -109,24 +112,47 @@ def f1_runs(model: str, work: Path, timeout: float, **overrides) -> dict:
     for mode in ("fp32", "int8"):
         run = work / mode
         spec = JobSpec(
-            name=f"demo_{mode}", algorithm=cfg.algorithm, model=cfg.model, sites=sites, num_rounds=cfg.rounds,
-            min_clients=len(sites), local_steps=cfg.local_steps, batch_size=cfg.batch_size, max_length=cfg.max_length,
-            learning_rate=cfg.lr, rank=cfg.rank, alpha=cfg.alpha, data=str(work / "data"), quantize="none",
-            output_dir=str(run / "adapters"), extra_site_args="--val-fraction 0 --max-val-examples 16",
+            name=f"demo_{mode}",
+            algorithm=cfg.algorithm,
+            model=cfg.model,
+            sites=sites,
+            num_rounds=cfg.rounds,
+            min_clients=len(sites),
+            local_steps=cfg.local_steps,
+            batch_size=cfg.batch_size,
+            max_length=cfg.max_length,
+            learning_rate=cfg.lr,
+            rank=cfg.rank,
+            alpha=cfg.alpha,
+            data=str(work / "data"),
+            quantize="none",
+            output_dir=str(run / "adapters"),
+            extra_site_args="--val-fraction 0 --max-val-examples 16",
         )
         job = metered_job(spec, run / "jobs", run / "wire_meter.json", int8=(mode == "int8"))
         run_simulator(job, run / "simulator", sites, timeout=timeout, log_file=run / "simulator.log")
         arrived = json.loads((run / "wire_meter.json").read_text())["results"]
-        if mode == "int8" and not all(r["tensor_bytes_received"] < r.get("tensor_bytes_restored", 0) for r in arrived if r["task"] == "train"):
+        if mode == "int8" and not all(
+            r["tensor_bytes_received"] < r.get("tensor_bytes_restored", 0) for r in arrived if r["task"] == "train"
+        ):
             raise RuntimeError(f"the int8 filter did not run in {run}")
         states[mode], _, _ = load_adapter_folder(run / "adapters" / "global")
         scores[mode] = evaluate_adapter(resolve_model(cfg.model), states[mode], test, lora, progress=False)
-        print(f"{mode}: strict entity F1 {scores[mode]['entities']['strict']['f1']:.4f}, "
-              f"lenient {scores[mode]['entities']['lenient']['f1']:.4f}")
+        print(
+            f"{mode}: strict entity F1 {scores[mode]['entities']['strict']['f1']:.4f}, "
+            f"lenient {scores[mode]['entities']['lenient']['f1']:.4f}"
+        )
     diff = torch.sqrt(sum(((states["int8"][k] - states["fp32"][k]) ** 2).sum() for k in states["fp32"]))
     norm = torch.sqrt(sum((v**2).sum() for v in states["fp32"].values()))
-    return {"model": model, "test_notes": len(test), "sites": len(sites), "rounds": cfg.rounds, "local_steps": cfg.local_steps, "scores": scores,
-            "relative_adapter_difference": float(diff / norm)}
+    return {
+        "model": model,
+        "test_notes": len(test),
+        "sites": len(sites),
+        "rounds": cfg.rounds,
+        "local_steps": cfg.local_steps,
+        "scores": scores,
+        "relative_adapter_difference": float(diff / norm),
+    }
 
 
 def build_rows(model: str, wire: dict | None, f1: dict | None) -> list[dict]:
@@ -137,30 +163,43 @@ def wire_rows(model: str, wire: dict) -> list[dict]:
     fp32, int8 = wire["fp32"], wire["int8"]
     raw = fp32["raw_adapter_bytes"]
     ratio = fp32["frame_bytes"] / raw
-    rows = [row(
-        f"communication: bytes per site per round on the wire / raw adapter tensors ({model}, r=16, 7 proj.)",
-        f"{ratio:.4f}x ({fp32['frame_bytes'] / 1e6:.3f} MB vs {raw / 1e6:.3f} MB; payload alone {fp32['payload_bytes'] / raw:.4f}x)",
-        "<= 1.02x", ratio <= 1.02,
-    )]
+    rows = [
+        row(
+            f"communication: bytes per site per round on the wire / raw adapter tensors ({model}, r=16, 7 proj.)",
+            f"{ratio:.4f}x ({fp32['frame_bytes'] / 1e6:.3f} MB vs {raw / 1e6:.3f} MB; payload alone {fp32['payload_bytes'] / raw:.4f}x)",
+            "<= 1.02x",
+            ratio <= 1.02,
+        )
+    ]
     full = model_parameters(model) * 4  # same dtype (fp32) as the adapter
     saving = 1 - fp32["frame_bytes"] / (full * ratio)
-    rows.append(row(
-        f"communication: saving vs full-model FedAvg of {model} (config: {full / 4e6:.1f}M params, fp32)",
-        f"{saving:.2%} (adapter {raw / full:.2%} of the model)", "no target (the paper's 98.5% is for 8B, next row)", None,
-    ))
+    rows.append(
+        row(
+            f"communication: saving vs full-model FedAvg of {model} (config: {full / 4e6:.1f}M params, fp32)",
+            f"{saving:.2%} (adapter {raw / full:.2%} of the model)",
+            "no target (the paper's 98.5% is for 8B, next row)",
+            None,
+        )
+    )
     adapter_8b, full_8b = llama31_8b_adapter_parameters(), llama31_8b_parameters()
     saving_8b = 1 - adapter_8b / full_8b  # the measured wire overhead applies to both sides alike
-    rows.append(row(
-        "communication: saving vs full-model FedAvg, Llama-3.1-8B r=16 on 7 proj. (from config)",
-        f"{saving_8b:.2%} (adapter {adapter_8b / 1e6:.1f}M = {adapter_8b / full_8b:.2%} of {full_8b / 1e9:.2f}B params; "
-        f"{adapter_8b * 4 * ratio / 1e6:.0f} MB per site per round in fp32 at the measured overhead)",
-        f">= {PAPER_SAVING:.1%} (paper)", saving_8b >= PAPER_SAVING,
-    ))
-    rows.append(row(
-        f"communication: 8-bit transfer, bytes per site per round vs fp32 transfer ({model})",
-        f"{int8['frame_bytes'] / fp32['frame_bytes']:.3f}x ({int8['frame_bytes'] / 1e6:.3f} MB vs {fp32['frame_bytes'] / 1e6:.3f} MB)",
-        "no target (int8 alone: 0.25x)", None,
-    ))
+    rows.append(
+        row(
+            "communication: saving vs full-model FedAvg, Llama-3.1-8B r=16 on 7 proj. (from config)",
+            f"{saving_8b:.2%} (adapter {adapter_8b / 1e6:.1f}M = {adapter_8b / full_8b:.2%} of {full_8b / 1e9:.2f}B params; "
+            f"{adapter_8b * 4 * ratio / 1e6:.0f} MB per site per round in fp32 at the measured overhead)",
+            f">= {PAPER_SAVING:.1%} (paper)",
+            saving_8b >= PAPER_SAVING,
+        )
+    )
+    rows.append(
+        row(
+            f"communication: 8-bit transfer, bytes per site per round vs fp32 transfer ({model})",
+            f"{int8['frame_bytes'] / fp32['frame_bytes']:.3f}x ({int8['frame_bytes'] / 1e6:.3f} MB vs {fp32['frame_bytes'] / 1e6:.3f} MB)",
+            "no target (int8 alone: 0.25x)",
+            None,
+        )
+    )
     return rows
 
 
@@ -171,19 +210,23 @@ def f1_rows(f1: dict) -> list[dict]:
         lenient = {m: f1["scores"][m]["entities"]["lenient"]["f1"] for m in ("fp32", "int8")}
         lost = 100 * (strict["fp32"] - strict["int8"])
         informative = max(strict.values()) > 0  # an untrained-level model scores 0 either way
-        rows.append(row(
-            f"communication: 8-bit transfer, strict entity F1 points lost on the demo ({f1['model']}, {f1['sites']} sites x "
-            f"{f1['rounds']} rounds x {f1.get('local_steps', '?')} steps, {f1['test_notes']} held-out notes)",
-            f"{lost:+.2f} points (fp32 {strict['fp32']:.3f} -> int8 {strict['int8']:.3f}; lenient {lenient['fp32']:.3f} -> "
-            f"{lenient['int8']:.3f}; adapters differ by {f1['relative_adapter_difference']:.2%})",
-            "<= 0.5 points lost" if informative else "<= 0.5 points lost (not testable: F1 is 0 either way)",
-            lost <= 0.5 if informative else None,
-        ))
+        rows.append(
+            row(
+                f"communication: 8-bit transfer, strict entity F1 points lost on the demo ({f1['model']}, {f1['sites']} sites x "
+                f"{f1['rounds']} rounds x {f1.get('local_steps', '?')} steps, {f1['test_notes']} held-out notes)",
+                f"{lost:+.2f} points (fp32 {strict['fp32']:.3f} -> int8 {strict['int8']:.3f}; lenient {lenient['fp32']:.3f} -> "
+                f"{lenient['int8']:.3f}; adapters differ by {f1['relative_adapter_difference']:.2%})",
+                "<= 0.5 points lost" if informative else "<= 0.5 points lost (not testable: F1 is 0 either way)",
+                lost <= 0.5 if informative else None,
+            )
+        )
     return rows
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1]
+    )
     parser.add_argument("--model", default="smollm2-135m", help="model of the byte measurement (default: smollm2-135m)")
     parser.add_argument("--f1-model", default="tiny", help="model of the demo F1 comparison (default: tiny; smollm2-135m takes ~20 min)")
     parser.add_argument("--skip-f1", action="store_true", help="skip the two demo runs and their scoring")
@@ -199,8 +242,13 @@ def main(argv=None) -> int:
     work = Path(args.work or tempfile.mkdtemp(prefix="fedmed-bench-comm-")).resolve()
     try:
         wire = None if args.skip_wire else wire_runs(args.model, work / "wire", args.timeout)
-        f1 = None if args.skip_f1 else f1_runs(args.f1_model, work / "f1", args.timeout, rounds=args.f1_rounds,
-                                               local_steps=args.f1_local_steps, sites=args.f1_sites)
+        f1 = (
+            None
+            if args.skip_f1
+            else f1_runs(
+                args.f1_model, work / "f1", args.timeout, rounds=args.f1_rounds, local_steps=args.f1_local_steps, sites=args.f1_sites
+            )
+        )
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)

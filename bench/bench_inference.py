@@ -84,12 +84,20 @@ def measure(model_name: str, n_synthetic: int, n_real: int, repeats: int, batch_
     differing = sum(a != b for a, b in zip(seq_out, bat_out))
     seq_s, bat_s = statistics.median(one_at_a_time), statistics.median(batched)
     return {
-        "model": model_name, "prompts": len(prompts), "synthetic": len(synthetic), "mtsamples": len(real),
-        "batch_size": batch, "repeats": repeats, "threads": torch.get_num_threads(),
+        "model": model_name,
+        "prompts": len(prompts),
+        "synthetic": len(synthetic),
+        "mtsamples": len(real),
+        "batch_size": batch,
+        "repeats": repeats,
+        "threads": torch.get_num_threads(),
         "output_tokens": {"batched": new_tokens, "one_at_a_time": seq_tokens},
-        "one_at_a_time_s": round(seq_s, 2), "batched_s": round(bat_s, 2),
-        "one_at_a_time_tokens_per_s": round(seq_tokens / seq_s, 1), "batched_tokens_per_s": round(new_tokens / bat_s, 1),
-        "speedup": round(seq_s / bat_s, 2), "differing_outputs": differing,
+        "one_at_a_time_s": round(seq_s, 2),
+        "batched_s": round(bat_s, 2),
+        "one_at_a_time_tokens_per_s": round(seq_tokens / seq_s, 1),
+        "batched_tokens_per_s": round(new_tokens / bat_s, 1),
+        "speedup": round(seq_s / bat_s, 2),
+        "differing_outputs": differing,
         "runs_s": {"one_at_a_time": [round(x, 2) for x in one_at_a_time], "batched": [round(x, 2) for x in batched]},
     }
 
@@ -98,15 +106,22 @@ def table_rows(results: list[dict]) -> list[dict]:
     """The suite table's rows (format: bench/report.py)."""
     rows = []
     for r in results:
-        rows.append({
-            "figure": f"inference: batched (batch {r['batch_size']}) / one-sentence-at-a-time greedy generation, {r['model']}, {r['prompts']} prompts",
-            "value": f"{r['speedup']:.2f}x ({r['batched_tokens_per_s']:.1f} vs {r['one_at_a_time_tokens_per_s']:.1f} output tok/s)",
-            "target": ">= 4x", "met": r["speedup"] >= 4,
-        })
-        rows.append({
-            "figure": f"inference: outputs differing, batched vs one at a time, {r['model']}",
-            "value": f"{r['differing_outputs']} of {r['prompts']}", "target": "0", "met": r["differing_outputs"] == 0,
-        })
+        rows.append(
+            {
+                "figure": f"inference: batched (batch {r['batch_size']}) / one-sentence-at-a-time greedy generation, {r['model']}, {r['prompts']} prompts",
+                "value": f"{r['speedup']:.2f}x ({r['batched_tokens_per_s']:.1f} vs {r['one_at_a_time_tokens_per_s']:.1f} output tok/s)",
+                "target": ">= 4x",
+                "met": r["speedup"] >= 4,
+            }
+        )
+        rows.append(
+            {
+                "figure": f"inference: outputs differing, batched vs one at a time, {r['model']}",
+                "value": f"{r['differing_outputs']} of {r['prompts']}",
+                "target": "0",
+                "met": r["differing_outputs"] == 0,
+            }
+        )
     return rows
 
 
@@ -114,10 +129,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", help="tiny | smollm2-135m | HF folder (repeatable; default both built-ins)")
     parser.add_argument("--synthetic", type=int, default=24, help="synthetic sentences per model (default 24)")
-    parser.add_argument("--mtsamples", type=int, default=8, help="real MTSamples sentences when ../shared/data is present (default 8; 0: none)")
+    parser.add_argument(
+        "--mtsamples", type=int, default=8, help="real MTSamples sentences when ../shared/data is present (default 8; 0: none)"
+    )
     parser.add_argument("--repeats", type=int, default=2, help="alternating runs of each side; the median is reported")
     parser.add_argument("--batch-size", type=int, default=None, help="batched side's batch size (default: GenerationSettings' default)")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads for both sides (default 1: on the shared 2-core VM, 2 threads made each small matmul wait for the busy other core, tiny model 30x slower)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads for both sides (default 1: on the shared 2-core VM, 2 threads made each small matmul wait for the busy other core, tiny model 30x slower)",
+    )
     parser.add_argument("--json", default=None, help="write {'rows': [...], 'results': [...]} here (rows: bench/report.py format)")
     args = parser.parse_args()
     import torch
@@ -128,7 +150,9 @@ def main() -> None:
         results.append(measure(name, args.synthetic, args.mtsamples, args.repeats, args.batch_size))
     print(f"{'model':14s} {'prompts':>7s} {'batch':>5s} {'1-at-a-time tok/s':>18s} {'batched tok/s':>14s} {'speed-up':>9s} {'differ':>7s}")
     for r in results:
-        print(f"{r['model']:14s} {r['prompts']:7d} {r['batch_size']:5d} {r['one_at_a_time_tokens_per_s']:18.1f} {r['batched_tokens_per_s']:14.1f} {r['speedup']:8.2f}x {r['differing_outputs']:7d}")
+        print(
+            f"{r['model']:14s} {r['prompts']:7d} {r['batch_size']:5d} {r['one_at_a_time_tokens_per_s']:18.1f} {r['batched_tokens_per_s']:14.1f} {r['speedup']:8.2f}x {r['differing_outputs']:7d}"
+        )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         with open(args.json, "w") as fh:

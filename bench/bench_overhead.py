@@ -89,37 +89,52 @@ def build_rows(results: dict) -> list[dict]:
         s = results.get(mode)
         if not s:
             continue
-        rows.append(row(
-            f"framework overhead per round, {label} (tiny, 2 sites): round time - slowest site's compute",
-            f"{s['overhead_s']:.2f} s (round {s['round_s']:.2f} s, site {s['site_s']:.2f} s; median of {len(s['rounds']) - 1} rounds"
-            + (f"; sites capped at {s['threads_per_site']} BLAS thread(s)" if s.get("threads_per_site") else "") + ")",
-            f"<= {TARGET_OVERHEAD_S:g} s", s["overhead_s"] <= TARGET_OVERHEAD_S,
-        ))
-        rows.append(row(
-            f"job start-up, {label}: {'launch' if mode == 'simulator' else 'submit'} -> first training task sent",
-            f"{s['startup_s']:.1f} s (+ {s['first_round_extra_s']:.1f} s in round 0: site script start, model and notes loaded)",
-            "no target (report)", None,
-        ))
+        rows.append(
+            row(
+                f"framework overhead per round, {label} (tiny, 2 sites): round time - slowest site's compute",
+                f"{s['overhead_s']:.2f} s (round {s['round_s']:.2f} s, site {s['site_s']:.2f} s; median of {len(s['rounds']) - 1} rounds"
+                + (f"; sites capped at {s['threads_per_site']} BLAS thread(s)" if s.get("threads_per_site") else "")
+                + ")",
+                f"<= {TARGET_OVERHEAD_S:g} s",
+                s["overhead_s"] <= TARGET_OVERHEAD_S,
+            )
+        )
+        rows.append(
+            row(
+                f"job start-up, {label}: {'launch' if mode == 'simulator' else 'submit'} -> first training task sent",
+                f"{s['startup_s']:.1f} s (+ {s['first_round_extra_s']:.1f} s in round 0: site script start, model and notes loaded)",
+                "no target (report)",
+                None,
+            )
+        )
     if results.get("poc"):
         s = results["poc"]
-        rows.append(row(
-            "communication, POC over gRPC: bytes per site per round / raw adapter tensors (tiny, r=8: a 0.13 MB adapter)",
-            f"{s['frame_bytes'] / s['raw_adapter_bytes']:.3f}x ({s['frame_bytes'] / 1e3:.1f} kB vs {s['raw_adapter_bytes'] / 1e3:.1f} kB: "
-            f"{(s['frame_bytes'] - s['raw_adapter_bytes']) / 1e3:.1f} kB fixed cost per round)",
-            "no target (the 2% target is read on a real adapter: communication rows)", None,
-        ))
+        rows.append(
+            row(
+                "communication, POC over gRPC: bytes per site per round / raw adapter tensors (tiny, r=8: a 0.13 MB adapter)",
+                f"{s['frame_bytes'] / s['raw_adapter_bytes']:.3f}x ({s['frame_bytes'] / 1e3:.1f} kB vs {s['raw_adapter_bytes'] / 1e3:.1f} kB: "
+                f"{(s['frame_bytes'] - s['raw_adapter_bytes']) / 1e3:.1f} kB fixed cost per round)",
+                "no target (the 2% target is read on a real adapter: communication rows)",
+                None,
+            )
+        )
     default = results.get("simulator_flare_default")
     if default and results.get("simulator"):
-        rows.append(row(
-            "framework overhead per round, simulator, FLARE's default task_request_interval (2 s) instead of ours (0.5 s)",
-            f"{default['overhead_s']:.2f} s vs {results['simulator']['overhead_s']:.2f} s with ours",
-            "no target (the fix, measured)", None,
-        ))
+        rows.append(
+            row(
+                "framework overhead per round, simulator, FLARE's default task_request_interval (2 s) instead of ours (0.5 s)",
+                f"{default['overhead_s']:.2f} s vs {results['simulator']['overhead_s']:.2f} s with ours",
+                "no target (the fix, measured)",
+                None,
+            )
+        )
     return rows
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1]
+    )
     parser.add_argument("--rounds", type=int, default=4, help="rounds per run (the first is reported apart)")
     parser.add_argument("--local-steps", type=int, default=2)
     parser.add_argument("--no-poc", action="store_true", help="simulator only")

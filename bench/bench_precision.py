@@ -39,8 +39,14 @@ def generation(model, tokenizer, prompts, lengths, precision: str) -> tuple[list
 
     stats: dict = {}
     start = time.perf_counter()
-    outputs = generate(model, tokenizer, prompts, GenerationSettings(batch_size=16, max_new_tokens=64, precision=precision),
-                       answer_lengths=lengths, stats=stats)
+    outputs = generate(
+        model,
+        tokenizer,
+        prompts,
+        GenerationSettings(batch_size=16, max_new_tokens=64, precision=precision),
+        answer_lengths=lengths,
+        stats=stats,
+    )
     return outputs, stats.get("new_tokens", 0) / (time.perf_counter() - start)
 
 
@@ -72,10 +78,19 @@ def measure(model_name: str, batch: int, seq: int, steps: int, repeats: int, sen
             outputs[precision], speed = generation(model, tokenizer, prompts, lengths, precision)
             gen[precision].append(speed)
     changed = sum(a != b for a, b in zip(outputs["fp32"], outputs["bf16"])) / len(prompts)
-    median = {k: statistics.median(v) for k, v in {**{f"train_{p}": s for p, s in train.items()}, **{f"gen_{p}": s for p, s in gen.items()}}.items()}
+    median = {
+        k: statistics.median(v)
+        for k, v in {**{f"train_{p}": s for p, s in train.items()}, **{f"gen_{p}": s for p, s in gen.items()}}.items()
+    }
     return {
-        "model": model_name, "native_bf16": cpu_has_native_bf16(), "batch": batch, "seq": seq, "steps": steps,
-        "repeats": repeats, "sentences": len(prompts), "lora": "r16, 7 projections",
+        "model": model_name,
+        "native_bf16": cpu_has_native_bf16(),
+        "batch": batch,
+        "seq": seq,
+        "steps": steps,
+        "repeats": repeats,
+        "sentences": len(prompts),
+        "lora": "r16, 7 projections",
         "train_tokens_per_s": {"fp32": round(median["train_fp32"], 1), "bf16": round(median["train_bf16"], 1)},
         "train_ratio": round(median["train_bf16"] / median["train_fp32"], 3),
         "generation_tokens_per_s": {"fp32": round(median["gen_fp32"], 1), "bf16": round(median["gen_bf16"], 1)},
@@ -88,12 +103,18 @@ def table_rows(r: dict) -> list[dict]:
     cpu = "" if r["native_bf16"] else " (no native bf16 on this CPU: auto keeps fp32)"
     t, g = r["train_tokens_per_s"], r["generation_tokens_per_s"]
     return [
-        {"figure": f"site trainer tokens/s bf16 / fp32 ({r['model']}, batch {r['batch']} x {r['seq']}){cpu}",
-         "value": f"{r['train_ratio']:.2f}x ({t['bf16']:.0f} vs {t['fp32']:.0f} tok/s)", "target": ">= 1.5x",
-         "met": r["train_ratio"] >= 1.5},
-        {"figure": f"generation tokens/s bf16 / fp32 ({r['model']}, {r['sentences']} sentences; outputs changed){cpu}",
-         "value": f"{r['generation_ratio']:.2f}x ({g['bf16']:.0f} vs {g['fp32']:.0f} tok/s; {r['outputs_changed']:.0%} changed)",
-         "target": "report", "met": None},
+        {
+            "figure": f"site trainer tokens/s bf16 / fp32 ({r['model']}, batch {r['batch']} x {r['seq']}){cpu}",
+            "value": f"{r['train_ratio']:.2f}x ({t['bf16']:.0f} vs {t['fp32']:.0f} tok/s)",
+            "target": ">= 1.5x",
+            "met": r["train_ratio"] >= 1.5,
+        },
+        {
+            "figure": f"generation tokens/s bf16 / fp32 ({r['model']}, {r['sentences']} sentences; outputs changed){cpu}",
+            "value": f"{r['generation_ratio']:.2f}x ({g['bf16']:.0f} vs {g['fp32']:.0f} tok/s; {r['outputs_changed']:.0%} changed)",
+            "target": "report",
+            "met": None,
+        },
     ]
 
 

@@ -22,9 +22,16 @@ def llama31_8b_config(layers: int):
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
-        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
-        rope_theta=500000.0, tie_word_embeddings=False, rms_norm_eps=1e-5,
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=layers,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+        tie_word_embeddings=False,
+        rms_norm_eps=1e-5,
     )
 
 
@@ -37,7 +44,9 @@ def quantize_decoder_to_nf4(model, compute_dtype=torch.bfloat16) -> None:
             for name, child in list(parent.named_children()):
                 if not isinstance(child, torch.nn.Linear):
                     continue
-                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=False, compute_dtype=compute_dtype, quant_type="nf4", device="meta")
+                q = bnb.nn.Linear4bit(
+                    child.in_features, child.out_features, bias=False, compute_dtype=compute_dtype, quant_type="nf4", device="meta"
+                )
                 q.weight = bnb.nn.Params4bit(child.weight.data.to("cpu"), requires_grad=False, quant_type="nf4").to("cuda")
                 setattr(parent, name, q)
                 del child
@@ -93,7 +102,10 @@ def main() -> None:
         "torch": torch.__version__,
         "base_params": n_params,
         "lora_params": lora_params,
-        "layers": args.layers, "seq": args.seq, "batch": args.batch, "rank": args.rank,
+        "layers": args.layers,
+        "seq": args.seq,
+        "batch": args.batch,
+        "rank": args.rank,
         "steps": stats.steps,
         "tokens_per_s": round(stats.num_tokens / seconds, 1),
         "seconds_per_step": round(seconds / stats.steps, 3),

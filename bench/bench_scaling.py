@@ -43,8 +43,10 @@ def measure(n_sites: int, work: Path, rounds: int, timeout: float) -> dict:
         "adapter_mb": record.raw_tensor_bytes() / 2**20,
         "startup_s": record.startup_seconds(),
     }
-    print(f"{n_sites:>2} sites: round {result['round_s']:.2f} s (slowest site {result['site_s']:.2f} s), "
-          f"server peak RSS {result['server_peak_rss_mb']:.0f} MiB, start-up {result['startup_s']:.1f} s")
+    print(
+        f"{n_sites:>2} sites: round {result['round_s']:.2f} s (slowest site {result['site_s']:.2f} s), "
+        f"server peak RSS {result['server_peak_rss_mb']:.0f} MiB, start-up {result['startup_s']:.1f} s"
+    )
     return result
 
 
@@ -81,19 +83,23 @@ def build_rows(results: list[dict], plot_path: Path) -> list[dict]:
             f"scaling: round time, {n0} -> {n1} simulated sites (tiny; plot {plot_path.name})",
             f"{first['round_s']:.2f} s -> {last['round_s']:.2f} s ({last['round_s'] / first['round_s']:.2f}x); "
             f"framework part {first['overhead_s']:.2f} s -> {last['overhead_s']:.2f} s",
-            "no target (report)", None,
+            "no target (report)",
+            None,
         ),
         row(
             f"scaling: server peak RSS, {n0} -> {n1} simulated sites",
             f"{first['server_peak_rss_mb']:.0f} -> {last['server_peak_rss_mb']:.0f} MiB ({per_site_mb:+.1f} MiB per added site; "
             f"adapter {last['adapter_mb']:.2f} MiB)",
-            "no target (report)", None,
+            "no target (report)",
+            None,
         ),
     ]
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1]
+    )
     parser.add_argument("--sites", type=int, nargs="+", default=[2, 4, 6, 8, 10], help="site counts")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--timeout", type=float, default=600, help="seconds allowed per simulator run")

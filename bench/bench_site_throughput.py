@@ -67,7 +67,12 @@ def measure(model_name: str, batch: int, seq: int, steps: int, repeats: int, ran
         bare.append(bare_peft_loop(model, batches, 1e-4))
         site.append(site_trainer(model, examples, batch, steps, 1e-4))
     return {
-        "model": model_name, "batch": batch, "seq": seq, "steps": steps, "repeats": repeats, "rank": rank,
+        "model": model_name,
+        "batch": batch,
+        "seq": seq,
+        "steps": steps,
+        "repeats": repeats,
+        "rank": rank,
         "bare_tokens_per_s": round(statistics.median(bare), 1),
         "site_tokens_per_s": round(statistics.median(site), 1),
         "ratio": round(statistics.median(site) / statistics.median(bare), 3),
@@ -76,11 +81,15 @@ def measure(model_name: str, batch: int, seq: int, steps: int, repeats: int, ran
 
 def table_rows(results: list[dict]) -> list[dict]:
     """The suite table's rows (format: bench/report.py)."""
-    return [{
-        "figure": f"site trainer / bare peft loop training tokens/s, {r['model']} (batch {r['batch']} x {r['seq']}, r={r['rank']})",
-        "value": f"{r['ratio']:.3f}x ({r['site_tokens_per_s']:.0f} vs {r['bare_tokens_per_s']:.0f} tok/s)",
-        "target": ">= 0.95x", "met": r["ratio"] >= 0.95,
-    } for r in results]
+    return [
+        {
+            "figure": f"site trainer / bare peft loop training tokens/s, {r['model']} (batch {r['batch']} x {r['seq']}, r={r['rank']})",
+            "value": f"{r['ratio']:.3f}x ({r['site_tokens_per_s']:.0f} vs {r['bare_tokens_per_s']:.0f} tok/s)",
+            "target": ">= 0.95x",
+            "met": r["ratio"] >= 0.95,
+        }
+        for r in results
+    ]
 
 
 def main() -> None:
@@ -91,7 +100,10 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="write {'rows': [...], 'results': [...]} here (rows: bench/report.py format)")
     args = parser.parse_args()
     settings = {"tiny": dict(batch=8, seq=256, rank=8), "smollm2-135m": dict(batch=2, seq=128, rank=8)}
-    results = [measure(m, steps=args.steps, repeats=args.repeats, **settings.get(m, settings["smollm2-135m"])) for m in (args.model or ["tiny", "smollm2-135m"])]
+    results = [
+        measure(m, steps=args.steps, repeats=args.repeats, **settings.get(m, settings["smollm2-135m"]))
+        for m in (args.model or ["tiny", "smollm2-135m"])
+    ]
     print(f"{'model':14s} {'bare tok/s':>11s} {'site tok/s':>11s} {'ratio':>7s}")
     for r in results:
         print(f"{r['model']:14s} {r['bare_tokens_per_s']:11.1f} {r['site_tokens_per_s']:11.1f} {r['ratio']:7.3f}")

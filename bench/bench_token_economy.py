@@ -59,11 +59,19 @@ def count_tokens(tokenizer, docs, types, style: str, max_length: int) -> dict:
     out = {}
     for task, (n, fixed, sentence, answer) in totals.items():
         every = fixed + sentence + answer
-        out[task] = {"examples": n, "tokens_per_example": every / max(n, 1), "fixed_share": fixed / max(every, 1),
-                     "sentence_share": sentence / max(every, 1), "answer_share": answer / max(every, 1)}
+        out[task] = {
+            "examples": n,
+            "tokens_per_example": every / max(n, 1),
+            "fixed_share": fixed / max(every, 1),
+            "sentence_share": sentence / max(every, 1),
+            "answer_share": answer / max(every, 1),
+        }
     n_all = sum(t[0] for t in totals.values())
-    out["all"] = {"examples": n_all, "tokens_per_example": sum(sum(t[1:]) for t in totals.values()) / max(n_all, 1),
-                  "fixed_share": sum(t[1] for t in totals.values()) / max(sum(sum(t[1:]) for t in totals.values()), 1)}
+    out["all"] = {
+        "examples": n_all,
+        "tokens_per_example": sum(sum(t[1:]) for t in totals.values()) / max(n_all, 1),
+        "fixed_share": sum(t[1] for t in totals.values()) / max(sum(sum(t[1:]) for t in totals.values()), 1),
+    }
     return out
 
 
@@ -75,11 +83,17 @@ def time_steps(cfg, model_path: str, docs_by_site, steps: int) -> dict[str, floa
 
     tokenizer = load_tokenizer(model_path)
     model = attach_lora(load_base_model(model_path, quantize="none"), LoraSettings(r=cfg.rank, alpha=cfg.alpha))
-    settings = TrainSettings(learning_rate=cfg.lr, batch_size=cfg.batch_size, max_length=cfg.max_length, max_steps=1, precision=cfg.precision)
+    settings = TrainSettings(
+        learning_rate=cfg.lr, batch_size=cfg.batch_size, max_length=cfg.max_length, max_steps=1, precision=cfg.precision
+    )
     trainer = LocalTrainer(model, tokenizer.pad_token_id, settings)
     batches = {}
     for style in ("paper", "compact"):
-        examples = [ex for docs, types in docs_by_site for ex in build_sft_dataset(docs, tokenizer, SFTConfig(prompt_style=style, max_length=cfg.max_length), types)]
+        examples = [
+            ex
+            for docs, types in docs_by_site
+            for ex in build_sft_dataset(docs, tokenizer, SFTConfig(prompt_style=style, max_length=cfg.max_length), types)
+        ]
         batches[style] = length_grouped_batches(examples, cfg.batch_size, random.Random(0))
     seconds = {style: [] for style in batches}
     for step in range(steps + 1):  # step 0 warms up both
@@ -106,15 +120,19 @@ def main(argv=None) -> int:
     model_path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_path)
     sites = list(site_documents(cfg))
-    counts = {style: {name: count_tokens(tokenizer, docs, types, style, cfg.max_length) for name, docs, types in sites}
-              for style in ("paper", "compact")}
+    counts = {
+        style: {name: count_tokens(tokenizer, docs, types, style, cfg.max_length) for name, docs, types in sites}
+        for style in ("paper", "compact")
+    }
     print(f"{'style':<8} {'site':<18} {'task':<9} {'examples':>8} {'tokens/ex':>9} {'fixed':>6} {'sentence':>8} {'answer':>7}")
     for style, by_site in counts.items():
         for name, tasks in by_site.items():
             for task in ("ner", "modifier"):
                 t = tasks[task]
-                print(f"{style:<8} {name:<18} {task:<9} {t['examples']:>8} {t['tokens_per_example']:>9.1f} "
-                      f"{t['fixed_share']:>6.2f} {t['sentence_share']:>8.2f} {t['answer_share']:>7.2f}")
+                print(
+                    f"{style:<8} {name:<18} {task:<9} {t['examples']:>8} {t['tokens_per_example']:>9.1f} "
+                    f"{t['fixed_share']:>6.2f} {t['sentence_share']:>8.2f} {t['answer_share']:>7.2f}"
+                )
 
     def pooled(style):  # tokens per example over all sites' examples
         n = sum(t["all"]["examples"] for t in counts[style].values())
@@ -124,19 +142,37 @@ def main(argv=None) -> int:
     shares = {style: " / ".join(f"{t['all']['fixed_share']:.2f}" for t in counts[style].values()) for style in counts}
     names = "/".join(counts["paper"])
     rows = [
-        {"figure": f"token economy: fixed prompt share of a training example's tokens, paper style ({names})",
-         "value": shares["paper"], "target": "no target (report)", "met": None},
-        {"figure": f"token economy: the same, compact style ({names})", "value": shares["compact"], "target": "no target (report)", "met": None},
-        {"figure": "token economy: training tokens per example, compact / paper (all sites, both tasks; a step's cost follows its tokens)",
-         "value": f"{compact / paper:.2f}x ({compact:.0f} vs {paper:.0f})", "target": "<= 0.7x", "met": compact / paper <= 0.7},
+        {
+            "figure": f"token economy: fixed prompt share of a training example's tokens, paper style ({names})",
+            "value": shares["paper"],
+            "target": "no target (report)",
+            "met": None,
+        },
+        {
+            "figure": f"token economy: the same, compact style ({names})",
+            "value": shares["compact"],
+            "target": "no target (report)",
+            "met": None,
+        },
+        {
+            "figure": "token economy: training tokens per example, compact / paper (all sites, both tasks; a step's cost follows its tokens)",
+            "value": f"{compact / paper:.2f}x ({compact:.0f} vs {paper:.0f})",
+            "target": "<= 0.7x",
+            "met": compact / paper <= 0.7,
+        },
     ]
     print(f"tokens per example: paper {paper:.1f}, compact {compact:.1f} ({compact / paper:.2f}x)")
     timed = None
     if args.time_steps:
         timed = time_steps(cfg, model_path, [(docs, types) for _, docs, types in sites], args.time_steps)
-        rows.append({"figure": f"token economy: training step time, compact / paper ({cfg.model}, batch {cfg.batch_size}, median of {args.time_steps})",
-                     "value": f"{timed['compact'] / timed['paper']:.2f}x ({timed['compact']:.2f} s vs {timed['paper']:.2f} s)",
-                     "target": "<= 0.7x", "met": timed["compact"] / timed["paper"] <= 0.7})
+        rows.append(
+            {
+                "figure": f"token economy: training step time, compact / paper ({cfg.model}, batch {cfg.batch_size}, median of {args.time_steps})",
+                "value": f"{timed['compact'] / timed['paper']:.2f}x ({timed['compact']:.2f} s vs {timed['paper']:.2f} s)",
+                "target": "<= 0.7x",
+                "met": timed["compact"] / timed["paper"] <= 0.7,
+            }
+        )
         print(f"step time: paper {timed['paper']:.2f} s, compact {timed['compact']:.2f} s")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -73,7 +73,8 @@ class RunRecord:
     @classmethod
     def read(cls, launched: float, finished: float, meter_file: Path, adapter_store: Path, log_roots: list[Path]) -> RunRecord:
         return cls(
-            launched=launched, finished=finished,
+            launched=launched,
+            finished=finished,
             meter=json.loads(Path(meter_file).read_text()),
             state=json.loads((Path(adapter_store) / "state.json").read_text()),
             site_seconds=site_seconds(log_roots),
@@ -90,8 +91,15 @@ class RunRecord:
             rnd = int(entry["current_round"])
             sites = {s: sec for (s, r), sec in self.site_seconds.items() if r == rnd}
             slowest = max(sites.values()) if sites else float("nan")
-            rows.append({"round": rnd, "round_seconds": float(entry["round_seconds"]), "site_seconds": sites,
-                         "slowest_site_seconds": slowest, "overhead_seconds": float(entry["round_seconds"]) - slowest})
+            rows.append(
+                {
+                    "round": rnd,
+                    "round_seconds": float(entry["round_seconds"]),
+                    "site_seconds": sites,
+                    "slowest_site_seconds": slowest,
+                    "overhead_seconds": float(entry["round_seconds"]) - slowest,
+                }
+            )
         return rows
 
     def median_overhead(self) -> float:
@@ -134,9 +142,22 @@ def run_metered_simulation(spec: JobSpec, work: Path, sites: list[str], *, int8:
 def tiny_spec(name: str, sites: list[str], data: Path, *, rounds: int, local_steps: int, **overrides) -> JobSpec:
     """A small tiny-model job: the framework's cost, not training, dominates its rounds."""
     settings = dict(
-        name=name, algorithm="fed_medlora", model="tiny", sites=sites, num_rounds=rounds, min_clients=len(sites),
-        local_steps=local_steps, batch_size=2, max_length=128, rank=8, alpha=16, quantize="none", data=str(data),
-        extra_site_args="--val-fraction 0 --max-val-examples 4", train_timeout=600, eval_timeout=600,
+        name=name,
+        algorithm="fed_medlora",
+        model="tiny",
+        sites=sites,
+        num_rounds=rounds,
+        min_clients=len(sites),
+        local_steps=local_steps,
+        batch_size=2,
+        max_length=128,
+        rank=8,
+        alpha=16,
+        quantize="none",
+        data=str(data),
+        extra_site_args="--val-fraction 0 --max-val-examples 4",
+        train_timeout=600,
+        eval_timeout=600,
     )
     settings.update(overrides)
     return JobSpec(**settings)

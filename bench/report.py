@@ -38,8 +38,14 @@ def suite_rows(times: list[tuple[str, float]], cpus: int | None, load: tuple[flo
     total = sum(seconds for _, seconds in times)
     steps = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in times)
     where = f"{cpus} CPUs" + (f", load average {load[0]:.1f} at the end" if load else "")
-    return [{"figure": f"suite: bench/run wall time ({where})", "value": f"{total / 60:.1f} min ({steps})",
-             "target": f"< {SUITE_LIMIT_S // 60} min on 2 cores", "met": total < SUITE_LIMIT_S}]
+    return [
+        {
+            "figure": f"suite: bench/run wall time ({where})",
+            "value": f"{total / 60:.1f} min ({steps})",
+            "target": f"< {SUITE_LIMIT_S // 60} min on 2 cores",
+            "met": total < SUITE_LIMIT_S,
+        }
+    ]
 
 
 def read_times(path: Path) -> list[tuple[str, float]]:
@@ -89,7 +95,9 @@ def main(argv=None) -> int:
     parser.add_argument("files", nargs="*", type=Path, help="result files (default: every *.json in --results)")
     parser.add_argument("--results", type=Path, default=Path(__file__).resolve().parent / "results", help="folder of result JSON files")
     parser.add_argument("--out", type=Path, help="also write the table (Markdown) here")
-    parser.add_argument("--suite-times", type=Path, help="bench/run's timings ('NAME SECONDS' lines): written to <results>/suite.json first")
+    parser.add_argument(
+        "--suite-times", type=Path, help="bench/run's timings ('NAME SECONDS' lines): written to <results>/suite.json first"
+    )
     args = parser.parse_args(argv)
     if args.suite_times:
         import os

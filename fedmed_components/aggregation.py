@@ -164,9 +164,7 @@ def site_weights(metas: Sequence[Mapping], by: str = "supervised_tokens") -> lis
     return weights
 
 
-def fed_medlora_plus_weights(
-    losses: Sequence[float], sizes: Sequence[float] | None = None, temperature: float = 1.0
-) -> list[float]:
+def fed_medlora_plus_weights(losses: Sequence[float], sizes: Sequence[float] | None = None, temperature: float = 1.0) -> list[float]:
     """Fed-MedLoRA+ weights ``exp(1 - L_k / T) / sum_j exp(1 - L_j / T)``.
 
     This is ``softmax(-L / T)`` (the constant 1 cancels), computed stably by subtracting
@@ -202,9 +200,7 @@ def fed_medlora_plus_weights(
     return [r / total for r in raw]
 
 
-def combine_site_losses(
-    loss_matrix: Sequence[Sequence[float]], val_sizes: Sequence[float], *, exclude_self: bool = False
-) -> list[float]:
+def combine_site_losses(loss_matrix: Sequence[Sequence[float]], val_sizes: Sequence[float], *, exclude_self: bool = False) -> list[float]:
     """Candidate losses from client-side evaluation (Fed-MedLoRA+ without a server val set).
 
     ``loss_matrix[e][c]`` is the mean validation loss that evaluating site ``e`` measured
@@ -232,9 +228,7 @@ def combine_site_losses(
     combined = []
     for c in range(n_candidates):
         pairs = [
-            (rows[e][c], sizes[e])
-            for e in range(len(rows))
-            if math.isfinite(rows[e][c]) and sizes[e] > 0 and not (exclude_self and e == c)
+            (rows[e][c], sizes[e]) for e in range(len(rows)) if math.isfinite(rows[e][c]) and sizes[e] > 0 and not (exclude_self and e == c)
         ]
         total = math.fsum(s for _, s in pairs)
         combined.append(math.fsum(loss * s for loss, s in pairs) / total if total > 0 else float("nan"))
@@ -315,9 +309,7 @@ class WeightedAverager:
                 raise ValueError(f"{key}: not a floating-point tensor ({tensor.dtype})")
         if self.count == 0:
             if not self._reusable(update):
-                self._sums = {
-                    k: torch.empty(t.shape, dtype=self.accumulate_dtype, device=t.device) for k, t in update.items()
-                }
+                self._sums = {k: torch.empty(t.shape, dtype=self.accumulate_dtype, device=t.device) for k, t in update.items()}
             for key, tensor in update.items():
                 self._start(self._sums[key], tensor, w)
             self._dtypes = {k: t.dtype for k, t in update.items()}
@@ -584,9 +576,7 @@ def exact_lora(
             raise ValueError(f"scalings must be positive numbers, got {s}")
     if target_scaling is None:
         if len(set(s)) > 1:
-            raise ValueError(
-                f"the sites' LoRA scalings differ ({s}): pass target_scaling, the alpha/r the global adapter is loaded with"
-            )
+            raise ValueError(f"the sites' LoRA scalings differ ({s}): pass target_scaling, the alpha/r the global adapter is loaded with")
         target_scaling = s[0]
     target_scaling = float(target_scaling)
     if not math.isfinite(target_scaling) or target_scaling <= 0:

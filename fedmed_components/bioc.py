@@ -133,11 +133,17 @@ class _DocumentReader:
         text = ""
         for offset, piece, holder in sorted(pieces, key=lambda p: p[0]):
             if offset < len(text):
-                self.problem(self.path, self.lines.get(holder), MALFORMED_LINE, f"<{holder.tag}> at offset {offset} overlaps the text before it")
+                self.problem(
+                    self.path, self.lines.get(holder), MALFORMED_LINE, f"<{holder.tag}> at offset {offset} overlaps the text before it"
+                )
                 return None
             if offset - len(text) > MAX_PASSAGE_GAP:
-                self.problem(self.path, self.lines.get(holder), MALFORMED_LINE,
-                             f"<{holder.tag}> at offset {offset} is more than {MAX_PASSAGE_GAP:,} characters past the text before it")
+                self.problem(
+                    self.path,
+                    self.lines.get(holder),
+                    MALFORMED_LINE,
+                    f"<{holder.tag}> at offset {offset} is more than {MAX_PASSAGE_GAP:,} characters past the text before it",
+                )
                 return None
             text += "\n" * (offset - len(text)) + piece
         return text

@@ -58,8 +58,9 @@ def _interval(estimate: float, samples: np.ndarray, confidence: float) -> Interv
     return Interval(float(estimate), float(low), float(high))
 
 
-def bootstrap_f1(counts: np.ndarray, strata: list[str] | None = None, *, resamples: int = RESAMPLES,
-                 seed: int = 0, confidence: float = CONFIDENCE) -> Interval:
+def bootstrap_f1(
+    counts: np.ndarray, strata: list[str] | None = None, *, resamples: int = RESAMPLES, seed: int = 0, confidence: float = CONFIDENCE
+) -> Interval:
     """F1 of the summed counts and its percentile interval; `counts` is (notes, 3)."""
     counts = np.asarray(counts, dtype=float).reshape(-1, 3)
     if len(counts) == 0:
@@ -69,8 +70,15 @@ def bootstrap_f1(counts: np.ndarray, strata: list[str] | None = None, *, resampl
     return _interval(float(f1_from_counts(counts.sum(axis=0))), samples, confidence)
 
 
-def paired_difference(counts_a: np.ndarray, counts_b: np.ndarray, strata: list[str] | None = None, *,
-                      resamples: int = RESAMPLES, seed: int = 0, confidence: float = CONFIDENCE) -> Interval:
+def paired_difference(
+    counts_a: np.ndarray,
+    counts_b: np.ndarray,
+    strata: list[str] | None = None,
+    *,
+    resamples: int = RESAMPLES,
+    seed: int = 0,
+    confidence: float = CONFIDENCE,
+) -> Interval:
     """F1(a) - F1(b) over the same notes (row i of both is note i), paired resampling."""
     a = np.asarray(counts_a, dtype=float).reshape(-1, 3)
     b = np.asarray(counts_b, dtype=float).reshape(-1, 3)
@@ -82,8 +90,9 @@ def paired_difference(counts_a: np.ndarray, counts_b: np.ndarray, strata: list[s
     return _interval(estimate, samples, confidence)
 
 
-def aligned_counts(per_note: dict[str, dict[str, dict]], group: str, mode: str,
-                   notes: list[tuple[str, str]] | None = None) -> tuple[np.ndarray, list[str], list[tuple[str, str]]]:
+def aligned_counts(
+    per_note: dict[str, dict[str, dict]], group: str, mode: str, notes: list[tuple[str, str]] | None = None
+) -> tuple[np.ndarray, list[str], list[tuple[str, str]]]:
     """(counts, strata, notes) from a run's `per_note` block ({site: {note: {group: {mode:
     [tp, fp, fn]}}}); `notes` fixes the order (site, note) so two runs line up row by row."""
     if notes is None:

@@ -262,7 +262,9 @@ class _AnnParser:
         if len(parts) == 3 and not _same_text(parts[2], actual):
             consumed = self._spilled_lines(lines, i, parts[2], actual)
             if consumed is None:
-                self.problem(self.path, number, SPAN_TEXT_MISMATCH, f"{ident} says {_clip(parts[2])!r}, the text at {fields[1]} is {_clip(actual)!r}")
+                self.problem(
+                    self.path, number, SPAN_TEXT_MISMATCH, f"{ident} says {_clip(parts[2])!r}, the text at {fields[1]} is {_clip(actual)!r}"
+                )
                 return 0
         self._add_entity(number, Entity(id=ident, type=etype, spans=spans, text=actual))
         return consumed
@@ -281,13 +283,17 @@ class _AnnParser:
             return None
         ident = lines[i][1].split("\t", 1)[0]
         for number, line in lines[i + 1 : last + 1]:
-            self.problem(self.path, number, MALFORMED_LINE, f"{_clip(line)!r} is the rest of {ident}'s text (the span contains a line break)")
+            self.problem(
+                self.path, number, MALFORMED_LINE, f"{_clip(line)!r} is the rest of {ident}'s text (the span contains a line break)"
+            )
         return last - i
 
     def _offsets_inside(self, number, ident, spans) -> bool:
         for start, end in spans:
             if not 0 <= start < end <= len(self.text):
-                self.problem(self.path, number, OFFSETS_OUTSIDE_TEXT, f"{ident} span {start}-{end} is not inside the text (length {len(self.text)})")
+                self.problem(
+                    self.path, number, OFFSETS_OUTSIDE_TEXT, f"{ident} span {start}-{end} is not inside the text (length {len(self.text)})"
+                )
                 return False
         return True
 
@@ -615,7 +621,9 @@ def check_file_names(docs: Iterable[Document], folder: str | os.PathLike, source
     for doc in docs:
         problem = file_name_problem(doc.id)
         if problem:
-            raise InputError(source, None, f"document id {_clip(doc.id)!r} cannot be a file name inside {folder}: {problem}; rename the document")
+            raise InputError(
+                source, None, f"document id {_clip(doc.id)!r} cannot be a file name inside {folder}: {problem}; rename the document"
+            )
 
 
 def _document_stem(doc: Document, folder: Path, source: str | os.PathLike | None = None) -> Path:

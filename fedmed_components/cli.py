@@ -27,8 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedmed",
         description=(
-            "Federated QLoRA fine-tuning of LLMs for clinical information extraction "
-            "(Fed-MedLoRA / Fed-MedLoRA+) on NVIDIA FLARE."
+            "Federated QLoRA fine-tuning of LLMs for clinical information extraction (Fed-MedLoRA / Fed-MedLoRA+) on NVIDIA FLARE."
         ),
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -93,18 +93,33 @@ def run_demo(cfg: DemoConfig) -> dict:
     print(f"[1/4] synthetic corpus: {len(sites)} sites, {len(test)} held-out notes -> {out / 'data'}")
 
     before = evaluate_adapter(model_path, None, test, lora)
-    print(f"[2/4] untrained model: strict F1 {before['entities']['strict']['f1']:.3f}, lenient F1 {before['entities']['lenient']['f1']:.3f}")
+    print(
+        f"[2/4] untrained model: strict F1 {before['entities']['strict']['f1']:.3f}, lenient F1 {before['entities']['lenient']['f1']:.3f}"
+    )
 
     spec = JobSpec(
-        name=f"demo_{cfg.algorithm}", algorithm=cfg.algorithm, model=cfg.model, sites=sites,
-        num_rounds=cfg.rounds, min_clients=len(sites), local_steps=cfg.local_steps, batch_size=cfg.batch_size,
-        max_length=cfg.max_length, learning_rate=cfg.lr, rank=cfg.rank, alpha=cfg.alpha,
-        data=str(out / "data"), quantize="none", output_dir=str(out / "global_adapter_store"),
+        name=f"demo_{cfg.algorithm}",
+        algorithm=cfg.algorithm,
+        model=cfg.model,
+        sites=sites,
+        num_rounds=cfg.rounds,
+        min_clients=len(sites),
+        local_steps=cfg.local_steps,
+        batch_size=cfg.batch_size,
+        max_length=cfg.max_length,
+        learning_rate=cfg.lr,
+        rank=cfg.rank,
+        alpha=cfg.alpha,
+        data=str(out / "data"),
+        quantize="none",
+        output_dir=str(out / "global_adapter_store"),
         extra_site_args="--val-fraction 0 --max-val-examples 16",
     )
     _reset_store(out / "global_adapter_store")
     job_dir = export_job(spec, out / "jobs")
-    print(f"[3/4] FLARE simulator: {cfg.algorithm}, {cfg.rounds} rounds x {cfg.local_steps} local steps, {len(sites)} sites (log: {out / 'simulator.log'})")
+    print(
+        f"[3/4] FLARE simulator: {cfg.algorithm}, {cfg.rounds} rounds x {cfg.local_steps} local steps, {len(sites)} sites (log: {out / 'simulator.log'})"
+    )
     sim_started = time.perf_counter()
     run_simulator(job_dir, out / "simulator", sites, timeout=cfg.timeout)
     sim_seconds = time.perf_counter() - sim_started
@@ -113,9 +128,15 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     after = evaluate_adapter(model_path, state, test, lora)
     result = {
-        "model": cfg.model, "algorithm": cfg.algorithm, "sites": sites, "rounds": cfg.rounds,
-        "before": before, "after": after, "global_adapter": str(adapter_dir),
-        "simulator_seconds": round(sim_seconds, 1), "total_seconds": round(time.perf_counter() - started, 1),
+        "model": cfg.model,
+        "algorithm": cfg.algorithm,
+        "sites": sites,
+        "rounds": cfg.rounds,
+        "before": before,
+        "after": after,
+        "global_adapter": str(adapter_dir),
+        "simulator_seconds": round(sim_seconds, 1),
+        "total_seconds": round(time.perf_counter() - started, 1),
         "last_round": meta,
     }
     (out / "demo_result.json").write_text(json.dumps(result, indent=2))
@@ -132,8 +153,12 @@ def _reset_store(store: Path) -> None:
 
 
 def _before_after_table(before: dict, after: dict) -> str:
-    rows = [("entities strict", ("entities", "strict")), ("entities lenient", ("entities", "lenient")),
-            ("relations strict", ("relations", "strict")), ("relations lenient", ("relations", "lenient"))]
+    rows = [
+        ("entities strict", ("entities", "strict")),
+        ("entities lenient", ("entities", "lenient")),
+        ("relations strict", ("relations", "strict")),
+        ("relations lenient", ("relations", "lenient")),
+    ]
     lines = [f"{'':20s} {'untrained':>10s} {'federated':>10s}"]
     for label, (group, mode) in rows:
         lines.append(f"{label:20s} {before[group][mode]['f1']:10.3f} {after[group][mode]['f1']:10.3f}")

@@ -58,8 +58,12 @@ def parse_dp_sgd(text: str) -> DPSGDSettings | None:
     if set(fields) - known or not {"noise", "clip"} <= set(fields):
         raise ValueError(f"dp-sgd: needs noise= and clip= (optional delta=, record=example|note), got {text!r}")
     try:
-        return DPSGDSettings(noise_multiplier=float(fields["noise"]), clip=float(fields["clip"]),
-                             delta=float(fields.get("delta", 1e-5)), record=fields.get("record", "example"))
+        return DPSGDSettings(
+            noise_multiplier=float(fields["noise"]),
+            clip=float(fields["clip"]),
+            delta=float(fields.get("delta", 1e-5)),
+            record=fields.get("record", "example"),
+        )
     except ValueError as exc:
         raise ValueError(f"dp-sgd {text!r}: {exc}") from None
 
@@ -79,8 +83,13 @@ def poisson_sample(num_records: int, rate: float, rng: random.Random) -> list[in
     return [i for i in range(num_records) if rng.random() < rate]
 
 
-def noisy_clipped_gradient(params: list[torch.nn.Parameter], per_record: list[list[torch.Tensor]], settings: DPSGDSettings,
-                           expected_records: float, generator: torch.Generator | None = None) -> list[float]:
+def noisy_clipped_gradient(
+    params: list[torch.nn.Parameter],
+    per_record: list[list[torch.Tensor]],
+    settings: DPSGDSettings,
+    expected_records: float,
+    generator: torch.Generator | None = None,
+) -> list[float]:
     """Set ``p.grad`` to the DP-SGD gradient from each sampled record's gradient
     (``per_record[r][i]`` for parameter i); returns the records' norms before clipping."""
     norms = [math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads)) for grads in per_record]

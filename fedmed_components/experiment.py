@@ -94,8 +94,12 @@ class ExperimentConfig:
             elif kind == "new_site":
                 if self.external is None:
                     raise ValueError("run new_site needs an external cohort")
-                ids += [new_site_id(start, n, seed, len(self.new_site_seeds) > 1)
-                        for seed in self.new_site_seeds for n in self.new_site_shots for start in ("scratch", "federated")]
+                ids += [
+                    new_site_id(start, n, seed, len(self.new_site_seeds) > 1)
+                    for seed in self.new_site_seeds
+                    for n in self.new_site_shots
+                    for start in ("scratch", "federated")
+                ]
             else:
                 ids.append(kind)
         return ids
@@ -110,7 +114,7 @@ def new_site_id(start: str, shots: int, seed: int, with_seed: bool) -> str:
 
 def parse_new_site_id(run_id: str) -> tuple[str, int, int | None]:
     """(start, shots, seed or None) of a new-site run id."""
-    parts = run_id[len("new_site_"):].split("_")
+    parts = run_id[len("new_site_") :].split("_")
     seed = int(parts.pop()[1:]) if parts[-1].startswith("s") else None
     return parts[0], int(parts[1]), seed
 
@@ -158,7 +162,9 @@ def load_config(path: str | os.PathLike) -> ExperimentConfig:
     from fedmed_components.prompts import PROMPT_STYLES
 
     if cfg.prompt_style not in PROMPT_STYLES:
-        raise InputError(path, _line_of(path, "prompt_style"), f"prompt_style must be one of {sorted(PROMPT_STYLES)}, not {cfg.prompt_style!r}")
+        raise InputError(
+            path, _line_of(path, "prompt_style"), f"prompt_style must be one of {sorted(PROMPT_STYLES)}, not {cfg.prompt_style!r}"
+        )
     bad = [r for r in cfg.runs if r not in RUN_KINDS]
     if bad:
         raise InputError(path, _line_of(path, bad[0]), f"unknown run(s) {bad}; known: {list(RUN_KINDS)}")
@@ -255,7 +261,9 @@ class Scorer:
             from fedmed_components.modeling import LoraSettings, attach_lora, load_base_model, load_tokenizer
 
             self._tokenizer = load_tokenizer(self.model_path)
-            self._model = attach_lora(load_base_model(self.model_path, quantize=self.cfg.quantize), LoraSettings(r=self.cfg.rank, alpha=self.cfg.alpha))
+            self._model = attach_lora(
+                load_base_model(self.model_path, quantize=self.cfg.quantize), LoraSettings(r=self.cfg.rank, alpha=self.cfg.alpha)
+            )
         return self._model, self._tokenizer
 
     def release(self) -> None:
@@ -270,13 +278,17 @@ class Scorer:
         if adapter_state is None:
             adapter_state = initial_adapter_from_config(self.model_path, _lora(self.cfg), seed=self.cfg.seed)
         set_adapter_state(model, adapter_state)
-        settings = GenerationSettings(batch_size=self.cfg.generation_batch_size, max_new_tokens=self.cfg.max_new_tokens,
-                                      precision=self.cfg.precision)
-        preds, report = predict_documents(model, tokenizer, docs, tasks=tasks, settings=settings, progress=True,
-                                          prompt_style=self.cfg.prompt_style)
+        settings = GenerationSettings(
+            batch_size=self.cfg.generation_batch_size, max_new_tokens=self.cfg.max_new_tokens, precision=self.cfg.precision
+        )
+        preds, report = predict_documents(
+            model, tokenizer, docs, tasks=tasks, settings=settings, progress=True, prompt_style=self.cfg.prompt_style
+        )
         return preds, report.parse_failures
 
-    def score_sets(self, adapter_state, sets: dict[str, PreparedSite], cache_dir: Path, predict=None, part: str = "test") -> dict[str, dict]:
+    def score_sets(
+        self, adapter_state, sets: dict[str, PreparedSite], cache_dir: Path, predict=None, part: str = "test"
+    ) -> dict[str, dict]:
         """Scores of one adapter on each named split (`part`; cached per split: a resumed
         run skips them). The splits not yet scored are predicted in one call per task set
         (a cohort that links no modifiers gets no modifier prompts), so generation
@@ -310,8 +322,9 @@ class Scorer:
                 result["per_note"] = per_note_counts(gold, mine, site.types)
                 # main entities alone (problem, treatment, test, drug): the paper's NER figure,
                 # summed from the per-note counts rather than matched a second time
-                result["main_entities"] = {m: prf(*(sum(n["main_entities"][m][i] for n in result["per_note"].values()) for i in range(3)))
-                                           for m in MODES}
+                result["main_entities"] = {
+                    m: prf(*(sum(n["main_entities"][m][i] for n in result["per_note"].values()) for i in range(3))) for m in MODES
+                }
                 if not site.relations:
                     result["relations"] = None
                 write_json_atomic(caches[name], result)
@@ -380,7 +393,8 @@ def communication(adapter_state, model_path: str, rounds: int, sites: int) -> di
     adapter = adapter_num_bytes(adapter_state)
     full = full_model_parameters(model_path) * 4
     return {
-        "rounds": rounds, "sites": sites,
+        "rounds": rounds,
+        "sites": sites,
         "adapter_bytes_per_round_per_site": adapter,
         "full_model_bytes_per_round_per_site": full,
         "adapter_over_full": adapter / full,
@@ -392,25 +406,55 @@ def communication(adapter_state, model_path: str, rounds: int, sites: int) -> di
 # ---------------------------------------------------------------- training runs
 
 
-def _site_config(cfg: ExperimentConfig, steps: int | None, tasks=("ner", "modifier"), batch_size: int | None = None,
-                 model: str | None = None, lr: float | None = None, schedule_rounds: int | None = None):
+def _site_config(
+    cfg: ExperimentConfig,
+    steps: int | None,
+    tasks=("ner", "modifier"),
+    batch_size: int | None = None,
+    model: str | None = None,
+    lr: float | None = None,
+    schedule_rounds: int | None = None,
+):
     from fedmed_components.sft_data import SFTConfig
     from fedmed_components.site import SiteConfig
     from fedmed_components.training import TrainSettings
 
     return SiteConfig(
-        model=model or cfg.model, quantize=cfg.quantize, lora=_lora(cfg),
-        train=TrainSettings(learning_rate=lr or cfg.lr, batch_size=batch_size or cfg.batch_size, max_length=cfg.max_length,
-                            local_epochs=cfg.local_epochs, max_steps=steps, seed=cfg.seed,
-                            schedule_rounds=schedule_rounds if cfg.schedule == "run" else None,
-                            keep_optimizer_state=cfg.schedule == "run", precision=cfg.precision),
-        sft=SFTConfig(tasks=tuple(tasks), prompt_style=cfg.prompt_style), val_fraction=0.0, max_val_examples=cfg.max_val_examples, seed=cfg.seed,
+        model=model or cfg.model,
+        quantize=cfg.quantize,
+        lora=_lora(cfg),
+        train=TrainSettings(
+            learning_rate=lr or cfg.lr,
+            batch_size=batch_size or cfg.batch_size,
+            max_length=cfg.max_length,
+            local_epochs=cfg.local_epochs,
+            max_steps=steps,
+            seed=cfg.seed,
+            schedule_rounds=schedule_rounds if cfg.schedule == "run" else None,
+            keep_optimizer_state=cfg.schedule == "run",
+            precision=cfg.precision,
+        ),
+        sft=SFTConfig(tasks=tuple(tasks), prompt_style=cfg.prompt_style),
+        val_fraction=0.0,
+        max_val_examples=cfg.max_val_examples,
+        seed=cfg.seed,
     )
 
 
-def train_locally(cfg: ExperimentConfig, folders: list[Path], run_dir: Path, *, rounds: int, steps: int | None,
-                  initial_state=None, tasks=("ner", "modifier"), batch_size: int | None = None,
-                  model: str | None = None, lr: float | None = None, after_round=None) -> list[dict]:
+def train_locally(
+    cfg: ExperimentConfig,
+    folders: list[Path],
+    run_dir: Path,
+    *,
+    rounds: int,
+    steps: int | None,
+    initial_state=None,
+    tasks=("ner", "modifier"),
+    batch_size: int | None = None,
+    model: str | None = None,
+    lr: float | None = None,
+    after_round=None,
+) -> list[dict]:
     """Rounds of the sites' own trainer on one folder or several pooled; every round's
     adapter is saved, so an interrupted run resumes after its last saved round (AdamW's
     moments, kept between rounds under schedule "run", restart on a resume).
@@ -433,11 +477,20 @@ def train_locally(cfg: ExperimentConfig, folders: list[Path], run_dir: Path, *, 
         state, stats = runtime.train(state, progress=True)
         val_loss, _ = runtime.validation_loss()
         save_adapter_folder(state, runtime.config.lora, runtime.model_path, run_dir / f"round_{rnd:03d}")
-        record = {"round": rnd, "steps": stats.steps, "examples": (rnd + 1) * stats.steps * runtime.config.train.batch_size,
-                  "train_loss": stats.train_loss, "val_loss": None if math.isnan(val_loss) else val_loss,
-                  "num_supervised_tokens": stats.num_supervised_tokens, "seconds": round(stats.seconds, 1)}
-        print(f"  {run_dir.name} round {rnd + 1}/{rounds}: {stats.steps} steps in {stats.seconds:.0f} s, "
-              f"train loss {stats.train_loss:.4f}, val loss {val_loss:.4f}", flush=True)
+        record = {
+            "round": rnd,
+            "steps": stats.steps,
+            "examples": (rnd + 1) * stats.steps * runtime.config.train.batch_size,
+            "train_loss": stats.train_loss,
+            "val_loss": None if math.isnan(val_loss) else val_loss,
+            "num_supervised_tokens": stats.num_supervised_tokens,
+            "seconds": round(stats.seconds, 1),
+        }
+        print(
+            f"  {run_dir.name} round {rnd + 1}/{rounds}: {stats.steps} steps in {stats.seconds:.0f} s, "
+            f"train loss {stats.train_loss:.4f}, val loss {val_loss:.4f}",
+            flush=True,
+        )
         if after_round is not None:
             after_round(record, state)
         history.append(record)
@@ -458,12 +511,26 @@ def train_federated(cfg: ExperimentConfig, run_id: str, sites: list[PreparedSite
     state = json.loads(state_file.read_text()) if state_file.exists() else {}
     if state.get("last_round") is None or int(state["last_round"]) < cfg.rounds - 1:
         spec = JobSpec(
-            name=run_id, algorithm=algorithm, model=cfg.model, sites=[s.name for s in sites],
-            num_rounds=cfg.rounds, min_clients=len(sites), local_steps=cfg.local_steps, local_epochs=cfg.local_epochs,
-            batch_size=cfg.batch_size, max_length=cfg.max_length, learning_rate=cfg.lr, rank=cfg.rank, alpha=cfg.alpha,
-            data=str(data_root), quantize=cfg.quantize, loss_source=loss_source,
+            name=run_id,
+            algorithm=algorithm,
+            model=cfg.model,
+            sites=[s.name for s in sites],
+            num_rounds=cfg.rounds,
+            min_clients=len(sites),
+            local_steps=cfg.local_steps,
+            local_epochs=cfg.local_epochs,
+            batch_size=cfg.batch_size,
+            max_length=cfg.max_length,
+            learning_rate=cfg.lr,
+            rank=cfg.rank,
+            alpha=cfg.alpha,
+            data=str(data_root),
+            quantize=cfg.quantize,
+            loss_source=loss_source,
             server_val_data=str(data_root / "server_val.jsonl") if loss_source == "server" else None,
-            output_dir=str(store), train_timeout=int(cfg.simulator_timeout), eval_timeout=int(cfg.simulator_timeout),
+            output_dir=str(store),
+            train_timeout=int(cfg.simulator_timeout),
+            eval_timeout=int(cfg.simulator_timeout),
             extra_site_args=f"--val-fraction 0 --max-val-examples {cfg.max_val_examples} --seed {cfg.seed}"
             + (f" --keep-optimizer-state --schedule-rounds {cfg.rounds}" if cfg.schedule == "run" else "")
             + (f" --precision {cfg.precision}" if cfg.precision != "auto" else "")
@@ -476,10 +543,16 @@ def train_federated(cfg: ExperimentConfig, run_id: str, sites: list[PreparedSite
     history = []
     for record in state.get("history", []):
         rnd = record.get("current_round")
-        history.append({"round": rnd, "train_loss": record.get("train_loss"),
-                        "examples": None if rnd is None or not cfg.local_steps else (rnd + 1) * cfg.local_steps * cfg.batch_size * len(sites),
-                        "val_loss": record.get("val_loss"), "weights": record.get("weights"),
-                        "num_supervised_tokens": record.get("num_supervised_tokens")})
+        history.append(
+            {
+                "round": rnd,
+                "train_loss": record.get("train_loss"),
+                "examples": None if rnd is None or not cfg.local_steps else (rnd + 1) * cfg.local_steps * cfg.batch_size * len(sites),
+                "val_loss": record.get("val_loss"),
+                "weights": record.get("weights"),
+                "num_supervised_tokens": record.get("num_supervised_tokens"),
+            }
+        )
     return history
 
 
@@ -510,9 +583,12 @@ class Experiment:
         if pooled.get("relations"):
             record["val_relation_strict_f1"] = pooled["relations"]["strict"]["f1"]
             record["val_relation_lenient_f1"] = pooled["relations"]["lenient"]["f1"]
-        print(f"    validation: entity strict F1 {record['val_entity_strict_f1']:.3f}"
-              + (f", main-entity strict F1 {record['val_main_strict_f1']:.3f}" if "val_main_strict_f1" in record else "")
-              + (f", modifier strict F1 {record['val_relation_strict_f1']:.3f}" if "val_relation_strict_f1" in record else ""), flush=True)
+        print(
+            f"    validation: entity strict F1 {record['val_entity_strict_f1']:.3f}"
+            + (f", main-entity strict F1 {record['val_main_strict_f1']:.3f}" if "val_main_strict_f1" in record else "")
+            + (f", modifier strict F1 {record['val_relation_strict_f1']:.3f}" if "val_relation_strict_f1" in record else ""),
+            flush=True,
+        )
 
     def round_scores(self, history: list[dict], adapter_dir) -> None:
         """Validation F1 of every saved round's adapter (f1_every_round)."""
@@ -602,13 +678,22 @@ class Experiment:
             (data / "manifest.json").write_text(json.dumps({"annotated_types": sorted(site.types)}))
         # A cohort that links no modifiers to entities cannot teach the modifier task.
         tasks = ("ner", "modifier") if site.relations else ("ner",)
-        history = train_locally(cfg, [data], run_dir, rounds=1, steps=cfg.new_site_steps, initial_state=initial,
-                                tasks=tasks, batch_size=min(cfg.batch_size, n))
+        history = train_locally(
+            cfg, [data], run_dir, rounds=1, steps=cfg.new_site_steps, initial_state=initial, tasks=tasks, batch_size=min(cfg.batch_size, n)
+        )
         state, _, _ = load_adapter_folder(run_dir / "round_000")
         score = self.scorer.score_sets(state, {f"external_{site.name}": site}, run_dir / "scores")[f"external_{site.name}"]
-        return {"kind": "new_site", "start": start, "shots": n, "shot_seed": seed, "tasks": list(tasks),
-                "started_from": cfg.new_site_from if start == "federated" else None,
-                "rounds": history, "scores": {"external": score}, "intervals": {"external": interval_block(score)}}
+        return {
+            "kind": "new_site",
+            "start": start,
+            "shots": n,
+            "shot_seed": seed,
+            "tasks": list(tasks),
+            "started_from": cfg.new_site_from if start == "federated" else None,
+            "rounds": history,
+            "scores": {"external": score},
+            "intervals": {"external": interval_block(score)},
+        }
 
 
 def bert_baseline(exp: Experiment) -> dict:
@@ -624,16 +709,26 @@ def bert_baseline(exp: Experiment) -> dict:
         return {"kind": "bert", "status": f"not available: {cfg.bert_model}: {exc}"}
     per_site = cfg.bert_local_steps or cfg.local_steps
     steps = per_site * len(exp.sites) if per_site else None
-    history = train_locally(cfg, [s.folder for s in exp.sites], run_dir, rounds=cfg.rounds, steps=steps, model=cfg.bert_model, lr=cfg.bert_lr)
+    history = train_locally(
+        cfg, [s.folder for s in exp.sites], run_dir, rounds=cfg.rounds, steps=steps, model=cfg.bert_model, lr=cfg.bert_lr
+    )
     tokenizer = tc.load_tokenizer(model_path)
     model = tc.load_model(model_path, _lora(cfg), adapter=str(run_dir / f"round_{cfg.rounds - 1:03d}"))
 
     def predict(docs):
-        return tc.predict_documents_bert(model, tokenizer, docs, max_length=cfg.max_length, batch_size=cfg.generation_batch_size, progress=True), 0
+        return tc.predict_documents_bert(
+            model, tokenizer, docs, max_length=cfg.max_length, batch_size=cfg.generation_batch_size, progress=True
+        ), 0
 
     scores = exp.scorer.score_all(None, exp.sites, exp.external, run_dir / "scores", predict=predict)
-    return {"kind": "bert", "model": cfg.bert_model, "trained_on": [s.name for s in exp.sites], "rounds": history,
-            "scores": scores, "intervals": score_intervals(scores)}
+    return {
+        "kind": "bert",
+        "model": cfg.bert_model,
+        "trained_on": [s.name for s in exp.sites],
+        "rounds": history,
+        "scores": scores,
+        "intervals": score_intervals(scores),
+    }
 
 
 def prepare(cfg: ExperimentConfig, work: Path) -> tuple[list[PreparedSite], PreparedSite | None]:
@@ -649,7 +744,9 @@ def prepare(cfg: ExperimentConfig, work: Path) -> tuple[list[PreparedSite], Prep
     return sites, external
 
 
-def run_experiment(cfg: ExperimentConfig, out: str | os.PathLike, *, work: str | os.PathLike | None = None, only: list[str] | None = None) -> dict[str, dict]:
+def run_experiment(
+    cfg: ExperimentConfig, out: str | os.PathLike, *, work: str | os.PathLike | None = None, only: list[str] | None = None
+) -> dict[str, dict]:
     from fedmed_components.experiment_report import write_report
     from fedmed_components.modeling import resolve_model
 
@@ -665,12 +762,20 @@ def run_experiment(cfg: ExperimentConfig, out: str | os.PathLike, *, work: str |
     started = time.perf_counter()
     _refuse_other_config(cfg, out, run_ids)
     sites, external = prepare(cfg, work)
-    write_json_atomic(out / "experiment.json", {
-        "config": cfg.to_dict(), "runs": cfg.run_ids(),
-        "data": {s.name: s.counts for s in sites + ([external] if external else [])},
-    })
-    print(f"{cfg.name}: {len(sites)} sites ({', '.join(s.name for s in sites)})"
-          + (f", external {external.name}" if external else "") + f"; data in {work / 'data'}", flush=True)
+    write_json_atomic(
+        out / "experiment.json",
+        {
+            "config": cfg.to_dict(),
+            "runs": cfg.run_ids(),
+            "data": {s.name: s.counts for s in sites + ([external] if external else [])},
+        },
+    )
+    print(
+        f"{cfg.name}: {len(sites)} sites ({', '.join(s.name for s in sites)})"
+        + (f", external {external.name}" if external else "")
+        + f"; data in {work / 'data'}",
+        flush=True,
+    )
     exp = Experiment(cfg, out, work, sites, external, resolve_model(cfg.model), None)
     exp.scorer = Scorer(cfg, exp.model_path, work)
     failed: list[str] = []
@@ -701,8 +806,11 @@ def run_experiment(cfg: ExperimentConfig, out: str | os.PathLike, *, work: str |
         write_report(cfg, read_results(out, cfg.run_ids()), out)  # partial results are readable at any time
     results = read_results(out, cfg.run_ids())
     write_report(cfg, results, out)
-    print(f"results: {out} ({len(results)} runs, this call {time.perf_counter() - started:.0f} s)"
-          + (f"; FAILED: {', '.join(failed)} (re-run to retry)" if failed else ""), flush=True)
+    print(
+        f"results: {out} ({len(results)} runs, this call {time.perf_counter() - started:.0f} s)"
+        + (f"; FAILED: {', '.join(failed)} (re-run to retry)" if failed else ""),
+        flush=True,
+    )
     if failed:
         raise RuntimeError(f"{len(failed)} run(s) failed: {', '.join(failed)}")
     return results
@@ -712,8 +820,11 @@ def run_experiment(cfg: ExperimentConfig, out: str | os.PathLike, *, work: str |
 # may be resumed (greedy batched generation equals one-at-a-time: tests/test_inference.py).
 OPERATIONAL_SETTINGS = ("name", "runs", "sites", "external", "simulator_timeout", "generation_batch_size")
 # Settings only some runs depend on: changing them re-makes just those runs once their JSON is deleted.
-RUN_SETTINGS = {"bert": ("bert_model", "bert_lr", "bert_local_steps"), "centralised": ("checkpoints_per_round",),
-                "new_site": ("new_site_shots", "new_site_seeds", "new_site_steps", "new_site_from")}
+RUN_SETTINGS = {
+    "bert": ("bert_model", "bert_lr", "bert_local_steps"),
+    "centralised": ("checkpoints_per_round",),
+    "new_site": ("new_site_shots", "new_site_seeds", "new_site_steps", "new_site_from"),
+}
 
 
 def _settings_of(run_id: str, config: dict) -> dict:
@@ -764,8 +875,12 @@ def _refuse_other_config(cfg: ExperimentConfig, out: Path, run_ids: list[str]) -
             stale[run_id] = differ
     if stale:
         what = "; ".join(f"{run}: {', '.join(keys)}" for run, keys in stale.items())
-        raise InputError(out, None, f"{len(stale)} finished run(s) here were made with other settings ({what}); "
-                         "delete their JSON to re-make them, or use another --out")
+        raise InputError(
+            out,
+            None,
+            f"{len(stale)} finished run(s) here were made with other settings ({what}); "
+            "delete their JSON to re-make them, or use another --out",
+        )
 
 
 def _claim(run_dir: Path) -> Path | None:

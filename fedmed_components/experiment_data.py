@@ -130,8 +130,11 @@ def split_source(source: DataSource, sampling: Sampling) -> dict[str, list[Docum
     else:
         train_docs, test_docs = train_test_split(docs, sampling.test_fraction, sampling.seed)
     train_docs, val_docs = train_test_split(train_docs, sampling.val_fraction, sampling.seed) if sampling.val_fraction else (train_docs, [])
-    limits = {"train": sampling.max_train_sentences, "val": sampling.max_val_sentences,
-              "test": source.max_test_sentences or sampling.max_test_sentences}
+    limits = {
+        "train": sampling.max_train_sentences,
+        "val": sampling.max_val_sentences,
+        "test": source.max_test_sentences or sampling.max_test_sentences,
+    }
     parts = {}
     for part, part_docs in (("train", train_docs), ("val", val_docs), ("test", test_docs)):
         sentences = [s for d in part_docs for s in sentence_documents(d)]
@@ -156,9 +159,15 @@ def prepare_site(source: DataSource, sampling: Sampling, root: str | os.PathLike
             "site": source.name,
             "annotated_types": source.annotated_types(),
             "annotated_relations": source.annotated_relations(),
-            "counts": {part: {"sentences": len(docs), "spans": sum(len(d.entities) for d in docs),
-                              "relations": sum(len(d.relations) for d in docs),
-                              "notes": len({d.id.split('#')[0] for d in docs})} for part, docs in parts.items()},
+            "counts": {
+                part: {
+                    "sentences": len(docs),
+                    "spans": sum(len(d.entities) for d in docs),
+                    "relations": sum(len(d.relations) for d in docs),
+                    "notes": len({d.id.split("#")[0] for d in docs}),
+                }
+                for part, docs in parts.items()
+            },
             "recipe": recipe,
         }
         tmp = manifest_file.with_name("manifest.json.tmp")

@@ -53,15 +53,29 @@ def _scored(results: dict[str, dict]) -> dict[str, dict]:
 
 def main_rows(results: dict[str, dict], site_names: list[str], external: str | None) -> tuple[list[str], list[list[str]]]:
     """The headline: pooled in-domain F1 with 95% intervals, per-site main-entity F1, external."""
-    header = ["run", "kind", "pooled main-entity strict F1", "pooled main-entity lenient F1", "pooled all-type entity strict F1",
-              "pooled modifier strict F1", "pooled modifier lenient F1"]
+    header = [
+        "run",
+        "kind",
+        "pooled main-entity strict F1",
+        "pooled main-entity lenient F1",
+        "pooled all-type entity strict F1",
+        "pooled modifier strict F1",
+        "pooled modifier lenient F1",
+    ]
     header += [f"{s} main strict F1" for s in site_names]
     if external:
         header += [f"external {external} main strict F1", f"external {external} main lenient F1"]
     rows = []
     for run_id, r in _scored(results).items():
-        row = [run_id, r["kind"], fmt_ci(r, "pooled", "main_entities", "strict"), fmt_ci(r, "pooled", "main_entities", "lenient"),
-               fmt_ci(r, "pooled", "entities", "strict"), fmt_ci(r, "pooled", "relations", "strict"), fmt_ci(r, "pooled", "relations", "lenient")]
+        row = [
+            run_id,
+            r["kind"],
+            fmt_ci(r, "pooled", "main_entities", "strict"),
+            fmt_ci(r, "pooled", "main_entities", "lenient"),
+            fmt_ci(r, "pooled", "entities", "strict"),
+            fmt_ci(r, "pooled", "relations", "strict"),
+            fmt_ci(r, "pooled", "relations", "lenient"),
+        ]
         row += [fmt(f1(r["scores"]["sites"].get(s), "main_entities", "strict")) for s in site_names]
         if external:
             ext = r["scores"].get("external")
@@ -76,12 +90,18 @@ def per_type_rows(results: dict[str, dict]) -> tuple[list[str], list[list[str]]]
     from fedmed_components.schema import ENTITY_TYPES
 
     scored = _scored(results)
-    present = [t for t in ENTITY_TYPES if any(t in s["entities"].get("per_type", {}) for r in scored.values() for s in r["scores"]["sites"].values())]
+    present = [
+        t
+        for t in ENTITY_TYPES
+        if any(t in s["entities"].get("per_type", {}) for r in scored.values() for s in r["scores"]["sites"].values())
+    ]
     rows = []
     for run_id, r in scored.items():
         row = [run_id]
         for t in present:
-            parts = [s["entities"]["per_type"][t]["strict"] for s in r["scores"]["sites"].values() if t in s["entities"].get("per_type", {})]
+            parts = [
+                s["entities"]["per_type"][t]["strict"] for s in r["scores"]["sites"].values() if t in s["entities"].get("per_type", {})
+            ]
             row.append(fmt(prf(*(sum(p[k] for p in parts) for k in ("tp", "fp", "fn")))["f1"]))
         rows.append(row)
     return ["run"] + present, rows
@@ -95,7 +115,13 @@ def relation_rows(results: dict[str, dict], site_names: list[str]) -> tuple[list
         scores = r.get("scores") or {}
         if "sites" not in scores:
             continue
-        rows.append([run_id] + [f"{fmt(f1(scores['sites'].get(s), 'relations', 'strict'))} / {fmt(f1(scores['sites'].get(s), 'relations', 'lenient'))}" for s in site_names])
+        rows.append(
+            [run_id]
+            + [
+                f"{fmt(f1(scores['sites'].get(s), 'relations', 'strict'))} / {fmt(f1(scores['sites'].get(s), 'relations', 'lenient'))}"
+                for s in site_names
+            ]
+        )
     return header, rows
 
 
@@ -121,7 +147,9 @@ def _pooled_f1(results: dict, run_id: str, group: str = "main_entities") -> floa
 
 def comparisons(results: dict[str, dict]) -> list[tuple[str, str, str]]:
     """The differences the evaluation is about: (label, run a, run b), both finished."""
-    singles = {r: _pooled_f1(results, r) for r, v in results.items() if v.get("kind") == "single_site" and _pooled_f1(results, r) is not None}
+    singles = {
+        r: _pooled_f1(results, r) for r, v in results.items() if v.get("kind") == "single_site" and _pooled_f1(results, r) is not None
+    }
     best_single = max(singles, key=singles.get) if singles else None
     wanted = [
         ("Fed-MedLoRA+ - centralised", "fed_medlora_plus", "centralised"),
@@ -131,8 +159,11 @@ def comparisons(results: dict[str, dict]) -> list[tuple[str, str, str]]:
         ("centralised (LLM) - BERT", "centralised", "bert"),
         ("Fed-MedLoRA - centralised", "fed_medlora", "centralised"),
     ]
-    return [(label, a, b) for label, a, b in wanted if a in results and b in results and "pooled" in results[a].get("scores", {})
-            and "pooled" in results[b].get("scores", {})]
+    return [
+        (label, a, b)
+        for label, a, b in wanted
+        if a in results and b in results and "pooled" in results[a].get("scores", {}) and "pooled" in results[b].get("scores", {})
+    ]
 
 
 def difference_rows(results: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
@@ -151,15 +182,33 @@ def difference_rows(results: dict[str, dict]) -> tuple[list[str], list[list[str]
 
 
 def communication_rows(results: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
-    header = ["run", "rounds", "sites", "adapter MB / round / site", "full-model FedAvg MB / round / site", "adapter / full", "total adapter MB", "total full-model MB"]
+    header = [
+        "run",
+        "rounds",
+        "sites",
+        "adapter MB / round / site",
+        "full-model FedAvg MB / round / site",
+        "adapter / full",
+        "total adapter MB",
+        "total full-model MB",
+    ]
     rows = []
     for run_id, r in results.items():
         c = r.get("communication")
         if not c:
             continue
-        rows.append([run_id, str(c["rounds"]), str(c["sites"]), f"{c['adapter_bytes_per_round_per_site'] / 1e6:.3f}",
-                     f"{c['full_model_bytes_per_round_per_site'] / 1e6:.3f}", f"{c['adapter_over_full']:.4f}",
-                     f"{c['total_adapter_bytes'] / 1e6:.3f}", f"{c['total_full_model_bytes'] / 1e6:.3f}"])
+        rows.append(
+            [
+                run_id,
+                str(c["rounds"]),
+                str(c["sites"]),
+                f"{c['adapter_bytes_per_round_per_site'] / 1e6:.3f}",
+                f"{c['full_model_bytes_per_round_per_site'] / 1e6:.3f}",
+                f"{c['adapter_over_full']:.4f}",
+                f"{c['total_adapter_bytes'] / 1e6:.3f}",
+                f"{c['total_full_model_bytes'] / 1e6:.3f}",
+            ]
+        )
     return header, rows
 
 
@@ -172,7 +221,11 @@ def weight_rows(results: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
         for h in r.get("rounds") or []:
             weights = h.get("weights")
             if weights:
-                text = ", ".join(f"{site} {w:.3f}" for site, w in weights.items()) if isinstance(weights, dict) else ", ".join(f"{w:.3f}" for w in weights)
+                text = (
+                    ", ".join(f"{site} {w:.3f}" for site, w in weights.items())
+                    if isinstance(weights, dict)
+                    else ", ".join(f"{w:.3f}" for w in weights)
+                )
                 rows.append([run_id, str(h["round"]), text])
     return ["run", "round", "weights"], rows
 
@@ -187,11 +240,32 @@ def new_site_rows(results: dict[str, dict], cfg) -> tuple[list[str], list[list[s
     rows = []
     zero = (results.get("zero_shot") or {}).get("scores", {}).get("external")
     if zero:
-        rows.append(["zero-shot base model", "0", "-", fmt(f1(zero, "main_entities", "strict")), "-", "-", "-", fmt(f1(zero, "main_entities", "lenient"))])
+        rows.append(
+            [
+                "zero-shot base model",
+                "0",
+                "-",
+                fmt(f1(zero, "main_entities", "strict")),
+                "-",
+                "-",
+                "-",
+                fmt(f1(zero, "main_entities", "lenient")),
+            ]
+        )
     glob = (results.get(cfg.new_site_from) or {}).get("scores", {}).get("external")
     if glob:
-        rows.append([f"{cfg.new_site_from} global adapter, no fine-tuning", "0", "-", fmt(f1(glob, "main_entities", "strict")), "-", "-", "-",
-                     fmt(f1(glob, "main_entities", "lenient"))])
+        rows.append(
+            [
+                f"{cfg.new_site_from} global adapter, no fine-tuning",
+                "0",
+                "-",
+                fmt(f1(glob, "main_entities", "strict")),
+                "-",
+                "-",
+                "-",
+                fmt(f1(glob, "main_entities", "lenient")),
+            ]
+        )
     groups: dict[tuple[str, int], list[dict]] = {}
     for r in results.values():
         if r.get("kind") == "new_site" and r.get("status") == "done":
@@ -200,8 +274,18 @@ def new_site_rows(results: dict[str, dict], cfg) -> tuple[list[str], list[list[s
         strict = [f1(s, "main_entities", "strict") or 0.0 for s in scores]
         lenient = [f1(s, "main_entities", "lenient") or 0.0 for s in scores]
         label = "from scratch" if start == "scratch" else f"from {cfg.new_site_from}"
-        rows.append([label, str(shots), str(len(scores)), fmt(statistics.mean(strict)), fmt(statistics.stdev(strict)) if len(strict) > 1 else "-",
-                     fmt(min(strict)), fmt(max(strict)), fmt(statistics.mean(lenient))])
+        rows.append(
+            [
+                label,
+                str(shots),
+                str(len(scores)),
+                fmt(statistics.mean(strict)),
+                fmt(statistics.stdev(strict)) if len(strict) > 1 else "-",
+                fmt(min(strict)),
+                fmt(max(strict)),
+                fmt(statistics.mean(lenient)),
+            ]
+        )
     return header, rows
 
 
@@ -212,34 +296,52 @@ def goals(results: dict[str, dict], cfg=None) -> list[str]:
     if central is not None:
         lines.append(f"- centralised >= 0.70 pooled strict main-entity F1: {central:.3f} ({'met' if central >= 0.70 else 'missed'})")
     if plus is not None and central:
-        lines.append(f"- Fed-MedLoRA+ >= 0.95x centralised: {plus:.3f} / {central:.3f} = {plus / central:.3f}x "
-                     f"({'met' if plus / central >= 0.95 else 'missed'})")
+        lines.append(
+            f"- Fed-MedLoRA+ >= 0.95x centralised: {plus:.3f} / {central:.3f} = {plus / central:.3f}x "
+            f"({'met' if plus / central >= 0.95 else 'missed'})"
+        )
     fed = {r: _pooled_f1(results, r) for r, v in results.items() if v.get("kind") == "federated" and _pooled_f1(results, r) is not None}
-    single = {r: _pooled_f1(results, r) for r, v in results.items() if v.get("kind") == "single_site" and _pooled_f1(results, r) is not None}
+    single = {
+        r: _pooled_f1(results, r) for r, v in results.items() if v.get("kind") == "single_site" and _pooled_f1(results, r) is not None
+    }
     if fed and single:
         worst_fed, best_single = min(fed, key=fed.get), max(single, key=single.get)
         gap = paired(results[worst_fed], results[best_single])
         met = gap.low > 0
-        lines.append(f"- every federated run above every single site, intervals showing it: lowest federated {worst_fed} {fed[worst_fed]:.3f} "
-                     f"vs best single {best_single} {single[best_single]:.3f}, difference {gap.estimate:+.3f} [{gap.low:+.3f}, {gap.high:+.3f}] "
-                     f"({'met' if met else 'missed'})")
+        lines.append(
+            f"- every federated run above every single site, intervals showing it: lowest federated {worst_fed} {fed[worst_fed]:.3f} "
+            f"vs best single {best_single} {single[best_single]:.3f}, difference {gap.estimate:+.3f} [{gap.low:+.3f}, {gap.high:+.3f}] "
+            f"({'met' if met else 'missed'})"
+        )
     bert = _pooled_f1(results, "bert")
     if fed and bert is not None:
         for run_id in fed:
             gap = paired(results[run_id], results["bert"])
-            lines.append(f"- {run_id} above BERT: {fed[run_id]:.3f} vs {bert:.3f}, difference {gap.estimate:+.3f} [{gap.low:+.3f}, {gap.high:+.3f}] "
-                         f"({'met' if gap.estimate > 0 else 'missed'}{'' if gap.low > 0 or gap.high < 0 else ', within noise'})")
+            lines.append(
+                f"- {run_id} above BERT: {fed[run_id]:.3f} vs {bert:.3f}, difference {gap.estimate:+.3f} [{gap.low:+.3f}, {gap.high:+.3f}] "
+                f"({'met' if gap.estimate > 0 else 'missed'}{'' if gap.low > 0 or gap.high < 0 else ', within noise'})"
+            )
     rel = _pooled_f1(results, "centralised", "relations")
     if rel is not None:
         lines.append(f"- centralised modifier strict F1 >= 0.5: {rel:.3f} ({'met' if rel >= 0.5 else 'missed'})")
     if cfg is not None:
-        scores = {start: [f1(r["scores"]["external"], "main_entities", "strict") or 0.0 for r in results.values()
-                          if r.get("kind") == "new_site" and r.get("status") == "done" and r.get("shots") == max(cfg.new_site_shots) and r.get("start") == start]
-                  for start in ("federated", "scratch")}
+        scores = {
+            start: [
+                f1(r["scores"]["external"], "main_entities", "strict") or 0.0
+                for r in results.values()
+                if r.get("kind") == "new_site"
+                and r.get("status") == "done"
+                and r.get("shots") == max(cfg.new_site_shots)
+                and r.get("start") == start
+            ]
+            for start in ("federated", "scratch")
+        }
         if scores["federated"] and scores["scratch"]:
             fed_mean, scratch_mean = (sum(v) / len(v) for v in (scores["federated"], scores["scratch"]))
-            lines.append(f"- new site, {max(cfg.new_site_shots)} notes: from the federated adapter {fed_mean:.3f} vs from scratch {scratch_mean:.3f} "
-                         f"(mean of {len(scores['federated'])} / {len(scores['scratch'])} seeds; {'met' if fed_mean >= scratch_mean else 'missed'})")
+            lines.append(
+                f"- new site, {max(cfg.new_site_shots)} notes: from the federated adapter {fed_mean:.3f} vs from scratch {scratch_mean:.3f} "
+                f"(mean of {len(scores['federated'])} / {len(scores['scratch'])} seeds; {'met' if fed_mean >= scratch_mean else 'missed'})"
+            )
     return lines
 
 
@@ -248,19 +350,23 @@ def summary_markdown(cfg, results: dict[str, dict]) -> str:
     external = cfg.external.name if cfg.external else None
     s = cfg.sampling
     lines = [
-        f"# Experiment `{cfg.name}`", "",
+        f"# Experiment `{cfg.name}`",
+        "",
         f"Model `{cfg.model}` (quantize {cfg.quantize}), LoRA r={cfg.rank} alpha={cfg.alpha}; {cfg.rounds} rounds x "
         f"{cfg.local_steps} local steps per site, batch {cfg.batch_size}, max length {cfg.max_length}, lr {cfg.lr}, schedule {cfg.schedule}; seed {s.seed}.",
         f"Sites: {', '.join(site_names)}" + (f"; external / new site: {external}" if external else "") + ".",
         f"Data: per site, notes split {1 - s.test_fraction:.0%} train / {s.test_fraction:.0%} test (seed {s.seed}) before anything "
         f"trains, {s.val_fraction:.0%} of train for validation; sentences used: at most {s.max_train_sentences or 'all'} train, "
         f"{s.max_val_sentences or 'all'} val, {s.max_test_sentences or 'all'} test per site"
-        + (f" ({external}: {cfg.external.max_test_sentences} test notes)" if external and cfg.external.max_test_sentences else "") + ".",
+        + (f" ({external}: {cfg.external.max_test_sentences} test notes)" if external and cfg.external.max_test_sentences else "")
+        + ".",
         "Scores: n2c2 strict / lenient micro F1; main entities = problem, treatment, test, drug; all-type = main entities and "
         "modifier spans; modifier F1 = hasAttr links (head and tail both matched); a partial-schema site is scored only on the "
         "types it annotates; `pooled` = the sites' test notes together. [a, b] = 95% bootstrap interval over test notes "
-        "(pooled: resampled within each site).", "",
-        "## In-domain and external test", "",
+        "(pooled: resampled within each site).",
+        "",
+        "## In-domain and external test",
+        "",
     ]
     lines += _table(*main_rows(results, site_names, external))
     diff = difference_rows(results)
@@ -315,8 +421,11 @@ def write_plots(cfg, results: dict[str, dict], out: Path) -> list[Path]:
             pts = [(h["examples"], h[key]) for h in r["rounds"] if h.get(key) is not None and h.get("examples")]
             if pts:
                 ax.plot(*zip(*pts), label=run_id)
-        ax.set(xlabel="training examples seen (all sites)", ylabel=f"validation strict {what} F1",
-               title=f"Learning curves: {what}s (pooled validation split)")
+        ax.set(
+            xlabel="training examples seen (all sites)",
+            ylabel=f"validation strict {what} F1",
+            title=f"Learning curves: {what}s (pooled validation split)",
+        )
         ax.set_ylim(bottom=0)
         ax.legend(fontsize=7)
     save(fig, "f1_per_round.png")

@@ -38,7 +38,15 @@ class GenerationSettings:
         return min(self.max_new_tokens, int(answer_length * self.length_factor) + self.length_slack)
 
 
-def generate(model, tokenizer, prompt_texts: list[str], settings: GenerationSettings | None = None, progress: bool = False, answer_lengths: list[int] | None = None, stats: dict | None = None) -> list[str]:
+def generate(
+    model,
+    tokenizer,
+    prompt_texts: list[str],
+    settings: GenerationSettings | None = None,
+    progress: bool = False,
+    answer_lengths: list[int] | None = None,
+    stats: dict | None = None,
+) -> list[str]:
     """Greedy completions for already chat-rendered prompts, in input order.
 
     answer_lengths: the token length of the text each answer rewrites (the sentence),
@@ -70,7 +78,9 @@ def generate(model, tokenizer, prompt_texts: list[str], settings: GenerationSett
             prefix = encode_prefix(model, encoded[0][:shared], device) if shared else None
             for start in tqdm(range(0, len(order), settings.batch_size), disable=not progress, desc="generating", leave=False):
                 idx = order[start : start + settings.batch_size]
-                tokens = greedy_decode(model, [encoded[i][shared:] for i in idx], [budgets[i] for i in idx], stop_ids, pad_id, device, prefix)
+                tokens = greedy_decode(
+                    model, [encoded[i][shared:] for i in idx], [budgets[i] for i in idx], stop_ids, pad_id, device, prefix
+                )
                 for i, row in zip(idx, tokens):
                     outputs[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
                 if stats is not None:
@@ -98,7 +108,9 @@ def encode_prefix(model, prefix: list[int], device) -> list[tuple[torch.Tensor, 
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
-def greedy_decode(model, prompts: list[list[int]], budgets: list[int], stop_ids: list[int], pad_id: int, device, prefix=None) -> list[list[int]]:
+def greedy_decode(
+    model, prompts: list[list[int]], budgets: list[int], stop_ids: list[int], pad_id: int, device, prefix=None
+) -> list[list[int]]:
     """New token ids per prompt (stop token excluded): greedy, KV cache, left padding.
 
     prefix: `encode_prefix` of tokens that precede every prompt (then `prompts` are the
@@ -131,7 +143,9 @@ def greedy_decode(model, prompts: list[list[int]], budgets: list[int], stop_ids:
     step_ids, step_positions = input_ids, positions
     produced = 0
     while live:
-        logits = model(input_ids=step_ids, attention_mask=attention, position_ids=step_positions, cache=cache, use_cache=True, logits_to_keep=1).logits
+        logits = model(
+            input_ids=step_ids, attention_mask=attention, position_ids=step_positions, cache=cache, use_cache=True, logits_to_keep=1
+        ).logits
         next_ids = logits[:, -1, :].argmax(dim=-1)
         produced += 1
         finished = torch.isin(next_ids, stops) | (budget <= produced)
@@ -213,8 +227,10 @@ def predict_documents(
             mains.append((d, offset, sentence, (etype, s, e), ent.id))
 
     if "modifier" in tasks and mains:
-        prompts = [render_chat(tokenizer, modifier_prompt(sent, main, modifier_format, style=style), system=style.system)[0]
-                   for _, _, sent, main, _ in mains]
+        prompts = [
+            render_chat(tokenizer, modifier_prompt(sent, main, modifier_format, style=style), system=style.system)[0]
+            for _, _, sent, main, _ in mains
+        ]
         lengths = [len(tokenizer(sent, add_special_tokens=False)["input_ids"]) for _, _, sent, _, _ in mains]
         mod_outputs = generate(model, tokenizer, prompts, settings, progress, answer_lengths=lengths)
         for (d, offset, sentence, _main, head_id), output in zip(mains, mod_outputs):

@@ -169,8 +169,10 @@ def document_counts(gold: list[Document], pred: list[Document], types: set[str] 
         ent = {m: Counter() for m in MODES}
         rel = {m: Counter() for m in MODES}
         _score_pair(g_doc, p_doc, types, ent, {m: {} for m in MODES}, rel)
-        out[g_doc.id] = {group: {m: [counts[m]["tp"], counts[m]["fp"], counts[m]["fn"]] for m in MODES}
-                         for group, counts in (("entities", ent), ("relations", rel))}
+        out[g_doc.id] = {
+            group: {m: [counts[m]["tp"], counts[m]["fp"], counts[m]["fn"]] for m in MODES}
+            for group, counts in (("entities", ent), ("relations", rel))
+        }
     return out
 
 
@@ -179,8 +181,7 @@ def document_counts(gold: list[Document], pred: list[Document], types: set[str] 
 
 def format_table(result: dict) -> str:
     """The score object as an aligned text table (strict and lenient side by side)."""
-    head = (f"{'':22s} {'strict P':>8s} {'R':>6s} {'F1':>6s} {'tp':>6s} {'fp':>6s} {'fn':>6s}"
-            f"   {'lenient P':>9s} {'R':>6s} {'F1':>6s}")
+    head = f"{'':22s} {'strict P':>8s} {'R':>6s} {'F1':>6s} {'tp':>6s} {'fp':>6s} {'fn':>6s}   {'lenient P':>9s} {'R':>6s} {'F1':>6s}"
     lines = [f"{result['documents']} documents, {result['parse_failures']} parse failures", "", head]
 
     def row(label: str, scores: dict) -> str:
@@ -224,8 +225,11 @@ def seqeval_scores(true_seqs: list[list[str]], pred_seqs: list[list[str]]) -> di
     from seqeval.metrics import classification_report, f1_score, precision_score, recall_score
 
     report = classification_report(true_seqs, pred_seqs, output_dict=True, zero_division=0)
-    per_type = {t: {"precision": v["precision"], "recall": v["recall"], "f1": v["f1-score"], "support": int(v["support"])}
-                for t, v in report.items() if not t.endswith(" avg")}
+    per_type = {
+        t: {"precision": v["precision"], "recall": v["recall"], "f1": v["f1-score"], "support": int(v["support"])}
+        for t, v in report.items()
+        if not t.endswith(" avg")
+    }
     return {
         "precision": precision_score(true_seqs, pred_seqs, zero_division=0),
         "recall": recall_score(true_seqs, pred_seqs, zero_division=0),

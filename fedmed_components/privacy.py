@@ -156,9 +156,7 @@ def _sampled_gaussian_rdp(noise_multiplier: float, sample_rate: float, orders: t
     return tuple(float(x) for x in compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=list(orders)))
 
 
-def rdp_to_epsilon(
-    rdp: Sequence[float], orders: Sequence[float], delta: float, conversion: str = "improved"
-) -> tuple[float, float]:
+def rdp_to_epsilon(rdp: Sequence[float], orders: Sequence[float], delta: float, conversion: str = "improved") -> tuple[float, float]:
     """``(epsilon, best_order)`` for the given ``delta`` from RDP values at ``orders``:
     Opacus's conversion (``improved``), or Mironov's ``rdp + log(1/delta)/(alpha-1)``."""
     if not 0 < delta < 1:

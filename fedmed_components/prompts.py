@@ -76,6 +76,7 @@ def prompt_style(name: str | PromptStyle) -> PromptStyle:
         raise ValueError(f"prompt style must be one of {sorted(PROMPT_STYLES)}, not {name!r}")
     return PROMPT_STYLES[name]
 
+
 Span = tuple[str, int, int]  # (type, start, end) relative to the sentence
 
 
@@ -159,8 +160,9 @@ def ner_answer(sentence: str, spans: list[Span], output_format: str = "html") ->
     return _answer(sentence, spans, output_format)
 
 
-def modifier_prompt(sentence: str, main: Span, output_format: str = "html", types=MODIFIER_TYPES,
-                    style: str | PromptStyle = "paper") -> str:
+def modifier_prompt(
+    sentence: str, main: Span, output_format: str = "html", types=MODIFIER_TYPES, style: str | PromptStyle = "paper"
+) -> str:
     """Ask for the modifiers of the main entity marked with <main class="TYPE">."""
     ordered = _ordered(types, MODIFIER_TYPES)
     names = ", ".join(ordered)
@@ -168,10 +170,7 @@ def modifier_prompt(sentence: str, main: Span, output_format: str = "html", type
     if prompt_style(style).compact:
         subset = f" ({names})" if len(ordered) < len(MODIFIER_TYPES) else ""
         return f"Modifiers{subset} of <main>:\n{marked}"
-    return (
-        f"Find the modifiers ({names}) of the {main[0]} marked with <main>. "
-        f"{_how(output_format, 'modifier')}\nSentence: {marked}"
-    )
+    return f"Find the modifiers ({names}) of the {main[0]} marked with <main>. {_how(output_format, 'modifier')}\nSentence: {marked}"
 
 
 def modifier_answer(sentence: str, main: Span, modifiers: list[Span], output_format: str = "html") -> str:
@@ -234,13 +233,10 @@ class _ExampleMaker:
         fmt = self.style.formats(self.output_format)[1]
         prompt = modifier_prompt(sentence, main, fmt, self.modifier_types, self.style)
         answer = modifier_answer(sentence, main, kept, fmt)
-        return Example(self.doc_id, "modifier", s_start, sentence, prompt, answer, main=main,
-                       spans=tuple(kept), unexpressed=tuple(dropped))
+        return Example(self.doc_id, "modifier", s_start, sentence, prompt, answer, main=main, spans=tuple(kept), unexpressed=tuple(dropped))
 
 
-def _mains_by_sentence(
-    doc: Document, main_types: list[str], sentences: list[tuple[int, int]], stats: Counter
-) -> dict[int, list[Entity]]:
+def _mains_by_sentence(doc: Document, main_types: list[str], sentences: list[tuple[int, int]], stats: Counter) -> dict[int, list[Entity]]:
     """Main entities per sentence index; those crossing a sentence boundary are counted."""
     starts = [start for start, _ in sentences]
     by_sentence: dict[int, list[Entity]] = {}
@@ -276,8 +272,14 @@ def document_examples(
     """
     _check_format(output_format)
     allowed = set(types) if types else set(MAIN_TYPES) | set(MODIFIER_TYPES)
-    make = _ExampleMaker(doc.id, output_format, _ordered(allowed, MAIN_TYPES), _ordered(allowed, MODIFIER_TYPES),
-                         stats if stats is not None else Counter(), prompt_style(style))
+    make = _ExampleMaker(
+        doc.id,
+        output_format,
+        _ordered(allowed, MAIN_TYPES),
+        _ordered(allowed, MODIFIER_TYPES),
+        stats if stats is not None else Counter(),
+        prompt_style(style),
+    )
     sentences = split_sentences(doc.text)
     mains_in = _mains_by_sentence(doc, make.main_types, sentences, make.stats)
     tails = _modifiers_by_head(doc, make.modifier_types)
@@ -332,8 +334,9 @@ def _ids(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def tokenize_example(tokenizer, example: Example, max_length: int, train_on_prompt: bool = False,
-                     style: str | PromptStyle = "paper") -> dict:
+def tokenize_example(
+    tokenizer, example: Example, max_length: int, train_on_prompt: bool = False, style: str | PromptStyle = "paper"
+) -> dict:
     """input_ids and labels (-100 on the prompt unless train_on_prompt), cut at max_length.
 
     The prompt is tokenised alone, as at inference; the full text is tokenised whole

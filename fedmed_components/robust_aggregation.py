@@ -109,9 +109,7 @@ def _check_aligned(updates: Sequence[Mapping[str, Tensor]], labels: Sequence[str
             if not isinstance(value, Tensor) or not value.is_floating_point():
                 raise ValueError(f"{name}: {key!r} is not a floating-point tensor")
             if value.shape != first[key].shape:
-                raise ValueError(
-                    f"{name}: {key!r} has shape {list(value.shape)}, {names[0]} has {list(first[key].shape)}"
-                )
+                raise ValueError(f"{name}: {key!r} has shape {list(value.shape)}, {names[0]} has {list(first[key].shape)}")
             if not bool(torch.isfinite(value).all()):
                 raise ValueError(f"{name}: {key!r} has non-finite values")
     return keys

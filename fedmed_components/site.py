@@ -60,7 +60,9 @@ class SiteData:
     skipped: str = ""  # what a lenient read skipped ("" when nothing)
 
 
-def load_site_data(folder: str | os.PathLike, *, mapping: str | None = None, val_fraction: float = 0.1, seed: int = 0, lenient: bool = False) -> SiteData:
+def load_site_data(
+    folder: str | os.PathLike, *, mapping: str | None = None, val_fraction: float = 0.1, seed: int = 0, lenient: bool = False
+) -> SiteData:
     """A site folder holds train.jsonl (+ val.jsonl) or a corpus that is split here.
     Bad input raises InputError naming file and line; `lenient` skips it, counted."""
     from fedmed_components.brat import ReadReport
@@ -146,7 +148,9 @@ class SiteRuntime:
         self.tokenizer = tc.load_tokenizer(self.model_path)
         self.model = tc.load_model(self.model_path, cfg.lora, device=cfg.device)
         self.device = next(self.model.parameters()).device
-        self.trainer = LocalTrainer(self.model, self.tokenizer.pad_token_id, cfg.train, device=self.device, loss_fn=tc.tagging_loss, collate_fn=tc.collate_tagged)
+        self.trainer = LocalTrainer(
+            self.model, self.tokenizer.pad_token_id, cfg.train, device=self.device, loss_fn=tc.tagging_loss, collate_fn=tc.collate_tagged
+        )
 
     def build_examples(self, docs: list[Document], types: set[str] | None = None) -> list[dict]:
         """Examples for the site's task model: SFT prompts (LLM) or BIO windows (BERT)."""
@@ -174,8 +178,12 @@ class SiteRuntime:
         if not self.train_examples:
             raise InputError(folders[0], None, "no training example could be built from the site's documents")
         log.info(
-            "%s: %d train docs -> %d examples, %d val docs -> %d examples", self.site_name,
-            sum(len(d.train) for d in loaded), len(self.train_examples), sum(len(d.val) for d in loaded), len(self.val_examples),
+            "%s: %d train docs -> %d examples, %d val docs -> %d examples",
+            self.site_name,
+            sum(len(d.train) for d in loaded),
+            len(self.train_examples),
+            sum(len(d.val) for d in loaded),
+            len(self.val_examples),
         )
         return loaded
 
@@ -199,10 +207,14 @@ class SiteRuntime:
             # LoRA's scaling is alpha / r: keep the product B·A·scaling when changing rank.
             global_rank = next(v.shape[0] for k, v in state.items() if is_lora_A(k))
             alpha = self.config.lora.alpha
-            state, _ = exact_lora([state], [1.0], rank=self.config.lora.r, scalings=[alpha / global_rank], target_scaling=alpha / self.config.lora.r)
+            state, _ = exact_lora(
+                [state], [1.0], rank=self.config.lora.r, scalings=[alpha / global_rank], target_scaling=alpha / self.config.lora.r
+            )
         set_adapter_state(self.model, {k: v.to(own[k].dtype) for k, v in state.items()})
 
-    def train(self, global_state: dict[str, torch.Tensor] | None, *, progress: bool = False, on_step=None) -> tuple[dict[str, torch.Tensor], RoundStats]:
+    def train(
+        self, global_state: dict[str, torch.Tensor] | None, *, progress: bool = False, on_step=None
+    ) -> tuple[dict[str, torch.Tensor], RoundStats]:
         if global_state:
             self.set_adapter(global_state)
         stats = self.trainer.train_round(self.train_examples, progress=progress, on_step=on_step)
@@ -249,11 +261,19 @@ def add_site_arguments(parser) -> None:
     """Site options shared by the FLARE site script and `fedmed train-local`."""
     d, t, lo = SiteConfig(), TrainSettings(), LoraSettings()
     parser.add_argument("--model", default=d.model, help="tiny | smollm2-135m | minilm | HF id | local folder")
-    parser.add_argument("--task-model", default=d.task_model, choices=tc.TASK_MODELS,
-                        help="causal-lm (generative IE, the paper's method) or token-classification (the BERT BIO baseline); auto: token-classification for encoder models (BERT, RoBERTa, ...)")
-    parser.add_argument("--data", default=d.data, help="site data folder (default: $FEDMED_DATA); <data>/<site name> is used when it exists")
+    parser.add_argument(
+        "--task-model",
+        default=d.task_model,
+        choices=tc.TASK_MODELS,
+        help="causal-lm (generative IE, the paper's method) or token-classification (the BERT BIO baseline); auto: token-classification for encoder models (BERT, RoBERTa, ...)",
+    )
+    parser.add_argument(
+        "--data", default=d.data, help="site data folder (default: $FEDMED_DATA); <data>/<site name> is used when it exists"
+    )
     parser.add_argument("--mapping", default=None, help="corpus mapping for BRAT/BioC data: kiwi | maccrobat | phee")
-    parser.add_argument("--quantize", default=d.quantize, choices=["auto", "4bit", "8bit", "none"], help="base model quantisation (auto: NF4 on CUDA)")
+    parser.add_argument(
+        "--quantize", default=d.quantize, choices=["auto", "4bit", "8bit", "none"], help="base model quantisation (auto: NF4 on CUDA)"
+    )
     parser.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--rank", type=int, default=lo.r, help="LoRA rank of this site")
@@ -265,26 +285,50 @@ def add_site_arguments(parser) -> None:
     parser.add_argument("--local-epochs", type=float, default=t.local_epochs)
     parser.add_argument("--local-steps", type=int, default=None, help="steps per round (overrides --local-epochs)")
     parser.add_argument("--warmup-ratio", type=float, default=t.warmup_ratio)
-    parser.add_argument("--keep-optimizer-state", action="store_true", help="do not restart AdamW each round (its moments stay at the site)")
-    parser.add_argument("--schedule-rounds", type=int, default=None,
-                        help="one warm-up + cosine schedule across this many rounds (the job's rounds) instead of a restart every round")
-    parser.add_argument("--precision", default=t.precision, choices=["auto", "fp32", "bf16"],
-                        help="compute precision: bf16 autocast (LoRA weights and optimiser stay fp32) or fp32; auto: bf16 on CUDA and on CPUs with AVX512-BF16/AMX, else fp32")
-    parser.add_argument("--prox-mu", type=float, default=t.prox_mu,
-                        help="FedProx: add mu/2 ||theta - theta_global||^2 over the LoRA parameters to the local loss (0: off)")
-    parser.add_argument("--dp-sgd", default=t.dp_sgd, metavar="noise=S,clip=C[,delta=D][,record=example|note]",
-                        help="record-level DP-SGD (Opacus per-example gradients): each example or each note is a record, "
-                             "Poisson-sampled, clipped to C, Gaussian noise S*C; epsilon at delta is reported every round")
+    parser.add_argument(
+        "--keep-optimizer-state", action="store_true", help="do not restart AdamW each round (its moments stay at the site)"
+    )
+    parser.add_argument(
+        "--schedule-rounds",
+        type=int,
+        default=None,
+        help="one warm-up + cosine schedule across this many rounds (the job's rounds) instead of a restart every round",
+    )
+    parser.add_argument(
+        "--precision",
+        default=t.precision,
+        choices=["auto", "fp32", "bf16"],
+        help="compute precision: bf16 autocast (LoRA weights and optimiser stay fp32) or fp32; auto: bf16 on CUDA and on CPUs with AVX512-BF16/AMX, else fp32",
+    )
+    parser.add_argument(
+        "--prox-mu",
+        type=float,
+        default=t.prox_mu,
+        help="FedProx: add mu/2 ||theta - theta_global||^2 over the LoRA parameters to the local loss (0: off)",
+    )
+    parser.add_argument(
+        "--dp-sgd",
+        default=t.dp_sgd,
+        metavar="noise=S,clip=C[,delta=D][,record=example|note]",
+        help="record-level DP-SGD (Opacus per-example gradients): each example or each note is a record, "
+        "Poisson-sampled, clipped to C, Gaussian noise S*C; epsilon at delta is reported every round",
+    )
     parser.add_argument("--train-on-prompt", action="store_true", help="loss on prompt+answer (reference code)")
     parser.add_argument("--tasks", default="ner,modifier", help="ner,modifier")
-    parser.add_argument("--prompt-style", default=SFTConfig.prompt_style, choices=["paper", "compact"],
-                        help="paper: the paper's full instructions, HTML answers; compact: a few-token instruction, "
-                             "modifiers answered as a JSON list (fewer tokens a step; predict with the same style)")
+    parser.add_argument(
+        "--prompt-style",
+        default=SFTConfig.prompt_style,
+        choices=["paper", "compact"],
+        help="paper: the paper's full instructions, HTML answers; compact: a few-token instruction, "
+        "modifiers answered as a JSON list (fewer tokens a step; predict with the same style)",
+    )
     parser.add_argument("--val-fraction", type=float, default=d.val_fraction)
     parser.add_argument("--max-train-examples", type=int, default=None)
     parser.add_argument("--max-val-examples", type=int, default=d.max_val_examples)
     parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--lenient-input", action="store_true", help="skip malformed notes/lines (counted and logged) instead of failing on the first")
+    parser.add_argument(
+        "--lenient-input", action="store_true", help="skip malformed notes/lines (counted and logged) instead of failing on the first"
+    )
 
 
 def site_config_from_args(args) -> SiteConfig:

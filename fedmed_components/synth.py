@@ -22,20 +22,58 @@ from pathlib import Path
 
 from fedmed_components.document import Document, Entity, Relation
 
-PROBLEMS = ["chest pain", "shortness of breath", "fever", "cough", "nausea", "headache", "hypertension",
-            "diabetes", "pneumonia", "anemia", "dizziness", "vomiting", "chills", "fatigue", "sepsis"]
+PROBLEMS = [
+    "chest pain",
+    "shortness of breath",
+    "fever",
+    "cough",
+    "nausea",
+    "headache",
+    "hypertension",
+    "diabetes",
+    "pneumonia",
+    "anemia",
+    "dizziness",
+    "vomiting",
+    "chills",
+    "fatigue",
+    "sepsis",
+]
 LOCAL_PROBLEMS = ["pain", "swelling", "numbness", "weakness", "tenderness", "rash"]
 BODYLOCS = ["left leg", "right arm", "lower back", "abdomen", "left knee", "neck", "right hip", "both feet"]
 TESTS = ["chest x-ray", "CT scan", "ECG", "echocardiogram", "MRI", "ultrasound"]
-LABVALUES = {"hemoglobin": ["9.8", "12.1", "14.0"], "creatinine": ["1.2", "2.4", "0.9"],
-             "potassium": ["3.1", "4.5", "5.6"], "glucose": ["110", "245", "89"], "white count": ["11.2", "6.5", "15.3"]}
+LABVALUES = {
+    "hemoglobin": ["9.8", "12.1", "14.0"],
+    "creatinine": ["1.2", "2.4", "0.9"],
+    "potassium": ["3.1", "4.5", "5.6"],
+    "glucose": ["110", "245", "89"],
+    "white count": ["11.2", "6.5", "15.3"],
+}
 IMAGING_RESULTS = ["normal", "unremarkable", "abnormal"]
 FINDINGS = [("", "pneumonia"), ("", "edema"), ("a ", "fracture"), ("an ", "effusion"), ("a ", "mass")]
-DRUGS = ["aspirin", "metformin", "lisinopril", "amoxicillin", "furosemide", "atorvastatin",
-         "prednisone", "omeprazole", "warfarin", "metoprolol"]
+DRUGS = [
+    "aspirin",
+    "metformin",
+    "lisinopril",
+    "amoxicillin",
+    "furosemide",
+    "atorvastatin",
+    "prednisone",
+    "omeprazole",
+    "warfarin",
+    "metoprolol",
+]
 INJECTED_DRUGS = ["insulin", "heparin", "ceftriaxone", "vancomycin"]
-TREATMENTS = ["physical therapy", "appendectomy", "dialysis", "cholecystectomy", "blood transfusion",
-              "oxygen therapy", "wound care", "cardiac catheterization"]
+TREATMENTS = [
+    "physical therapy",
+    "appendectomy",
+    "dialysis",
+    "cholecystectomy",
+    "blood transfusion",
+    "oxygen therapy",
+    "wound care",
+    "cardiac catheterization",
+]
 SEVERITIES = ["mild", "moderate", "severe"]
 COURSES = ["worsening", "improving", "stable", "resolved"]
 TEMPORALS = ["yesterday", "two days ago", "last week", "since admission", "this morning"]
@@ -188,8 +226,15 @@ def _uncertain(b: _NoteBuilder, r: random.Random) -> None:
 
 
 SENTENCE_KINDS = {
-    "symptom": _symptom, "negated": _negated, "imaging": _imaging, "lab": _lab, "oral_drug": _oral_drug,
-    "dosed_drug": _dosed_drug, "injected_drug": _injected_drug, "treatment": _treatment, "uncertain": _uncertain,
+    "symptom": _symptom,
+    "negated": _negated,
+    "imaging": _imaging,
+    "lab": _lab,
+    "oral_drug": _oral_drug,
+    "dosed_drug": _dosed_drug,
+    "injected_drug": _injected_drug,
+    "treatment": _treatment,
+    "uncertain": _uncertain,
 }
 
 # style -> (section headers, weight of each sentence kind): the site's label skew.
@@ -215,15 +260,13 @@ def _append_sentence(note: _NoteBuilder, part: _NoteBuilder) -> None:
     offset, ids = len(note.text), {}
     for ent in part.entities:
         ids[ent.id] = f"T{len(note.entities) + 1}"
-        (start, end), = ent.spans
+        ((start, end),) = ent.spans
         note.entities.append(Entity(id=ids[ent.id], type=ent.type, spans=[(start + offset, end + offset)], text=ent.text))
     note.relations += [Relation(type=rel.type, head=ids[rel.head], tail=ids[rel.tail]) for rel in part.relations]
     note.text += part.text
 
 
-def generate_note(
-    doc_id: str, site: str, style: str, r: random.Random, sentences_per_section: tuple[int, int] = (2, 3)
-) -> Document:
+def generate_note(doc_id: str, site: str, style: str, r: random.Random, sentences_per_section: tuple[int, int] = (2, 3)) -> Document:
     """One note: each section header on its own line, then a few sentences of the style's mix."""
     headers, weights = STYLES[style]
     kinds = [SENTENCE_KINDS[k] for k in weights]
@@ -283,8 +326,12 @@ def add_synth_parser(data_subparsers) -> None:
     p.add_argument("--sites", type=int, default=3, help="number of sites (default: 3)")
     p.add_argument("--docs-per-site", type=int, default=12, help="notes per site (default: 12)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    p.add_argument("--format", choices=["jsonl", "brat"], default="jsonl",
-                   help="jsonl: <site>/train.jsonl; brat: <site>/<id>.txt + .ann (default: jsonl)")
+    p.add_argument(
+        "--format",
+        choices=["jsonl", "brat"],
+        default="jsonl",
+        help="jsonl: <site>/train.jsonl; brat: <site>/<id>.txt + .ann (default: jsonl)",
+    )
     p.set_defaults(func=_synth_command)
 
 

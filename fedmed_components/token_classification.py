@@ -51,7 +51,9 @@ CAUSAL_LM = "causal-lm"
 TASK_MODELS = ("auto", CAUSAL_LM, TOKEN_CLASSIFICATION)
 
 # Encoder families the baseline runs on (model_type in the HF config).
-ENCODER_MODEL_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "distilbert", "electra", "deberta", "deberta-v2", "camembert", "mpnet", "albert", "modernbert"})
+ENCODER_MODEL_TYPES = frozenset(
+    {"bert", "roberta", "xlm-roberta", "distilbert", "electra", "deberta", "deberta-v2", "camembert", "mpnet", "albert", "modernbert"}
+)
 # LoRA on every attention projection and dense layer of a BertModel (query/key/value,
 # attention output, intermediate and output dense).
 ENCODER_TARGET_MODULES = ("query", "key", "value", "dense")
@@ -153,13 +155,15 @@ def build_examples(docs: list[Document], tokenizer, max_length: int = 256, types
     for d, _, ids, offsets in _windows(docs, tokenizer, max_length):
         main = _label_ids(bio_tags(docs[d], offsets, main_types), MAIN_TAGS)
         mod = _label_ids(bio_tags(docs[d], offsets, mod_types), MODIFIER_TAGS)
-        examples.append({
-            "input_ids": [tokenizer.cls_token_id] + ids + [tokenizer.sep_token_id],
-            "main_labels": [IGNORE_INDEX] + main + [IGNORE_INDEX],
-            "modifier_labels": [IGNORE_INDEX] + mod + [IGNORE_INDEX],
-            "allowed_labels": allowed,
-            "num_supervised_tokens": len(ids),  # every real token carries a label
-        })
+        examples.append(
+            {
+                "input_ids": [tokenizer.cls_token_id] + ids + [tokenizer.sep_token_id],
+                "main_labels": [IGNORE_INDEX] + main + [IGNORE_INDEX],
+                "modifier_labels": [IGNORE_INDEX] + mod + [IGNORE_INDEX],
+                "allowed_labels": allowed,
+                "num_supervised_tokens": len(ids),  # every real token carries a label
+            }
+        )
     return examples
 
 
@@ -200,11 +204,15 @@ def tagging_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, i
     n = int((batch["main_labels"] != IGNORE_INDEX).sum())
     total = 0.0
     for part, labels in ((logits[..., :NUM_MAIN], batch["main_labels"]), (logits[..., NUM_MAIN:], batch["modifier_labels"])):
-        total = total + torch.nn.functional.cross_entropy(part.reshape(-1, part.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+        total = total + torch.nn.functional.cross_entropy(
+            part.reshape(-1, part.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
     return total / max(n, 1), n
 
 
-def train_documents(model, tokenizer, docs: list[Document], settings, *, types: set[str] | None = None, progress: bool = False, on_step=None):
+def train_documents(
+    model, tokenizer, docs: list[Document], settings, *, types: set[str] | None = None, progress: bool = False, on_step=None
+):
     """One local round on documents (for experiment code); returns training.RoundStats."""
     from fedmed_components.training import LocalTrainer
 
@@ -244,7 +252,9 @@ def nearest_main(modifier: tuple[int, int], mains: list[tuple[tuple[int, int], s
 
 
 @torch.no_grad()
-def predict_documents_bert(model, tokenizer, docs: list[Document], *, max_length: int = 256, batch_size: int = 16, progress: bool = False) -> list[Document]:
+def predict_documents_bert(
+    model, tokenizer, docs: list[Document], *, max_length: int = 256, batch_size: int = 16, progress: bool = False
+) -> list[Document]:
     """Predicted entities (both layers) and nearest-main hasAttr relations, note offsets."""
     from tqdm.auto import tqdm
 

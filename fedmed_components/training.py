@@ -192,7 +192,9 @@ class LocalTrainer:
         for group in self._optimizer.param_groups:
             group["lr"] = s.learning_rate
         if s.schedule_rounds:  # this round is one segment of a schedule over all rounds
-            factor = lr_lambda(total * s.schedule_rounds, s.warmup_ratio, s.scheduler, offset=total * min(self.rounds_done, s.schedule_rounds - 1))
+            factor = lr_lambda(
+                total * s.schedule_rounds, s.warmup_ratio, s.scheduler, offset=total * min(self.rounds_done, s.schedule_rounds - 1)
+            )
         else:
             factor = lr_lambda(total, s.warmup_ratio, s.scheduler)
         schedule = torch.optim.lr_scheduler.LambdaLR(self._optimizer, factor)
@@ -233,9 +235,15 @@ class LocalTrainer:
         sampled = [x for x in stats.losses if not math.isnan(x)]  # a DP-SGD step may sample no record
         stats.train_loss = sum(sampled) / len(sampled) if sampled else float("nan")
         if self.dp is not None:
-            stats.privacy = {"epsilon": self.accountant.epsilon(self.dp.delta), "delta": self.dp.delta,
-                             "noise_multiplier": self.dp.noise_multiplier, "clip": self.dp.clip, "record": self.dp.record,
-                             "sample_rate": private.rate, "steps": self.accountant.releases}
+            stats.privacy = {
+                "epsilon": self.accountant.epsilon(self.dp.delta),
+                "delta": self.dp.delta,
+                "noise_multiplier": self.dp.noise_multiplier,
+                "clip": self.dp.clip,
+                "record": self.dp.record,
+                "sample_rate": private.rate,
+                "steps": self.accountant.releases,
+            }
         return stats
 
     def _step(self, batch_examples: list[dict], anchors: list[torch.Tensor] | None) -> tuple[float, int, int]:

@@ -63,9 +63,7 @@ class NotEnoughValidUpdates(RuntimeError):
         self.min_clients = min_clients
         self.rejections = rejections
         details = "; ".join(f"{r.site}: {r.reason}" for r in rejections) or "no update received"
-        super().__init__(
-            f"round {round}: only {valid} valid update(s), at least {min_clients} needed ({details})"
-        )
+        super().__init__(f"round {round}: only {valid} valid update(s), at least {min_clients} needed ({details})")
 
 
 def _listed(keys) -> str:
@@ -177,9 +175,7 @@ def validate_update(
         for key in sorted(k for k in keys if _rank_dim(k) == 0):
             partner = lora_partner(key)
             if partner in update and update[key].shape[0] != update[partner].shape[1]:
-                problems.append(
-                    f"{key!r} has rank {update[key].shape[0]} but {partner!r} has rank {update[partner].shape[1]}"
-                )
+                problems.append(f"{key!r} has rank {update[key].shape[0]} but {partner!r} has rank {update[partner].shape[1]}")
     if problems:
         more = f" (and {len(problems) - _MAX_LISTED} more problems)" if len(problems) > _MAX_LISTED else ""
         return reject("; ".join(problems[:_MAX_LISTED]) + more)
@@ -225,7 +221,9 @@ def norm_outliers(norms: Mapping[str, float], max_ratio: float = 10.0, *, flag_s
         if median <= 0:
             continue
         if norm > max_ratio * median:
-            flagged[site] = f"update norm {norm:.4g} is {norm / median:.1f}x the median {median:.4g} of the other sites (limit {max_ratio:g}x)"
+            flagged[site] = (
+                f"update norm {norm:.4g} is {norm / median:.1f}x the median {median:.4g} of the other sites (limit {max_ratio:g}x)"
+            )
         elif flag_small and norm < median / max_ratio:
             flagged[site] = f"update norm {norm:.4g} is below 1/{max_ratio:g} of the median {median:.4g} of the other sites"
     return flagged
@@ -251,7 +249,9 @@ def screen_updates(
     rejections: list[Rejection] = []
     valid: dict[str, dict] = {}
     for site, update in updates.items():
-        rejection = validate_update(update, reference, site=site, round=round, allow_rank_change=allow_rank_change, head_modules=head_modules)
+        rejection = validate_update(
+            update, reference, site=site, round=round, allow_rank_change=allow_rank_change, head_modules=head_modules
+        )
         if rejection is None:
             valid[site] = update
         else:

@@ -67,8 +67,17 @@ def _pooled_honest_updates(share: Path, site: str, colluders: list[str], update:
     return [load_file(str(p)) for p in paths]
 
 
-def corrupt(kind: str, answer: FLModel, global_state: dict, *, site: str = "", round_number: int = 0,
-            colluders: list[str] = (), share: Path | None = None, collude_timeout: float = 120.0) -> FLModel:
+def corrupt(
+    kind: str,
+    answer: FLModel,
+    global_state: dict,
+    *,
+    site: str = "",
+    round_number: int = 0,
+    colluders: list[str] = (),
+    share: Path | None = None,
+    collude_timeout: float = 120.0,
+) -> FLModel:
     params = dict(answer.params)
     first_a = next(k for k in sorted(params) if is_lora_A(k))
     update = {k: v - global_state[k].to(v.dtype) for k, v in params.items()} if kind in ATTACKS else None
@@ -112,7 +121,9 @@ def record(folder: Path, site: str, kind: str, attacker: bool, global_state: dic
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--fault-site", required=True)
-    parser.add_argument("--faults", required=True, help="comma list, one per round: nan,base_weight,shape,norm,empty,scale3,sign_flip,random,collude,none")
+    parser.add_argument(
+        "--faults", required=True, help="comma list, one per round: nan,base_weight,shape,norm,empty,scale3,sign_flip,random,collude,none"
+    )
     parser.add_argument("--colluders", default="", help="comma list of the sites that send the crafted update in a 'collude' round")
     parser.add_argument("--record", default="", help="folder for every site's received, trained and sent adapters per round")
     parser.add_argument("--collude-timeout", type=float, default=120.0)
@@ -134,8 +145,16 @@ def main():
         if attacker:
             site_tasks.log.warning("%s round %s: sending a %s update (fault injection)", site, rnd, kind)
             share = Path(ours.record) / f"round_{rnd:03d}" / "collusion" if ours.record else None
-            sent = corrupt(kind, answer, global_state, site=site, round_number=rnd, colluders=colluders,
-                           share=share, collude_timeout=ours.collude_timeout)
+            sent = corrupt(
+                kind,
+                answer,
+                global_state,
+                site=site,
+                round_number=rnd,
+                colluders=colluders,
+                share=share,
+                collude_timeout=ours.collude_timeout,
+            )
         if ours.record:
             record(Path(ours.record) / f"round_{rnd:03d}", site, kind, attacker, global_state, answer, sent)
         return sent

@@ -42,9 +42,7 @@ def make_adapter(seed: int, rank: int = 4, layers=LAYERS, dtype=torch.float32) -
 def np_average(updates, weights) -> dict[str, np.ndarray]:
     w = np.asarray(weights, dtype=np.float64)
     w = w / w.sum()
-    return {
-        k: sum(wk * u[k].to(torch.float64).numpy() for wk, u in zip(w, updates)) for k in updates[0]
-    }
+    return {k: sum(wk * u[k].to(torch.float64).numpy() for wk, u in zip(w, updates)) for k in updates[0]}
 
 
 def np_product_average(updates, weights, scalings=None) -> dict[str, np.ndarray]:
@@ -459,7 +457,9 @@ def test_exact_averages_non_factor_tensors_and_embeddings():
     mag = "base_model.model.model.layers.0.q_proj.lora_magnitude_vector"
     np.testing.assert_allclose(adapter[mag].numpy(), 0.25 * ups[0][mag].numpy() + 0.75 * ups[1][mag].numpy(), rtol=1e-6)
     a, b = (adapter[f"{layers[0][0]}.lora_embedding_{x}"].numpy() for x in "AB")
-    m = sum(w * u[f"{layers[0][0]}.lora_embedding_B"].numpy() @ u[f"{layers[0][0]}.lora_embedding_A"].numpy() for w, u in zip([0.25, 0.75], ups))
+    m = sum(
+        w * u[f"{layers[0][0]}.lora_embedding_B"].numpy() @ u[f"{layers[0][0]}.lora_embedding_A"].numpy() for w, u in zip([0.25, 0.75], ups)
+    )
     np.testing.assert_allclose(b @ a, m, rtol=1e-10, atol=1e-10)
 
 

@@ -17,9 +17,18 @@ def _write(path: Path, data) -> Path:
 
 
 def test_rows_from_every_file_become_one_table_and_files_without_rows_are_named(tmp_path):
-    a = _write(tmp_path / "a.json", {"rows": [{"figure": "bytes | ratio", "value": "1.01x", "target": "<= 1.02x", "met": True}], "extra": 1})
-    b = _write(tmp_path / "b.json", {"rows": [{"figure": "overhead", "value": "2.5 s", "target": "<= 2 s", "met": False},
-                                              {"figure": "start-up", "value": "17 s", "target": "report", "met": None}]})
+    a = _write(
+        tmp_path / "a.json", {"rows": [{"figure": "bytes | ratio", "value": "1.01x", "target": "<= 1.02x", "met": True}], "extra": 1}
+    )
+    b = _write(
+        tmp_path / "b.json",
+        {
+            "rows": [
+                {"figure": "overhead", "value": "2.5 s", "target": "<= 2 s", "met": False},
+                {"figure": "start-up", "value": "17 s", "target": "report", "met": None},
+            ]
+        },
+    )
     gpu = _write(tmp_path / "gpu.json", {"peak_gib": 14.1})
     broken = tmp_path / "broken.json"
     broken.write_text("{not json")

@@ -20,7 +20,9 @@ def sample_docs() -> list[Document]:
     text = "Chest pain.\r\nAspirin 81 mg <daily> & PRN.\r\n"
     return [
         Document(
-            "n1", text, site="site-a",
+            "n1",
+            text,
+            site="site-a",
             entities=[
                 Entity("T1", "problem", [(0, 10)], "Chest pain", negated=True),
                 Entity("T2", "drug", [(13, 20)], "Aspirin"),

@@ -68,8 +68,14 @@ def test_matches_scipy_percentile_bootstrap():
     rng = np.random.default_rng(7)
     counts = rng.integers(0, 20, size=(25, 3))
     ours = bootstrap_f1(counts, resamples=20000, seed=2)
-    theirs = scipy_stats.bootstrap((np.arange(len(counts)),), lambda i: f1_from_counts(counts[i.astype(int)].sum(axis=0)),
-                                   n_resamples=20000, method="percentile", random_state=3, vectorized=False)
+    theirs = scipy_stats.bootstrap(
+        (np.arange(len(counts)),),
+        lambda i: f1_from_counts(counts[i.astype(int)].sum(axis=0)),
+        n_resamples=20000,
+        method="percentile",
+        random_state=3,
+        vectorized=False,
+    )
     assert ours.low == pytest.approx(theirs.confidence_interval.low, abs=0.01)
     assert ours.high == pytest.approx(theirs.confidence_interval.high, abs=0.01)
 
@@ -77,7 +83,7 @@ def test_matches_scipy_percentile_bootstrap():
 def test_document_counts_sum_to_the_micro_scores_and_group_by_note():
     def doc(i, spans):
         text = "fever and cough today"
-        return Document(id=i, text=text, entities=[Entity(f"T{k}", "problem", [s], text[s[0]:s[1]]) for k, s in enumerate(spans)])
+        return Document(id=i, text=text, entities=[Entity(f"T{k}", "problem", [s], text[s[0] : s[1]]) for k, s in enumerate(spans)])
 
     gold = [doc("n1#s000", [(0, 5), (10, 15)]), doc("n1#s001", [(0, 5)]), doc("n2#s000", [(10, 15)])]
     pred = [doc("n1#s000", [(0, 5)]), doc("n1#s001", [(0, 9)]), doc("n2#s000", [(6, 9)])]

@@ -62,7 +62,9 @@ def test_reads_spans_relations_and_notes(tmp_path):
     ]
     # Arg1 is the head even when written second (R3)
     assert [(r.type, r.head, r.tail) for r in doc.relations] == [
-        ("hasAttr", "T2", "T1"), ("hasAttr", "T3", "T4"), ("hasAttr", "T3", "T5"),
+        ("hasAttr", "T2", "T1"),
+        ("hasAttr", "T3", "T4"),
+        ("hasAttr", "T3", "T5"),
     ]
     assert [(n.kind, n.target, n.text) for n in parsed.notes] == [("AnnotatorNotes", "T2", "chief complaint")]
 
@@ -225,7 +227,9 @@ def test_strict_is_the_default_and_reports_are_merged(tmp_path):
 
 def test_writer_round_trip_renumbers_foreign_ids_and_keeps_negation(tmp_path):
     doc = Document(
-        "note-7", TEXT, site="a",
+        "note-7",
+        TEXT,
+        site="a",
         entities=[
             Entity("e1", "problem", [(15, 25)], "chest pain", negated=True),
             Entity("e2", "drug", [(27, 34)], "Aspirin", negated=False),
@@ -237,7 +241,9 @@ def test_writer_round_trip_renumbers_foreign_ids_and_keeps_negation(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))  # atomic writes leave nothing behind
     again = read_brat_document(tmp_path / "note-7.txt")
     assert [(e.id, e.type, e.spans, e.negated) for e in again.entities] == [
-        ("T1", "problem", [(15, 25)], True), ("T2", "drug", [(27, 34)], False), ("T3", "strength", [(35, 37), (38, 40)], None),
+        ("T1", "problem", [(15, 25)], True),
+        ("T2", "drug", [(27, 34)], False),
+        ("T3", "strength", [(35, 37), (38, 40)], None),
     ]
     assert [(r.head, r.tail) for r in again.relations] == [("T2", "T3")]
 
@@ -270,7 +276,8 @@ def mtsamples():
 def _all_offsets_match(docs):
     return all(
         e.text == " ".join(d.text[s:t] for s, t in e.spans) and all(0 <= s < t <= len(d.text) for s, t in e.spans)
-        for d in docs for e in d.entities
+        for d in docs
+        for e in d.entities
     )
 
 
@@ -286,7 +293,7 @@ def test_mtsamples_counts_match_the_readme(mtsamples):
 def test_mtsamples_malformed_line_is_reported_with_file_and_line(mtsamples):
     _, report = mtsamples
     assert report.counts == {MALFORMED_LINE: 1}
-    (path, line, reason), = report.problems
+    ((path, line, reason),) = report.problems
     assert Path(path).name == "50_20210610044419_Hayden.ann" and line == 121
     with pytest.raises(InputError) as err:
         read_brat_dir(DATA / "mtsamples_kiwi" / "train")

@@ -90,10 +90,13 @@ def test_unknown_model_id_offline_through_the_console_script(tmp_path, notes):
     assert "not in the local Hugging Face cache" in line and "HF_HUB_OFFLINE" in line
 
 
-@pytest.mark.parametrize("model, says", [
-    ("./no/such/folder", "not a valid model id"),  # a path that is not there: no Hub lookup at all
-    ("empty_folder", "holds no config.json"),
-])
+@pytest.mark.parametrize(
+    "model, says",
+    [
+        ("./no/such/folder", "not a valid model id"),  # a path that is not there: no Hub lookup at all
+        ("empty_folder", "holds no config.json"),
+    ],
+)
 def test_model_that_is_neither_a_folder_nor_an_id(capsys, monkeypatch, tmp_path, notes, model, says):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "empty_folder").mkdir()
@@ -205,23 +208,34 @@ def job_with(tmp_path: Path, edit) -> Path:
     return job
 
 
-UNKNOWN_AGGREGATOR = (lambda text: text.replace("FedMedLoRAAggregator", "NopeAggregator"),
-                      "component 'aggregator': 'fedmed_components.flare.aggregators.NopeAggregator' names no class (this version has: ")
-UNKNOWN_MODULE = (lambda text: text.replace("fedmed_components.flare.aggregators.", "fedmed_components.nope."),
-                  "component 'aggregator': 'fedmed_components.nope.FedMedLoRAAggregator' cannot be imported")
-UNKNOWN_ARGUMENT = (lambda text: text.replace('"lora":', '"lora_typo": 1, "lora":'),
-                    "component 'persistor': AdapterPersistor does not take these args")
+UNKNOWN_AGGREGATOR = (
+    lambda text: text.replace("FedMedLoRAAggregator", "NopeAggregator"),
+    "component 'aggregator': 'fedmed_components.flare.aggregators.NopeAggregator' names no class (this version has: ",
+)
+UNKNOWN_MODULE = (
+    lambda text: text.replace("fedmed_components.flare.aggregators.", "fedmed_components.nope."),
+    "component 'aggregator': 'fedmed_components.nope.FedMedLoRAAggregator' cannot be imported",
+)
+UNKNOWN_ARGUMENT = (
+    lambda text: text.replace('"lora":', '"lora_typo": 1, "lora":'),
+    "component 'persistor': AdapterPersistor does not take these args",
+)
 NOT_JSON = (lambda text: text[: len(text) // 2], "not JSON")
 
 
-@pytest.mark.parametrize("edit, says", [UNKNOWN_AGGREGATOR, UNKNOWN_MODULE, UNKNOWN_ARGUMENT, NOT_JSON],
-                         ids=["unknown-aggregator", "unknown-module", "unknown-argument", "not-json"])
+@pytest.mark.parametrize(
+    "edit, says",
+    [UNKNOWN_AGGREGATOR, UNKNOWN_MODULE, UNKNOWN_ARGUMENT, NOT_JSON],
+    ids=["unknown-aggregator", "unknown-module", "unknown-argument", "not-json"],
+)
 @pytest.mark.parametrize("command", ["simulate", "poc-submit"])
 def test_job_folder_that_cannot_run(capsys, tmp_path, edit, says, command):
     job = job_with(tmp_path, edit)
     workspace = tmp_path / "ws"
-    argv = {"simulate": ["job", "simulate", job, "--workspace", workspace, "--sites", "site-1", "--timeout", "60"],
-            "poc-submit": ["poc", "submit", job, "--workspace", workspace]}[command]
+    argv = {
+        "simulate": ["job", "simulate", job, "--workspace", workspace, "--sites", "site-1", "--timeout", "60"],
+        "poc-submit": ["poc", "submit", job, "--workspace", workspace],
+    }[command]
     line = fedmed_error(capsys, *argv)
     config = job / "app" / "config" / "config_fed_server.json"
     assert line.startswith(f"fedmed: error: {config}:") and says in line, line

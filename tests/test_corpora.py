@@ -47,13 +47,19 @@ def test_maccrobat_mapping_swaps_modify_negates_and_counts_drops():
     attrs = [BratAttribute("A1", "POLARITY", "T1", "NEG"), BratAttribute("A2", "POLARITY", "T5", "MAYBE_NEG")]
     doc = apply_mapping(maccrobat_like(), "maccrobat", attrs, report)
     assert [(e.id, e.type) for e in doc.entities] == [
-        ("T1", "problem"), ("T2", "bodyloc"), ("T3", "test"), ("T5", "problem"), ("T6", "treatment"),
+        ("T1", "problem"),
+        ("T2", "bodyloc"),
+        ("T3", "test"),
+        ("T5", "problem"),
+        ("T6", "treatment"),
     ]
     assert doc.entity("T1").negated is True and doc.entity("T5").negated is None
     assert [(r.type, r.head, r.tail) for r in doc.relations] == [("hasAttr", "T3", "T2")]
     assert report.dropped_entities == {"Detailed_description": 1}
     assert report.dropped_relations == {
-        f"MODIFY: {ARGUMENT_DROPPED}": 1, f"MODIFY: {NOT_MAIN_TO_MODIFIER}": 1, f"BEFORE: {NO_COUNTERPART}": 1,
+        f"MODIFY: {ARGUMENT_DROPPED}": 1,
+        f"MODIFY: {NOT_MAIN_TO_MODIFIER}": 1,
+        f"BEFORE: {NO_COUNTERPART}": 1,
     }
     assert report.swapped_relations == 1 and report.negated_entities == 1
 
@@ -107,7 +113,8 @@ def test_jsonl_bad_lines_strict_and_lenient(tmp_path):
 
 def test_corpus_stats_counts_types_pairs_and_discontinuous():
     doc = Document(
-        "s", "Aspirin 81 mg",
+        "s",
+        "Aspirin 81 mg",
         entities=[Entity("T1", "drug", [(0, 7)], "Aspirin"), Entity("T2", "strength", [(8, 10), (11, 13)], "81 mg", negated=True)],
         relations=[Relation("hasAttr", "T1", "T2")],
     )
@@ -151,9 +158,18 @@ def test_kiwi_mapping_keeps_every_mtsamples_span_and_relation(kiwi_train):
     assert (stats["documents"], stats["spans"], stats["relations"]) == (96, 10_838, 4_742)
     pairs = stats["relations_per_type"]
     readme = {
-        "problem -> negation": 1478, "problem -> bodyloc": 959, "test -> labvalue": 893, "problem -> course": 220,
-        "drug -> frequency": 209, "drug -> strength": 154, "test -> temporal": 115, "problem -> severity": 114,
-        "drug -> route": 106, "problem -> temporal": 101, "problem -> uncertain": 62, "drug -> dosage": 61,
+        "problem -> negation": 1478,
+        "problem -> bodyloc": 959,
+        "test -> labvalue": 893,
+        "problem -> course": 220,
+        "drug -> frequency": 209,
+        "drug -> strength": 154,
+        "test -> temporal": 115,
+        "problem -> severity": 114,
+        "drug -> route": 106,
+        "problem -> temporal": 101,
+        "problem -> uncertain": 62,
+        "drug -> dosage": 61,
         "drug -> form": 58,
     }
     assert {k: pairs[f"hasAttr {k}"] for k in readme} == readme
@@ -166,8 +182,20 @@ def test_maccrobat_mapped_onto_kiwi():
     docs = load_corpus(DATA / "maccrobat2020" / "brat", "maccrobat", mapping_report=report)
     stats = corpus_stats(docs)
     assert stats["documents"] == 200
-    assert set(stats["spans_per_type"]) <= {"problem", "test", "labvalue", "drug", "treatment", "dosage", "route",
-                                            "frequency", "duration", "severity", "bodyloc", "temporal"}
+    assert set(stats["spans_per_type"]) <= {
+        "problem",
+        "test",
+        "labvalue",
+        "drug",
+        "treatment",
+        "dosage",
+        "route",
+        "frequency",
+        "duration",
+        "severity",
+        "bodyloc",
+        "temporal",
+    }
     assert stats["spans_per_type"]["problem"] == 3_382 + 1_362  # Sign_symptom + Disease_disorder
     assert stats["spans"] + sum(report.dropped_entities.values()) == 25_189
     assert stats["relations"] == report.swapped_relations == 6_813

@@ -46,11 +46,14 @@ def test_data_help_lists_the_subcommands(capsys):
     assert rc == 2 and "SUBCOMMAND" in out
 
 
-@pytest.mark.parametrize("sub, words", [
-    ("convert", ["--mapping", "--lenient-input", "BioC", "--to"]),
-    ("split", ["--by", "--alpha", "--test-fraction", "Dirichlet", "manifest.json"]),
-    ("stats", ["--json", "discontinuous", "--lenient-input"]),
-])
+@pytest.mark.parametrize(
+    "sub, words",
+    [
+        ("convert", ["--mapping", "--lenient-input", "BioC", "--to"]),
+        ("split", ["--by", "--alpha", "--test-fraction", "Dirichlet", "manifest.json"]),
+        ("stats", ["--json", "discontinuous", "--lenient-input"]),
+    ],
+)
 def test_subcommand_help_explains_the_options(capsys, sub, words):
     with pytest.raises(SystemExit):
         main(["data", sub, "--help"])
@@ -77,9 +80,16 @@ def test_stats_mtsamples_lenient_matches_readme_and_reports_the_bad_line(capsys)
     rc, out, err = run(capsys, "data", "stats", KIWI, "--mapping", "kiwi", "--lenient-input")
     assert rc == 0
     lines = [" ".join(line.split()) for line in out.splitlines()]
-    for expected in ("documents 96", "spans 10,838", "relations 4,742", "hasAttr problem -> negation 1,478",
-                     "hasAttr problem -> bodyloc 959", "hasAttr test -> labvalue 893", "skipped input items 1",
-                     "malformed line 1"):
+    for expected in (
+        "documents 96",
+        "spans 10,838",
+        "relations 4,742",
+        "hasAttr problem -> negation 1,478",
+        "hasAttr problem -> bodyloc 959",
+        "hasAttr test -> labvalue 893",
+        "skipped input items 1",
+        "malformed line 1",
+    ):
         assert expected in lines
     assert "warning" in err and "skipped 1 item(s): 1 malformed line" in err
     assert "50_20210610044419_Hayden.ann:121: malformed line" in err
@@ -139,8 +149,9 @@ def test_convert_lenient_prints_warning_and_count(tmp_path, capsys):
 
 @needs_data
 def test_convert_maccrobat_onto_kiwi(tmp_path, capsys):
-    rc, out, _ = run(capsys, "data", "convert", DATA / "maccrobat2020" / "brat", tmp_path / "m.jsonl",
-                     "--mapping", "maccrobat", "--site", "maccrobat")
+    rc, out, _ = run(
+        capsys, "data", "convert", DATA / "maccrobat2020" / "brat", tmp_path / "m.jsonl", "--mapping", "maccrobat", "--site", "maccrobat"
+    )
     assert rc == 0 and "mapping maccrobat: dropped" in out
     docs = read_jsonl(tmp_path / "m.jsonl")
     assert len(docs) == 200 and {d.site for d in docs} == {"maccrobat"}
@@ -152,12 +163,28 @@ def test_convert_maccrobat_onto_kiwi(tmp_path, capsys):
 
 @needs_data
 def test_split_mtsamples_by_note_type(tmp_path, capsys):
-    rc, out, _ = run(capsys, "data", "split", KIWI, tmp_path / "sites", "--by", "note-type", "--mapping", "kiwi",
-                     "--lenient-input", "--test-fraction", "0.2", "--seed", "1")
+    rc, out, _ = run(
+        capsys,
+        "data",
+        "split",
+        KIWI,
+        tmp_path / "sites",
+        "--by",
+        "note-type",
+        "--mapping",
+        "kiwi",
+        "--lenient-input",
+        "--test-fraction",
+        "0.2",
+        "--seed",
+        "1",
+    )
     assert rc == 0
     manifest = json.loads((tmp_path / "sites" / "manifest.json").read_text())
     assert {s: e["documents"] for s, e in manifest["sites"].items()} == {
-        "discharge_summary": 38, "general_medicine": 56, "other": 2,
+        "discharge_summary": 38,
+        "general_medicine": 56,
+        "other": 2,
     }
     assert manifest["total"]["spans"] == 10_838 and manifest["strategy"] == "note-type"
     gm = manifest["sites"]["general_medicine"]["files"]
@@ -171,8 +198,22 @@ def test_split_by_corpus_marks_partial_schema_sites(tmp_path, capsys):
     for doc in phee_like:
         doc.entities[0].type, doc.entities[1].type = "Drug", "Dosage"  # PHEE's own names
     write_jsonl(phee_like, tmp_path / "b.jsonl")
-    rc, out, _ = run(capsys, "data", "split", tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "out",
-                     "--by", "corpus", "--mapping", "kiwi", "--mapping", "phee", "--site-names", "hosp_a,hosp_b")
+    rc, out, _ = run(
+        capsys,
+        "data",
+        "split",
+        tmp_path / "a.jsonl",
+        tmp_path / "b.jsonl",
+        tmp_path / "out",
+        "--by",
+        "corpus",
+        "--mapping",
+        "kiwi",
+        "--mapping",
+        "phee",
+        "--site-names",
+        "hosp_a,hosp_b",
+    )
     assert rc == 0 and "hosp_a: 8 documents" in out
     site_a = json.loads((tmp_path / "out" / "hosp_a" / "manifest.json").read_text())
     site_b = json.loads((tmp_path / "out" / "hosp_b" / "manifest.json").read_text())
@@ -189,8 +230,21 @@ def test_split_dirichlet_is_deterministic(tmp_path, capsys):
             doc.entities[0].type = "test"
     write_jsonl(docs, tmp_path / "in.jsonl")
     for out in ("x", "y"):
-        rc, _, _ = run(capsys, "data", "split", tmp_path / "in.jsonl", tmp_path / out, "--by", "dirichlet",
-                       "--sites", "3", "--alpha", "0.3", "--seed", "4")
+        rc, _, _ = run(
+            capsys,
+            "data",
+            "split",
+            tmp_path / "in.jsonl",
+            tmp_path / out,
+            "--by",
+            "dirichlet",
+            "--sites",
+            "3",
+            "--alpha",
+            "0.3",
+            "--seed",
+            "4",
+        )
         assert rc == 0
     assert (tmp_path / "x" / "manifest.json").read_text() == (tmp_path / "y" / "manifest.json").read_text()
     manifest = json.loads((tmp_path / "x" / "manifest.json").read_text())

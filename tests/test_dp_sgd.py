@@ -19,10 +19,19 @@ def test_parse_dp_sgd_reads_every_field_and_defaults():
     assert parse_dp_sgd(" noise=2 , clip=1, delta=1e-6, record=note") == DPSGDSettings(2.0, 1.0, 1e-6, "note")
 
 
-@pytest.mark.parametrize("text,says", [("noise=1", "needs noise= and clip="), ("noise=1,clip=1,eps=3", "needs"),
-                                       ("noise=0,clip=1", "noise must be > 0"), ("noise=1,clip=-1", "clip must be > 0"),
-                                       ("noise=1,clip=1,delta=2", "delta"), ("noise=1,clip=1,record=patient", "record"),
-                                       ("noise=x,clip=1", "dp-sgd"), ("noise1,clip=1", "key=value")])
+@pytest.mark.parametrize(
+    "text,says",
+    [
+        ("noise=1", "needs noise= and clip="),
+        ("noise=1,clip=1,eps=3", "needs"),
+        ("noise=0,clip=1", "noise must be > 0"),
+        ("noise=1,clip=-1", "clip must be > 0"),
+        ("noise=1,clip=1,delta=2", "delta"),
+        ("noise=1,clip=1,record=patient", "record"),
+        ("noise=x,clip=1", "dp-sgd"),
+        ("noise1,clip=1", "key=value"),
+    ],
+)
 def test_bad_dp_sgd_settings_are_clear_errors(text, says):
     with pytest.raises(ValueError, match=says):
         parse_dp_sgd(text)
@@ -96,8 +105,9 @@ def test_epsilon_agrees_with_google_dp_accounting_within_one_percent(sigma, rate
     ours = privacy.RdpAccountant(orders=INTEGER_ORDERS)
     ours.step(sigma, count=steps, sample_rate=rate)
     google = GoogleRdp(orders=INTEGER_ORDERS)
-    google.compose(dp_accounting.SelfComposedDpEvent(
-        dp_accounting.PoissonSampledDpEvent(rate, dp_accounting.GaussianDpEvent(sigma)), steps))
+    google.compose(
+        dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(rate, dp_accounting.GaussianDpEvent(sigma)), steps)
+    )
     assert ours.epsilon(delta) == pytest.approx(google.get_epsilon(delta), rel=0.01)
 
 
@@ -135,8 +145,9 @@ def test_dp_sgd_round_trains_every_lora_tensor_and_accounts_every_step(tiny_mode
     from fedmed_components.modeling import get_adapter_state
 
     model, examples = _lora(tiny_model_path), _examples()
-    settings = TrainSettings(learning_rate=1e-2, batch_size=4, max_steps=5, warmup_ratio=0.0,
-                             dp_sgd=f"noise=1.0,clip=0.5,delta=1e-5,record={record}")
+    settings = TrainSettings(
+        learning_rate=1e-2, batch_size=4, max_steps=5, warmup_ratio=0.0, dp_sgd=f"noise=1.0,clip=0.5,delta=1e-5,record={record}"
+    )
     trainer = LocalTrainer(model, 0, settings, device="cpu")
     before = get_adapter_state(model)
     stats = trainer.train_round(examples)

@@ -11,8 +11,12 @@ TEXT = "No fever. Aspirin 81 mg daily."
 
 
 def _gold():
-    ents = [Entity("T1", "negation", [(0, 2)], "No"), Entity("T2", "problem", [(3, 8)], "fever"),
-            Entity("T3", "drug", [(10, 17)], "Aspirin"), Entity("T4", "strength", [(18, 23)], "81 mg")]
+    ents = [
+        Entity("T1", "negation", [(0, 2)], "No"),
+        Entity("T2", "problem", [(3, 8)], "fever"),
+        Entity("T3", "drug", [(10, 17)], "Aspirin"),
+        Entity("T4", "strength", [(18, 23)], "81 mg"),
+    ]
     return Document("note1", TEXT, entities=ents, relations=[Relation("hasAttr", "T2", "T1"), Relation("hasAttr", "T3", "T4")])
 
 
@@ -32,8 +36,13 @@ def test_json_output_has_the_contract_keys(tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     assert set(result) == {"documents", "entities", "relations", "parse_failures"}
     assert set(result["entities"]) == {"strict", "lenient", "per_type"}
-    for metrics in (result["entities"]["strict"], result["entities"]["lenient"], result["relations"]["strict"],
-                    result["relations"]["lenient"], result["entities"]["per_type"]["drug"]["strict"]):
+    for metrics in (
+        result["entities"]["strict"],
+        result["entities"]["lenient"],
+        result["relations"]["strict"],
+        result["relations"]["lenient"],
+        result["entities"]["per_type"]["drug"]["strict"],
+    ):
         assert set(metrics) == {"precision", "recall", "f1", "tp", "fp", "fn"}
     assert result["documents"] == 1 and result["parse_failures"] == 2
     s, le = result["entities"]["strict"], result["entities"]["lenient"]

@@ -19,11 +19,16 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_sentence_documents_keep_offsets_and_relations():
     text = "No fever today. Pain in the left knee is severe.\n"
     pain, knee = text.index("Pain"), text.index("left knee")
-    doc = Document("n1", text, entities=[
-        Entity("T1", "problem", [(text.index("fever"), text.index("fever") + 5)], "fever"),
-        Entity("T2", "problem", [(pain, pain + 4)], "Pain"),
-        Entity("T3", "bodyloc", [(knee, knee + 9)], "left knee"),
-    ], relations=[Relation("hasAttr", "T2", "T3")])
+    doc = Document(
+        "n1",
+        text,
+        entities=[
+            Entity("T1", "problem", [(text.index("fever"), text.index("fever") + 5)], "fever"),
+            Entity("T2", "problem", [(pain, pain + 4)], "Pain"),
+            Entity("T3", "bodyloc", [(knee, knee + 9)], "left knee"),
+        ],
+        relations=[Relation("hasAttr", "T2", "T3")],
+    )
     sents = sentence_documents(doc)
     assert [s.id for s in sents] == ["n1#s000", "n1#s001"]
     for s in sents:
@@ -49,7 +54,12 @@ def test_test_split_is_held_out_by_note_and_deterministic(tmp_path):
 def test_pooled_scores_sum_counts_and_skip_unscored_relations():
     def score(tp, fp, fn, rel):
         m = {"precision": 0, "recall": 0, "f1": 0, "tp": tp, "fp": fp, "fn": fn}
-        return {"documents": 1, "entities": {"strict": m, "lenient": m}, "relations": {"strict": m, "lenient": m} if rel else None, "parse_failures": 1}
+        return {
+            "documents": 1,
+            "entities": {"strict": m, "lenient": m},
+            "relations": {"strict": m, "lenient": m} if rel else None,
+            "parse_failures": 1,
+        }
 
     pooled = pool_scores([score(3, 1, 0, True), score(1, 1, 4, False)])
     assert (pooled["entities"]["strict"]["tp"], pooled["entities"]["strict"]["fp"], pooled["entities"]["strict"]["fn"]) == (4, 2, 4)
@@ -74,8 +84,16 @@ def test_default_config_names_the_real_corpora():
     assert cfg.external.name == "phee" and cfg.external.mapping == "phee"
     assert all(Path(s.path).is_absolute() and "shared/data" in s.path for s in cfg.sites)
     ids = cfg.run_ids()
-    for required in ("zero_shot", "single_general_medicine", "single_discharge_summary", "single_maccrobat",
-                     "centralised", "fed_medlora", "fed_medlora_plus", "new_site_federated_20_s2"):
+    for required in (
+        "zero_shot",
+        "single_general_medicine",
+        "single_discharge_summary",
+        "single_maccrobat",
+        "centralised",
+        "fed_medlora",
+        "fed_medlora_plus",
+        "new_site_federated_20_s2",
+    ):
         assert required in ids
 
 
@@ -111,8 +129,15 @@ def test_mini_experiment_end_to_end(tmp_path, capsys):
 
     cfg = load_config(config)
     run_ids = cfg.run_ids()
-    assert run_ids == ["zero_shot", "single_discharge_summary", "single_general_medicine", "centralised", "fed_medlora",
-                       "new_site_scratch_4", "new_site_federated_4"]
+    assert run_ids == [
+        "zero_shot",
+        "single_discharge_summary",
+        "single_general_medicine",
+        "centralised",
+        "fed_medlora",
+        "new_site_scratch_4",
+        "new_site_federated_4",
+    ]
     for name in [f"{r}.json" for r in run_ids] + ["experiment.json", "summary.md", *PLOTS]:
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     for plot in PLOTS:
@@ -142,25 +167,42 @@ def test_mini_experiment_end_to_end(tmp_path, capsys):
     for run_id, row in rows.items():
         result = results[run_id]
         scores, ci = result["scores"], result["intervals"]
-        expected = [f"{pooled_f1(scores, g, m):.3f} [{ci['pooled'][g][m]['low']:.3f}, {ci['pooled'][g][m]['high']:.3f}]"
-                    for g, m in (("main_entities", "strict"), ("main_entities", "lenient"), ("entities", "strict"),
-                                 ("relations", "strict"), ("relations", "lenient"))]
+        expected = [
+            f"{pooled_f1(scores, g, m):.3f} [{ci['pooled'][g][m]['low']:.3f}, {ci['pooled'][g][m]['high']:.3f}]"
+            for g, m in (
+                ("main_entities", "strict"),
+                ("main_entities", "lenient"),
+                ("entities", "strict"),
+                ("relations", "strict"),
+                ("relations", "lenient"),
+            )
+        ]
         expected += [f"{_f1(scores['sites'][s.name]['main_entities']['strict']):.3f}" for s in cfg.sites]
         ext = ci["external"]["main_entities"]["strict"]
-        expected += [f"{_f1(scores['external']['main_entities']['strict']):.3f} [{ext['low']:.3f}, {ext['high']:.3f}]",
-                     f"{_f1(scores['external']['main_entities']['lenient']):.3f}"]
+        expected += [
+            f"{_f1(scores['external']['main_entities']['strict']):.3f} [{ext['low']:.3f}, {ext['high']:.3f}]",
+            f"{_f1(scores['external']['main_entities']['lenient']):.3f}",
+        ]
         assert row[2:] == expected, run_id
         # the per-note counts behind the intervals sum to the scores
         for site, score in scores["sites"].items():
             for group in ("entities", "main_entities", "relations"):
                 summed = [sum(n[group]["strict"][i] for n in score["per_note"].values()) for i in range(3)]
                 assert summed == [score[group]["strict"][k] for k in ("tp", "fp", "fn")], (run_id, site, group)
-        assert ci["pooled"]["main_entities"]["strict"]["low"] <= ci["pooled"]["main_entities"]["strict"]["estimate"] <= ci["pooled"]["main_entities"]["strict"]["high"]
+        assert (
+            ci["pooled"]["main_entities"]["strict"]["low"]
+            <= ci["pooled"]["main_entities"]["strict"]["estimate"]
+            <= ci["pooled"]["main_entities"]["strict"]["high"]
+        )
     _, diffs = _table_rows(summary, "Differences (paired bootstrap over the same test notes)")
-    gap = pooled_f1(results["fed_medlora"]["scores"], "main_entities", "strict") - pooled_f1(results["centralised"]["scores"], "main_entities", "strict")
+    gap = pooled_f1(results["fed_medlora"]["scores"], "main_entities", "strict") - pooled_f1(
+        results["centralised"]["scores"], "main_entities", "strict"
+    )
     assert diffs["Fed-MedLoRA - centralised"][1].startswith(f"{gap:+.3f} [")
     # centralised is the learning curve: validation F1 at every checkpoint, examples counted
-    assert [h["examples"] for h in results["centralised"]["rounds"]] == [(i + 1) * 2 * cfg.local_steps * cfg.batch_size for i in range(cfg.rounds)]
+    assert [h["examples"] for h in results["centralised"]["rounds"]] == [
+        (i + 1) * 2 * cfg.local_steps * cfg.batch_size for i in range(cfg.rounds)
+    ]
     assert all("val_entity_strict_f1" in h for h in results["centralised"]["rounds"])
     _, comm = _table_rows(summary, "Communication (fp32 adapter vs full-model FedAvg in fp32, upload per site)")
     assert comm["fed_medlora"][3] == f"{fed['communication']['adapter_bytes_per_round_per_site'] / 1e6:.3f}"
@@ -211,12 +253,17 @@ def test_results_folder_refuses_a_changed_config(tmp_path):
     for run_id in ("zero_shot", "bert"):
         (out / f"{run_id}.json").write_text(json.dumps({"config": made}))
     changed = replace(cfg, rounds=cfg.rounds + 1, sampling=replace(cfg.sampling, max_test_sentences=999))
-    with pytest.raises(InputError, match=r"results: 2 finished run\(s\) here were made with other settings \(zero_shot: rounds, sampling; bert: rounds, sampling\)"):
+    with pytest.raises(
+        InputError,
+        match=r"results: 2 finished run\(s\) here were made with other settings \(zero_shot: rounds, sampling; bert: rounds, sampling\)",
+    ):
         run_experiment(changed, out, work=tmp_path / "work")
     assert not (tmp_path / "work").exists(), "refused before any data was cut"
 
     ids = cfg.run_ids()
-    moved = replace(cfg, simulator_timeout=1.0, generation_batch_size=3, sites=[replace(s, path=str(tmp_path / "elsewhere")) for s in cfg.sites])
+    moved = replace(
+        cfg, simulator_timeout=1.0, generation_batch_size=3, sites=[replace(s, path=str(tmp_path / "elsewhere")) for s in cfg.sites]
+    )
     _refuse_other_config(moved, out, ids)  # the same experiment: resumable
     bert_changed = replace(cfg, bert_lr=cfg.bert_lr * 3)
     with pytest.raises(InputError, match=r"1 finished run\(s\) .*\(bert: bert_lr\)"):

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from fedmed_components.flare.aggregators import ExactLoRAAggregator, FedMedLoRAAggregator, FedMedLoRAPlusAggregator, FedSALoRAAggregator
 
 # Runs in this process and in a fresh interpreter; writes every rule's result.
-RULES = r'''
+RULES = r"""
 import sys, torch
 from safetensors.torch import save_file
 from fedmed_components import aggregation
@@ -48,7 +48,7 @@ def results(seed):
 
 if __name__ == "__main__":
     save_file(results(int(sys.argv[1])), sys.argv[2])
-'''
+"""
 
 
 def _rules():
@@ -77,12 +77,15 @@ def _update(site, params, tokens, loss):
     return FLModel(params=params, params_type=ParamsType.FULL, meta=meta)
 
 
-@pytest.mark.parametrize("make", [
-    lambda: FedMedLoRAAggregator(),
-    lambda: FedMedLoRAPlusAggregator(),
-    lambda: FedSALoRAAggregator(num_rounds=2),
-    lambda: ExactLoRAAggregator(rank=4, alpha=8),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: FedMedLoRAAggregator(),
+        lambda: FedMedLoRAPlusAggregator(),
+        lambda: FedSALoRAAggregator(num_rounds=2),
+        lambda: ExactLoRAAggregator(rank=4, alpha=8),
+    ],
+)
 def test_flare_aggregator_result_does_not_depend_on_arrival_order(make):
     rules = _rules()
     reference = rules["updates"](0, n=1)[0]
@@ -117,13 +120,28 @@ def test_a_whole_simulator_round_is_bit_identical_when_run_twice(tmp_path, tiny_
     adapters = []
     for run in ("a", "b"):
         spec = JobSpec(
-            name=f"determinism_{run}", model="tiny", sites=sites, num_rounds=1, min_clients=2, local_steps=3,
-            batch_size=4, max_length=128, learning_rate=5e-3, rank=4, alpha=8, quantize="none", data=str(data),
-            output_dir=str(tmp_path / f"store_{run}"), train_timeout=240, extra_site_args="--max-val-examples 4",
+            name=f"determinism_{run}",
+            model="tiny",
+            sites=sites,
+            num_rounds=1,
+            min_clients=2,
+            local_steps=3,
+            batch_size=4,
+            max_length=128,
+            learning_rate=5e-3,
+            rank=4,
+            alpha=8,
+            quantize="none",
+            data=str(data),
+            output_dir=str(tmp_path / f"store_{run}"),
+            train_timeout=240,
+            extra_site_args="--max-val-examples 4",
         )
         run_simulator(export_job(spec, tmp_path / "jobs"), tmp_path / f"ws_{run}", sites, timeout=300)
         adapters.append(load_adapter_folder(tmp_path / f"store_{run}" / "global")[0])
     assert _bit_equal(*adapters)
     from fedmed_components.modeling import LoraSettings, initial_adapter_from_config
 
-    assert not _bit_equal(adapters[0], initial_adapter_from_config(tiny_model_path, LoraSettings(r=4, alpha=8))), "the round trained nothing"
+    assert not _bit_equal(adapters[0], initial_adapter_from_config(tiny_model_path, LoraSettings(r=4, alpha=8))), (
+        "the round trained nothing"
+    )

@@ -50,12 +50,15 @@ def sites(tmp_path):
     return tmp_path / "data", make_sites(tmp_path / "data")
 
 
-@pytest.mark.parametrize("site, message", [
-    ("site-brat", r"\.ann:\d+: malformed line"),
-    ("site-empty", r"site-empty: site has no training documents"),
-    ("site-missing", r"site-missing: site data folder does not exist"),
-    ("site-latin1", r"train\.jsonl:2: not UTF-8 text"),
-])
+@pytest.mark.parametrize(
+    "site, message",
+    [
+        ("site-brat", r"\.ann:\d+: malformed line"),
+        ("site-empty", r"site-empty: site has no training documents"),
+        ("site-missing", r"site-missing: site data folder does not exist"),
+        ("site-latin1", r"train\.jsonl:2: not UTF-8 text"),
+    ],
+)
 def test_strict_site_fails_naming_the_file(sites, site, message):
     root, _ = sites
     with pytest.raises(InputError, match=message):
@@ -79,7 +82,10 @@ def test_server_rejects_a_failed_site_naming_site_and_file(sites):
     reference = {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(2, 4)}
     agg = FedMedLoRAAggregator()
     agg.begin_round(reference, 0)
-    assert agg.accept_model(FLModel(params=answer.params, params_type=ParamsType.FULL, meta={**answer.meta, "client_name": "site-brat"})) is False
+    assert (
+        agg.accept_model(FLModel(params=answer.params, params_type=ParamsType.FULL, meta={**answer.meta, "client_name": "site-brat"}))
+        is False
+    )
     (rejection,) = agg.rejections
     assert rejection.site == "site-brat" and faults["site-brat"] in rejection.reason and "malformed line" in rejection.reason
 
@@ -87,11 +93,26 @@ def test_server_rejects_a_failed_site_naming_site_and_file(sites):
 def _job(tmp_path, root, sites, **spec):
     from fedmed_components.flare.job import JobSpec, export_job
 
-    spec = JobSpec(**{
-        "name": "bad_data", "model": "tiny", "sites": sites, "num_rounds": 2, "min_clients": 1, "local_steps": 2,
-        "batch_size": 4, "max_length": 128, "rank": 4, "alpha": 8, "quantize": "none", "data": str(root),
-        "output_dir": str(tmp_path / "store"), "train_timeout": 240, "extra_site_args": "--max-val-examples 4", **spec,
-    })
+    spec = JobSpec(
+        **{
+            "name": "bad_data",
+            "model": "tiny",
+            "sites": sites,
+            "num_rounds": 2,
+            "min_clients": 1,
+            "local_steps": 2,
+            "batch_size": 4,
+            "max_length": 128,
+            "rank": 4,
+            "alpha": 8,
+            "quantize": "none",
+            "data": str(root),
+            "output_dir": str(tmp_path / "store"),
+            "train_timeout": 240,
+            "extra_site_args": "--max-val-examples 4",
+            **spec,
+        }
+    )
     return export_job(spec, tmp_path / "jobs")
 
 
@@ -144,8 +165,13 @@ def test_lenient_site_trains_and_its_skip_count_reaches_the_server_log(sites, ti
     from fedmed_components.training import TrainSettings
 
     root, faults = sites
-    config = SiteConfig(model="tiny", quantize="none", lenient_input=True, max_val_examples=2,
-                        train=TrainSettings(max_steps=1, batch_size=2, max_length=128))
+    config = SiteConfig(
+        model="tiny",
+        quantize="none",
+        lenient_input=True,
+        max_val_examples=2,
+        train=TrainSettings(max_steps=1, batch_size=2, max_length=128),
+    )
     runtime = SiteRuntime(config, site_name="site-brat")
     runtime.load_data(site_data_folder(str(root), "site-brat"))
     answer = site_tasks.train(runtime, FLModel(params=None, current_round=0))
@@ -153,5 +179,7 @@ def test_lenient_site_trains_and_its_skip_count_reaches_the_server_log(sites, ti
     agg = FedMedLoRAAggregator()
     agg.begin_round(runtime.adapter_state(), 0)
     with caplog.at_level(logging.WARNING):
-        assert agg.accept_model(FLModel(params=answer.params, params_type=ParamsType.FULL, meta={**answer.meta, "client_name": "site-brat"}))
+        assert agg.accept_model(
+            FLModel(params=answer.params, params_type=ParamsType.FULL, meta={**answer.meta, "client_name": "site-brat"})
+        )
     assert any("site-brat skipped bad input (lenient): " in r.getMessage() and "malformed line" in r.getMessage() for r in caplog.records)

@@ -33,7 +33,9 @@ def _fake_poc(tmp_path):
         procs.append(proc)
         records[name] = {"pid": proc.pid, "pgid": proc.pid, "create_time": psutil.Process(proc.pid).create_time()}
     # a job process run from site-1's kit that is not in the recorded tree
-    stray = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "-w", str(prod / "site-1" / "startup")], start_new_session=True)
+    stray = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(120)", "-w", str(prod / "site-1" / "startup")], start_new_session=True
+    )
     procs.append(stray)
     ws.save({"owner": poc.OWNER, "sites": ["site-1", "site-10"], "server": "server", "processes": records})
     return ws, procs

@@ -74,11 +74,26 @@ def fault_poc(tmp_path_factory, tiny_model_path):
 
 
 def _spec(name, data, store, **kw) -> JobSpec:
-    return JobSpec(**{
-        "name": name, "model": "tiny", "sites": SITES, "num_rounds": 2, "min_clients": 1, "local_steps": 2,
-        "batch_size": 4, "max_length": 128, "rank": 4, "alpha": 8, "quantize": "none", "data": str(data),
-        "output_dir": str(store), "train_timeout": TRAIN_TIMEOUT, "extra_site_args": "--max-val-examples 4", **kw,
-    })
+    return JobSpec(
+        **{
+            "name": name,
+            "model": "tiny",
+            "sites": SITES,
+            "num_rounds": 2,
+            "min_clients": 1,
+            "local_steps": 2,
+            "batch_size": 4,
+            "max_length": 128,
+            "rank": 4,
+            "alpha": 8,
+            "quantize": "none",
+            "data": str(data),
+            "output_dir": str(store),
+            "train_timeout": TRAIN_TIMEOUT,
+            "extra_site_args": "--max-val-examples 4",
+            **kw,
+        }
+    )
 
 
 def _history(store):

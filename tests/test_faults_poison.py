@@ -33,12 +33,27 @@ HERE = Path(__file__).resolve().parent
 
 def fault_job(tmp_path, site_data, faults: str, **spec):
     """An exported job whose site script is tests/fault_site.py around the real one."""
-    spec = JobSpec(**{
-        "name": "faults", "model": "tiny", "sites": SITES, "num_rounds": 1, "min_clients": 1, "local_steps": 2,
-        "batch_size": 4, "max_length": 128, "learning_rate": 5e-3, "rank": 4, "alpha": 8, "quantize": "none",
-        "data": str(site_data), "output_dir": str(tmp_path / "store"), "train_timeout": 240,
-        "extra_site_args": f"--max-val-examples 4 --fault-site site-2 --faults {faults}", **spec,
-    })
+    spec = JobSpec(
+        **{
+            "name": "faults",
+            "model": "tiny",
+            "sites": SITES,
+            "num_rounds": 1,
+            "min_clients": 1,
+            "local_steps": 2,
+            "batch_size": 4,
+            "max_length": 128,
+            "learning_rate": 5e-3,
+            "rank": 4,
+            "alpha": 8,
+            "quantize": "none",
+            "data": str(site_data),
+            "output_dir": str(tmp_path / "store"),
+            "train_timeout": 240,
+            "extra_site_args": f"--max-val-examples 4 --fault-site site-2 --faults {faults}",
+            **spec,
+        }
+    )
     job = export_job(spec, tmp_path / "jobs")
     custom = job / "app" / "custom"
     shutil.copyfile(custom / "fedmed_site.py", custom / "fedmed_site_real.py")

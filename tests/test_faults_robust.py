@@ -71,9 +71,23 @@ def write_site_data(root: Path, sites: list[str], docs_per_site: int = 16) -> Pa
 
 def robust_job(tmp_path: Path, sites: list[str], aggregator_args: dict) -> Path:
     spec = JobSpec(
-        **aggregator_args, name="robust", model="tiny", sites=sites, num_rounds=len(ROUNDS), min_clients=len(sites), local_steps=4,
-        batch_size=32, max_length=128, learning_rate=1e-3, rank=4, alpha=8, quantize="none", tensorboard=False,
-        data=str(write_site_data(tmp_path / "data", sites)), output_dir=str(tmp_path / "store"), train_timeout=300,
+        **aggregator_args,
+        name="robust",
+        model="tiny",
+        sites=sites,
+        num_rounds=len(ROUNDS),
+        min_clients=len(sites),
+        local_steps=4,
+        batch_size=32,
+        max_length=128,
+        learning_rate=1e-3,
+        rank=4,
+        alpha=8,
+        quantize="none",
+        tensorboard=False,
+        data=str(write_site_data(tmp_path / "data", sites)),
+        output_dir=str(tmp_path / "store"),
+        train_timeout=300,
         extra_site_args=(
             f"--max-val-examples 4 --fault-site {sites[-1]} --faults {','.join(ROUNDS)}"
             f" --colluders {sites[-2]},{sites[-1]} --record {tmp_path / 'record'}"
@@ -83,7 +97,9 @@ def robust_job(tmp_path: Path, sites: list[str], aggregator_args: dict) -> Path:
     custom = job / "app" / "custom"
     shutil.copyfile(custom / "fedmed_site.py", custom / "fedmed_site_real.py")
     shutil.copyfile(HERE / "fault_site.py", custom / "fedmed_site.py")
-    (entry,) = [c for c in json.loads((job / "app" / "config" / "config_fed_server.json").read_text())["components"] if c["id"] == "aggregator"]
+    (entry,) = [
+        c for c in json.loads((job / "app" / "config" / "config_fed_server.json").read_text())["components"] if c["id"] == "aggregator"
+    ]
     assert entry["path"] == "fedmed_components.flare.aggregators.RobustAggregator"
     return job
 
@@ -94,7 +110,7 @@ def recorded_round(folder: Path, sites: list[str]):
     for site in sites:
         tensors = load_file(str(folder / f"{site}.safetensors"))
         metas[site] = json.loads((folder / f"{site}.json").read_text())
-        part = lambda prefix, tensors=tensors: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
+        part = lambda prefix, tensors=tensors: {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
         received = part("global/")
         if global_state is None:
             global_state = received
@@ -141,8 +157,9 @@ def test_robust_rule_holds_against_attacks_that_pass_the_screening(rule, tmp_pat
             "plain": update_norm(plain, honest_only) / step,
             "honest_step_norm": step,
         }
-    print(f"\n{rule} ({k} sites, attacker {sites[-1]}, colluders {sites[-2]},{sites[-1]}): "
-          "|global - honest-only aggregate| / |honest step|")
+    print(
+        f"\n{rule} ({k} sites, attacker {sites[-1]}, colluders {sites[-2]},{sites[-1]}): |global - honest-only aggregate| / |honest step|"
+    )
     for kind, m in measured.items():
         print(f"  {kind:10s} robust {m['robust']:.3f}  plain Fed-MedLoRA {m['plain']:.3f}  (honest step norm {m['honest_step_norm']:.3f})")
     for kind, m in measured.items():

@@ -24,9 +24,22 @@ def bert_run(tmp_path_factory):
         write_jsonl(docs[:4], root / "data" / site / "train.jsonl")
         write_jsonl(docs[4:], root / "data" / site / "val.jsonl")
     spec = JobSpec(
-        name="fed_bert", algorithm="fed_medlora", task_model="token-classification", model="minilm", sites=SITES,
-        num_rounds=2, min_clients=2, local_steps=3, batch_size=8, max_length=64, learning_rate=3e-3, rank=4, alpha=8,
-        data=str(root / "data"), output_dir=str(root / "store"), extra_site_args="--max-val-examples 8",
+        name="fed_bert",
+        algorithm="fed_medlora",
+        task_model="token-classification",
+        model="minilm",
+        sites=SITES,
+        num_rounds=2,
+        min_clients=2,
+        local_steps=3,
+        batch_size=8,
+        max_length=64,
+        learning_rate=3e-3,
+        rank=4,
+        alpha=8,
+        data=str(root / "data"),
+        output_dir=str(root / "store"),
+        extra_site_args="--max-val-examples 8",
     )
     workspace = run_simulator(export_job(spec, root / "jobs"), root / "ws", SITES, timeout=420)
     return spec, workspace, root / "store"

@@ -32,10 +32,22 @@ def site_data(tmp_path_factory):
 
 def _run(tmp_path, site_data, tiny_model_path, sites=SITES, **spec_overrides):
     spec = JobSpec(
-        name=spec_overrides.pop("name", "job"), model="tiny", sites=sites, num_rounds=2, min_clients=2,
-        local_steps=3, batch_size=4, max_length=192, learning_rate=5e-3, rank=4, alpha=8,
-        data=str(site_data), quantize="none", output_dir=str(tmp_path / "store"),
-        extra_site_args=spec_overrides.pop("extra_site_args", "--max-val-examples 8"), **spec_overrides,
+        name=spec_overrides.pop("name", "job"),
+        model="tiny",
+        sites=sites,
+        num_rounds=2,
+        min_clients=2,
+        local_steps=3,
+        batch_size=4,
+        max_length=192,
+        learning_rate=5e-3,
+        rank=4,
+        alpha=8,
+        data=str(site_data),
+        quantize="none",
+        output_dir=str(tmp_path / "store"),
+        extra_site_args=spec_overrides.pop("extra_site_args", "--max-val-examples 8"),
+        **spec_overrides,
     )
     job = export_job(spec, tmp_path / "jobs")
     workspace = run_simulator(job, tmp_path / "ws", sites, timeout=420)
@@ -92,14 +104,17 @@ def test_sites_send_only_lora_tensors(tmp_path, site_data, tiny_model_path):
     assert all(entry["rejected"] == [] for entry in history)
 
 
-@pytest.mark.parametrize("algorithm, extra", [
-    ("fedsa_lora", {}),
-    ("fed_exact_lora", {}),
-    ("fed_medlora_plus", {"loss_source": "server"}),
-    ("fed_prox", {"prox_mu": 0.5}),
-    ("fed_medlora", {"robust_rule": "median"}),
-    ("fed_medlora", {"extra_site_args": "--max-val-examples 8 --dp-sgd noise=1.0,clip=1.0,record=note"}),
-])
+@pytest.mark.parametrize(
+    "algorithm, extra",
+    [
+        ("fedsa_lora", {}),
+        ("fed_exact_lora", {}),
+        ("fed_medlora_plus", {"loss_source": "server"}),
+        ("fed_prox", {"prox_mu": 0.5}),
+        ("fed_medlora", {"robust_rule": "median"}),
+        ("fed_medlora", {"extra_site_args": "--max-val-examples 8 --dp-sgd noise=1.0,clip=1.0,record=note"}),
+    ],
+)
 def test_every_algorithm_runs_and_produces_an_adapter(tmp_path, site_data, tiny_model_path, algorithm, extra):
     if extra.get("loss_source") == "server":
         extra = {**extra, "server_val_data": str(site_data / "site-1" / "val.jsonl")}
@@ -178,8 +193,16 @@ def test_sampled_sites_alone_train_each_round(tmp_path, three_site_data, tiny_mo
     # seed 0 leaves out site-2 in round 0 and site-1 in round 1
     expected = [sample_sites(THREE_SITES, rnd, count=2, seed=0) for rnd in range(2)]
     assert expected == [["site-1", "site-3"], ["site-2", "site-3"]]
-    spec, workspace, store = _run(tmp_path, three_site_data, tiny_model_path, sites=THREE_SITES, algorithm="fed_medlora",
-                                  name="sampled", sample_clients=2, sample_seed=0)
+    spec, workspace, store = _run(
+        tmp_path,
+        three_site_data,
+        tiny_model_path,
+        sites=THREE_SITES,
+        algorithm="fed_medlora",
+        name="sampled",
+        sample_clients=2,
+        sample_seed=0,
+    )
     history = json.loads((store / "state.json").read_text())["history"]
     assert [h["sampled"] for h in history] == expected
     assert [h["sites"] for h in history] == expected  # the updates aggregated: exactly the sampled sites

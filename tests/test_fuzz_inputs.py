@@ -202,7 +202,11 @@ def bioc_annotation(draw, text: str) -> str:
 def bioc_relation(draw) -> str:
     infons = draw(st.sampled_from(['<infon key="type">hasAttr</infon>', "", '<infon key="type"></infon>']))
     nodes = draw(st.lists(st.tuples(IDS, st.sampled_from(["head", "Tail", "Arg1", "arg2", "", "x"])), max_size=3))
-    return f"<relation id={quoteattr(draw(IDS))}>{infons}" + "".join(f"<node refid={quoteattr(r)} role={quoteattr(o)}/>" for r, o in nodes) + "</relation>"
+    return (
+        f"<relation id={quoteattr(draw(IDS))}>{infons}"
+        + "".join(f"<node refid={quoteattr(r)} role={quoteattr(o)}/>" for r, o in nodes)
+        + "</relation>"
+    )
 
 
 @st.composite
@@ -255,8 +259,24 @@ def test_bioc_any_bytes(scratch, data):
 
 
 XML_PIECES = list("<>/=\"' &;#x0a\r\n\x00\u00e9") + [
-    "collection", "document", "passage", "offset", "text", "annotation", "location", "id", "<?xml version='1.0'?>",
-    "<!DOCTYPE c [<!ENTITY e 'x'>]>", "&e;", "&#13;", "&#0;", "<![CDATA[", "]]>", "<!--", "-->", "<?pi x?>",
+    "collection",
+    "document",
+    "passage",
+    "offset",
+    "text",
+    "annotation",
+    "location",
+    "id",
+    "<?xml version='1.0'?>",
+    "<!DOCTYPE c [<!ENTITY e 'x'>]>",
+    "&e;",
+    "&#13;",
+    "&#0;",
+    "<![CDATA[",
+    "]]>",
+    "<!--",
+    "-->",
+    "<?pi x?>",
 ]
 
 
@@ -271,12 +291,15 @@ def test_bioc_xml_fragments(scratch, pieces):
 @example(data=b'<?xml version="1.0" encoding="rot13"?><collection/>')  # LookupError from the codec
 @example(data=b'<?xml version="1.0" encoding="idna"?><collection/>')  # UnicodeError
 @example(data=b'<?xml version="1.0" encoding="utf-7"?><collection/>')  # ValueError
-@example(data=b"<collection><document><id>a</id><passage><offset>1000000000000</offset><text>t</text></passage></document></collection>")  # MemoryError
+@example(
+    data=b"<collection><document><id>a</id><passage><offset>1000000000000</offset><text>t</text></passage></document></collection>"
+)  # MemoryError
 def test_bioc_near_valid_collection(scratch, data):
     read_bioc_bytes(scratch, data)
 
 
 # ---------------------------------------------------------------- JSONL
+
 
 def json_containers(inner):
     return st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3)
@@ -295,9 +318,11 @@ def maybe(value, draw):
 @st.composite
 def json_entity(draw) -> dict:
     entity = {
-        "id": maybe(draw(IDS), draw), "type": maybe(draw(TYPES), draw),
+        "id": maybe(draw(IDS), draw),
+        "type": maybe(draw(TYPES), draw),
         "spans": maybe(draw(st.lists(st.lists(st.integers(-2, 40), min_size=2, max_size=2) | SPAN, max_size=2)), draw),
-        "text": maybe("x", draw), "negated": maybe(draw(st.sampled_from([True, False, None])), draw),
+        "text": maybe("x", draw),
+        "negated": maybe(draw(st.sampled_from([True, False, None])), draw),
     }
     return {k: v for k, v in entity.items() if draw(st.integers(0, 9))}  # now and then a key is missing
 
@@ -305,7 +330,8 @@ def json_entity(draw) -> dict:
 @st.composite
 def json_document(draw) -> str:
     doc = {
-        "id": maybe(draw(st.sampled_from(["n1", "n2"]) | WORDS), draw), "site": maybe(draw(st.sampled_from([None, "a"])), draw),
+        "id": maybe(draw(st.sampled_from(["n1", "n2"]) | WORDS), draw),
+        "site": maybe(draw(st.sampled_from([None, "a"])), draw),
         "text": maybe(draw(NOTE_TEXT), draw),
         "entities": maybe(draw(st.lists(json_entity(), max_size=3)), draw),
         "relations": maybe(draw(st.lists(st.fixed_dictionaries({"type": TYPES, "head": IDS, "tail": IDS}), max_size=2)), draw),
@@ -314,7 +340,9 @@ def json_document(draw) -> str:
     return json.dumps(maybe(doc, draw))  # allow_nan: NaN and Infinity reach the reader
 
 
-JSONL_LINES = json_document() | st.sampled_from(["", " ", "[" * 3000 + "]" * 3000, '{"id": "n", "text": "t"', "\ufeff{}"]) | st.text(max_size=20)
+JSONL_LINES = (
+    json_document() | st.sampled_from(["", " ", "[" * 3000 + "]" * 3000, '{"id": "n", "text": "t"', "\ufeff{}"]) | st.text(max_size=20)
+)
 
 
 def read_jsonl_bytes(folder: Path, data: bytes) -> None:
@@ -350,18 +378,33 @@ def test_jsonl_any_bytes(scratch, data):
 
 @fuzz(300)
 @given(lines=st.lists(JSONL_LINES, min_size=1, max_size=4), newline=st.sampled_from(["\n", "\r\n"]))
-@example(lines=['{"id": "a", "text": "t", "entities": [{"id": "T1", "type": "x", "spans": [[Infinity, 1]]}]}'], newline="\n")  # OverflowError
+@example(
+    lines=['{"id": "a", "text": "t", "entities": [{"id": "T1", "type": "x", "spans": [[Infinity, 1]]}]}'], newline="\n"
+)  # OverflowError
 @example(lines=["[" * 3000 + "]" * 3000], newline="\n")  # RecursionError
-@example(lines=['{"id": "a", "text": "t", "site": true}', '{"id": "b", "text": "t", "entities": [{"id": "T1", "type": "x", "spans": [[0, 1]], "negated": "no"}]}'], newline="\n")  # wrong types accepted
+@example(
+    lines=[
+        '{"id": "a", "text": "t", "site": true}',
+        '{"id": "b", "text": "t", "entities": [{"id": "T1", "type": "x", "spans": [[0, 1]], "negated": "no"}]}',
+    ],
+    newline="\n",
+)  # wrong types accepted
 def test_jsonl_near_valid_lines(scratch, lines, newline):
     read_jsonl_bytes(scratch, newline.join(lines).encode("utf-8", "surrogatepass"))
 
 
 # ---------------------------------------------------------------- model-output parser
 
-SENTENCES = st.sampled_from([
-    "Denies chest pain; aspirin 81 mg p.o. daily.", "No fever.", "", "İstanbul ß straße ﬁ", "a a a a", "\n\t",
-]) | st.text(max_size=60)
+SENTENCES = st.sampled_from(
+    [
+        "Denies chest pain; aspirin 81 mg p.o. daily.",
+        "No fever.",
+        "",
+        "İstanbul ß straße ﬁ",
+        "a a a a",
+        "\n\t",
+    ]
+) | st.text(max_size=60)
 
 
 def assert_parse_result(result, sentence: str, allowed) -> None:
@@ -381,10 +424,25 @@ def parse_both(output: str, sentence: str, output_format: str, main_at: int) -> 
 def html_answer(draw, sentence: str) -> str:
     """The sentence cut at random points with tags (good, odd and broken) between."""
     cuts = sorted(draw(st.lists(st.integers(0, len(sentence)), max_size=6)))
-    tags = st.sampled_from([
-        '<span class="problem">', '<span class="dosage">', "</span>", "<span>", "< / span >", '<span class=drug>',
-        "<span class='bodyloc'>", '<span class="nope">', '<main class="drug">', "</main>", "```html\n", "```", "<", ">", "",
-    ])
+    tags = st.sampled_from(
+        [
+            '<span class="problem">',
+            '<span class="dosage">',
+            "</span>",
+            "<span>",
+            "< / span >",
+            "<span class=drug>",
+            "<span class='bodyloc'>",
+            '<span class="nope">',
+            '<main class="drug">',
+            "</main>",
+            "```html\n",
+            "```",
+            "<",
+            ">",
+            "",
+        ]
+    )
     pieces, last = [], 0
     for cut in cuts + [len(sentence)]:
         pieces += [sentence[last:cut], draw(tags)]
@@ -425,9 +483,26 @@ def test_parser_survives_degenerate_nesting(output):
 
 # ---------------------------------------------------------------- document ids as file names
 
-ID_PIECES = st.sampled_from([
-    "..", ".", "/", "\\", "", "a", "note", "\x00", "\n", "~", "C:", " ", "...", "x" * 300, "\u00e9" * 130, "\ud800",
-])
+ID_PIECES = st.sampled_from(
+    [
+        "..",
+        ".",
+        "/",
+        "\\",
+        "",
+        "a",
+        "note",
+        "\x00",
+        "\n",
+        "~",
+        "C:",
+        " ",
+        "...",
+        "x" * 300,
+        "\u00e9" * 130,
+        "\ud800",
+    ]
+)
 HOSTILE_IDS = st.lists(ID_PIECES, max_size=6).map("".join) | st.text(max_size=30)
 NOTE = "Aspirin 81 mg."
 

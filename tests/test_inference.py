@@ -75,7 +75,9 @@ def test_outputs_match_hf_generate_in_input_order(tiny, prompts):
     with torch.no_grad():
         for text, n in zip(texts, lengths):
             ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")
-            out = model.generate(**ids, max_new_tokens=settings.budget(n), do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=stops)
+            out = model.generate(
+                **ids, max_new_tokens=settings.budget(n), do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=stops
+            )
             reference.append(tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip())
     assert ours == reference
     assert model.training  # generate puts the model back in the mode it found it in

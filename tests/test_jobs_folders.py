@@ -23,7 +23,9 @@ def test_committed_job_folders_equal_a_fresh_export(tmp_path):
         fresh, committed = tmp_path / name, REPO / "jobs" / name
         assert _files(fresh) == _files(committed), name
         for rel in _files(fresh):
-            assert filecmp.cmp(fresh / rel, committed / rel, shallow=False), f"jobs/{name}/{rel} is stale: run `fedmed job export --all --out jobs`"
+            assert filecmp.cmp(fresh / rel, committed / rel, shallow=False), (
+                f"jobs/{name}/{rel} is stale: run `fedmed job export --all --out jobs`"
+            )
 
 
 def test_jobs_declare_the_clinical_scope_and_carry_no_package_copy():
@@ -44,8 +46,22 @@ def _server_config(job: Path) -> dict:
 
 
 def test_export_carries_server_optimizer_and_sampling_options(tmp_path, capsys):
-    argv = ["job", "export", "--algorithm", "fed_yogi", "--server-lr", "0.05", "--server-tau", "0.01",
-            "--sample-clients", "2", "--sample-seed", "3", "--out", str(tmp_path)]
+    argv = [
+        "job",
+        "export",
+        "--algorithm",
+        "fed_yogi",
+        "--server-lr",
+        "0.05",
+        "--server-tau",
+        "0.01",
+        "--sample-clients",
+        "2",
+        "--sample-seed",
+        "3",
+        "--out",
+        str(tmp_path),
+    ]
     assert main(argv) == 0
     components = _server_config(tmp_path / "fed_yogi")
     assert components["aggregator"]["path"].endswith("ServerOptimizerAggregator")

@@ -86,13 +86,19 @@ def test_one_prediction_spanning_two_gold_entities_matches_one():
 
 
 def test_relation_needs_both_arguments_matched_in_the_same_mode():
-    ents = [Entity("P1", "problem", [(7, 17)], "chest pain"), Entity("P2", "severity", [(0, 6)], "Severe"),
-            Entity("P3", "drug", [(29, 36)], "Aspirin"), Entity("P4", "strength", [(37, 40)], "81 "),
-            Entity("P5", "problem", [(22, 27)], "fever")]
-    rels = [Relation("hasAttr", "P1", "P2"),  # right
-            Relation("hasAttr", "P3", "P4"),  # tail boundary off: lenient only
-            Relation("hasAttr", "P5", "P2"),  # wrong tail
-            Relation("hasAttr", "P1", "P2")]  # duplicate
+    ents = [
+        Entity("P1", "problem", [(7, 17)], "chest pain"),
+        Entity("P2", "severity", [(0, 6)], "Severe"),
+        Entity("P3", "drug", [(29, 36)], "Aspirin"),
+        Entity("P4", "strength", [(37, 40)], "81 "),
+        Entity("P5", "problem", [(22, 27)], "fever"),
+    ]
+    rels = [
+        Relation("hasAttr", "P1", "P2"),  # right
+        Relation("hasAttr", "P3", "P4"),  # tail boundary off: lenient only
+        Relation("hasAttr", "P5", "P2"),  # wrong tail
+        Relation("hasAttr", "P1", "P2"),
+    ]  # duplicate
     result = score_documents([gold_doc()], [pred_doc(*ents, rels=rels)])
     assert counts(result["relations"]["strict"]) == (1, 3, 2)
     assert counts(result["relations"]["lenient"]) == (2, 2, 1)

@@ -25,8 +25,7 @@ def _oracle_scores(monkeypatch, docs, types=None, style="paper"):
 
     monkeypatch.setattr(prompts, "render_chat", lambda tokenizer, text, *a, **k: (text, None))
     monkeypatch.setattr(inference, "generate", oracle)
-    preds, report = inference.predict_documents(None, lambda s, add_special_tokens=False: {"input_ids": list(s)}, docs,
-                                                prompt_style=style)
+    preds, report = inference.predict_documents(None, lambda s, add_special_tokens=False: {"input_ids": list(s)}, docs, prompt_style=style)
     assert report.parse_failures == 0
     assert not unknown, f"the predictor asked {len(unknown)} prompt(s) training never shows, e.g. {unknown[0][:200]}"
     every = score_documents(docs, preds, types=types)

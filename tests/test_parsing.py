@@ -36,8 +36,10 @@ def test_repeated_mention_maps_to_the_tagged_occurrence():
 
 
 def test_chatty_prefix_and_suffix_are_ignored():
-    out = ('Sure! Here is the annotated sentence:\n\nHe has <span class="problem">chest pain</span> and fever, '
-           'and chest pain again.\n\nLet me know if you need more.')
+    out = (
+        'Sure! Here is the annotated sentence:\n\nHe has <span class="problem">chest pain</span> and fever, '
+        "and chest pain again.\n\nLet me know if you need more."
+    )
     result = parse_ner(out, SENTENCE)
     assert result.spans == [("problem", 7, 17)] and not result.failed
     fenced = '```html\nHe has chest pain and <span class="problem">fever</span>, and chest pain again.\n```'
@@ -84,8 +86,10 @@ def test_hallucinated_text_is_dropped():
 
 
 def test_everything_wrong_at_once_keeps_what_is_right():
-    out = ('Denies <span class="problem">chest pain</span>; <span class="organ">chest</span> x-ray '
-           'shows <span class="problem">kidney stones</span> <span class="test">no chest')
+    out = (
+        'Denies <span class="problem">chest pain</span>; <span class="organ">chest</span> x-ray '
+        'shows <span class="problem">kidney stones</span> <span class="test">no chest'
+    )
     r = parse_ner(out, S)
     assert r.spans == [("problem", 7, 17)] and not r.failed
     for expected in ("unknown class", "not in the sentence", "unclosed"):
@@ -116,8 +120,10 @@ def test_a_cue_is_not_found_inside_a_longer_word():
 
 
 def test_json_variant():
-    out = ('Here you go: [{"type": "problem", "text": "chest pain"}, {"type": "problem", "text": "chest pain"}, '
-           '{"type": "x", "text": "fever"}]')
+    out = (
+        'Here you go: [{"type": "problem", "text": "chest pain"}, {"type": "problem", "text": "chest pain"}, '
+        '{"type": "x", "text": "fever"}]'
+    )
     result = parse_ner(out, SENTENCE, output_format="json")
     assert result.spans == [("problem", 7, 17), ("problem", 33, 43)]
     assert result.problems == ["unknown class 'x'"]
@@ -201,9 +207,11 @@ def _round_trip(docs, output_format):
 def test_gold_answers_parse_back_to_the_gold_spans_on_mtsamples(mtsamples, output_format):
     found, lost, stats = _round_trip(mtsamples, output_format)
     rates = {task: found[task] / found[f"{task}_total"] for task in ("ner", "modifier")}
-    print(f"\n{output_format}: NER {found['ner']}/{found['ner_total']} = {rates['ner']:.4%}, "
-          f"modifiers {found['modifier']}/{found['modifier_total']} = {rates['modifier']:.4%}; "
-          f"not expressible: {dict(stats)}")
+    print(
+        f"\n{output_format}: NER {found['ner']}/{found['ner_total']} = {rates['ner']:.4%}, "
+        f"modifiers {found['modifier']}/{found['modifier_total']} = {rates['modifier']:.4%}; "
+        f"not expressible: {dict(stats)}"
+    )
     for item in lost[:25]:
         print("  lost:", item)
     # What sentence-level answers cannot express: 15 relations whose modifier sits in

@@ -26,10 +26,8 @@ def corpus(n: int = 200) -> list[Document]:
     docs = []
     for i in range(n):
         label = LABELS[i % 4]
-        ents = [Entity("T1", label, [(0, 4)], "word"), Entity("T2", label, [(5, 9)], "word"),
-                Entity("T3", "negation", [(10, 13)], "not")]
-        docs.append(Document(f"doc{i:03d}", "word word not", site=f"c{i % 2}", entities=ents,
-                             relations=[Relation("hasAttr", "T1", "T3")]))
+        ents = [Entity("T1", label, [(0, 4)], "word"), Entity("T2", label, [(5, 9)], "word"), Entity("T3", "negation", [(10, 13)], "not")]
+        docs.append(Document(f"doc{i:03d}", "word word not", site=f"c{i % 2}", entities=ents, relations=[Relation("hasAttr", "T1", "T3")]))
     return docs
 
 
@@ -38,17 +36,23 @@ def ids(site_docs):
 
 
 def test_dominant_type_breaks_ties_in_schema_order():
-    doc = Document("x", "a b c", entities=[Entity("T1", "drug", [(0, 1)], "a"), Entity("T2", "problem", [(2, 3)], "b"),
-                                             Entity("T3", "bodyloc", [(4, 5)], "c")])
+    doc = Document(
+        "x",
+        "a b c",
+        entities=[Entity("T1", "drug", [(0, 1)], "a"), Entity("T2", "problem", [(2, 3)], "b"), Entity("T3", "bodyloc", [(4, 5)], "c")],
+    )
     assert dominant_type(doc) == "problem"
     assert dominant_type(Document("y", "")) == "none"
 
 
-@pytest.mark.parametrize("split", [
-    lambda d, s: split_dirichlet(d, 4, 0.3, seed=s),
-    lambda d, s: split_quantity(d, 4, 0.5, seed=s),
-    lambda d, s: split_iid(d, 4, seed=s),
-])
+@pytest.mark.parametrize(
+    "split",
+    [
+        lambda d, s: split_dirichlet(d, 4, 0.3, seed=s),
+        lambda d, s: split_quantity(d, 4, 0.5, seed=s),
+        lambda d, s: split_iid(d, 4, seed=s),
+    ],
+)
 def test_splits_are_deterministic_and_ignore_input_order(split):
     docs = corpus()
     shuffled = docs[:]
@@ -112,8 +116,15 @@ def test_train_test_split_is_deterministic_and_disjoint():
 
 def test_write_partition_folders_and_manifest_counts(tmp_path):
     site_docs = split_dirichlet(corpus(80), 3, 0.5, seed=2)
-    manifest_path = write_partition(site_docs, tmp_path, test_fraction=0.25, val_fraction=0.1, seed=2,
-                                    annotated_types={"site-1": ["drug", "problem", "dosage"]}, info={"strategy": "dirichlet"})
+    manifest_path = write_partition(
+        site_docs,
+        tmp_path,
+        test_fraction=0.25,
+        val_fraction=0.1,
+        seed=2,
+        annotated_types={"site-1": ["drug", "problem", "dosage"]},
+        info={"strategy": "dirichlet"},
+    )
     manifest = json.loads(manifest_path.read_text())
     assert manifest["strategy"] == "dirichlet" and set(manifest["sites"]) == {"site-1", "site-2", "site-3"}
     for site, docs in site_docs.items():

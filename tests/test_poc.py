@@ -90,10 +90,24 @@ def test_poc_runs_fed_medlora_plus_and_leaves_nothing_behind(tmp_path, site_data
         pytest.skip(f"ports {PORTS} are taken by another FLARE system on this machine")
     ws = tmp_path / "poc"
     spec = JobSpec(
-        name="fed_medlora_plus", algorithm="fed_medlora_plus", loss_source="sites", model="tiny", sites=SITES,
-        num_rounds=2, min_clients=2, local_steps=2, batch_size=4, max_length=128, rank=4, alpha=8,
-        quantize="none", data=str(site_data), output_dir=str(tmp_path / "adapters"),
-        train_timeout=240, eval_timeout=240, extra_site_args="--max-val-examples 8",
+        name="fed_medlora_plus",
+        algorithm="fed_medlora_plus",
+        loss_source="sites",
+        model="tiny",
+        sites=SITES,
+        num_rounds=2,
+        min_clients=2,
+        local_steps=2,
+        batch_size=4,
+        max_length=128,
+        rank=4,
+        alpha=8,
+        quantize="none",
+        data=str(site_data),
+        output_dir=str(tmp_path / "adapters"),
+        train_timeout=240,
+        eval_timeout=240,
+        extra_site_args="--max-val-examples 8",
     )
     job = export_job(spec, tmp_path / "jobs")
     try:
@@ -129,8 +143,17 @@ def test_poc_runs_fed_medlora_plus_and_leaves_nothing_behind(tmp_path, site_data
 
         # a job asking for the clinical_dp scope: noised at the sites, sent as int8,
         # restored by the server's policy, aggregated
-        dp_job = export_job(replace(spec, name="fed_medlora_dp", algorithm="fed_medlora", num_rounds=1, scope="clinical_dp",
-                                    output_dir=str(tmp_path / "adapters_dp")), tmp_path / "jobs")
+        dp_job = export_job(
+            replace(
+                spec,
+                name="fed_medlora_dp",
+                algorithm="fed_medlora",
+                num_rounds=1,
+                scope="clinical_dp",
+                output_dir=str(tmp_path / "adapters_dp"),
+            ),
+            tmp_path / "jobs",
+        )
         dp = poc.run_job(ws, dp_job, timeout=300)
         assert dp["adapter"] == tmp_path / "adapters_dp" / "global"
         site_log = (kits / "site-1" / dp["job_id"] / "log.txt").read_text()

@@ -46,7 +46,8 @@ def test_bf16_loss_is_close_to_fp32_and_every_lora_tensor_gets_a_gradient(tiny_m
     assert lora and all(grads["bf16"][n] is not None and grads["bf16"][n].abs().sum() > 0 for n in lora)
     assert all(grads["bf16"][n].dtype == torch.float32 for n in lora)
     cos = torch.nn.functional.cosine_similarity(
-        torch.cat([grads["fp32"][n].flatten() for n in lora]), torch.cat([grads["bf16"][n].flatten() for n in lora]), dim=0)
+        torch.cat([grads["fp32"][n].flatten() for n in lora]), torch.cat([grads["bf16"][n].flatten() for n in lora]), dim=0
+    )
     assert cos > 0.95
 
 

@@ -22,7 +22,12 @@ def _adapter(n_layers=2, r=8, width=4096, fill=None, seed=0):
 
 # ------------------------------------------------------------------------ adapter-only
 def test_adapter_only_violations_name_the_non_lora_keys():
-    keys = [KEY.format(0, "A"), KEY.format(0, "B"), "base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight", "model.embed_tokens.weight"]
+    keys = [
+        KEY.format(0, "A"),
+        KEY.format(0, "B"),
+        "base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight",
+        "model.embed_tokens.weight",
+    ]
     assert privacy.adapter_only_violations(keys) == keys[2:]
     assert privacy.adapter_only_violations(keys[:2]) == []
 

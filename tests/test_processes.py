@@ -13,13 +13,20 @@ def test_tree_and_marked_stragglers_are_stopped_but_never_our_ancestors(tmp_path
     marker = f"{tmp_path}/nvflare-ws"
     straggler = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", marker], start_new_session=True)
     unrelated = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "nvflare-elsewhere"])
-    tree = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)"])
+    tree = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)",
+        ]
+    )
     time.sleep(1.0)
     children = psutil.Process(tree.pid).children(recursive=True)
     # The stopper runs under a shell whose own command line carries the marker.
     script = f"from fedmed_components.processes import stop_process_trees as s; s([{tree.pid}], marker={marker!r}, grace=3)"
-    shell = subprocess.run(["bash", "-c", f"{sys.executable} -c {script!r} && echo survived # {marker}"],
-                           capture_output=True, text=True, timeout=60)
+    shell = subprocess.run(
+        ["bash", "-c", f"{sys.executable} -c {script!r} && echo survived # {marker}"], capture_output=True, text=True, timeout=60
+    )
     try:
         assert shell.stdout.strip() == "survived", shell.stderr
         assert straggler.wait(timeout=10) is not None

@@ -44,10 +44,18 @@ def tokenizer():
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|pad|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    corpus = ['He has <span class="problem">chest pain</span> and fever.', "Extract the clinical entities",
-              '<main class="drug">aspirin</main> 81 mg daily', "system user assistant"] * 20
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|pad|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    corpus = [
+        'He has <span class="problem">chest pain</span> and fever.',
+        "Extract the clinical entities",
+        '<main class="drug">aspirin</main> 81 mg daily',
+        "system user assistant",
+    ] * 20
     tok.train_from_iterator(corpus, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|pad|>")
     fast.chat_template = CHATML
@@ -66,18 +74,27 @@ def _note():
         Entity("T7", "strength", [(67, 72)], "81 mg"),
         Entity("T8", "frequency", [(73, 78)], "daily"),
     ]
-    rels = [Relation("hasAttr", "T2", "T1"), Relation("hasAttr", "T4", "T3"), Relation("hasAttr", "T5", "T3"),
-            Relation("hasAttr", "T6", "T7"), Relation("hasTemporal", "T6", "T8")]
+    rels = [
+        Relation("hasAttr", "T2", "T1"),
+        Relation("hasAttr", "T4", "T3"),
+        Relation("hasAttr", "T5", "T3"),
+        Relation("hasAttr", "T6", "T7"),
+        Relation("hasTemporal", "T6", "T8"),
+    ]
     doc = Document("n1", text, entities=ents, relations=rels)
-    assert all(text[e.start:e.end] == e.text for e in ents)
+    assert all(text[e.start : e.end] == e.text for e in ents)
     return doc
 
 
 def _short_note():
     text = "Denies chest pain. Aspirin 81 mg daily."
-    ents = [Entity("T1", "negation", [(0, 6)], "Denies"), Entity("T2", "problem", [(7, 17)], "chest pain"),
-            Entity("T3", "drug", [(19, 26)], "Aspirin"), Entity("T4", "strength", [(27, 32)], "81 mg"),
-            Entity("T5", "frequency", [(33, 38)], "daily")]
+    ents = [
+        Entity("T1", "negation", [(0, 6)], "Denies"),
+        Entity("T2", "problem", [(7, 17)], "chest pain"),
+        Entity("T3", "drug", [(19, 26)], "Aspirin"),
+        Entity("T4", "strength", [(27, 32)], "81 mg"),
+        Entity("T5", "frequency", [(33, 38)], "daily"),
+    ]
     rels = [Relation("hasAttr", "T2", "T1"), Relation("hasAttr", "T3", "T4"), Relation("hasAttr", "T3", "T5")]
     return Document(id="n1", text=text, entities=ents, relations=rels)
 
@@ -86,7 +103,10 @@ def test_ner_answer_is_the_sentence_with_span_tags():
     sentence = "He has chest pain after aspirin."
     spans = [("drug", 24, 31), ("problem", 7, 17)]
     assert ner_answer(sentence, spans) == 'He has <span class="problem">chest pain</span> after <span class="drug">aspirin</span>.'
-    assert json.loads(ner_answer(sentence, spans, "json")) == [{"type": "problem", "text": "chest pain"}, {"type": "drug", "text": "aspirin"}]
+    assert json.loads(ner_answer(sentence, spans, "json")) == [
+        {"type": "problem", "text": "chest pain"},
+        {"type": "drug", "text": "aspirin"},
+    ]
     prompt = ner_prompt(sentence)
     assert prompt.endswith(sentence) and "problem, treatment, test, drug" in prompt
 

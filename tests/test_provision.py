@@ -62,7 +62,11 @@ def _localhost_project(tmp_path: Path) -> Path:
 def _provision(project: Path, workspace: Path, env: dict) -> Path:
     proc = subprocess.run(
         [sys.executable, "-m", "nvflare.cli", "provision", "-p", str(project), "-w", str(workspace), "--force"],
-        env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return workspace / "fedmed" / "prod_00"
@@ -78,7 +82,9 @@ def _wait_for(predicate, timeout: float, what: str, poll: float = 1.0):
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def test_provisioned_server_and_sites_run_a_job_and_reject_a_foreign_certificate(tmp_path, site_data, tiny_model_path, sigterm_raises, poc_lock):
+def test_provisioned_server_and_sites_run_a_job_and_reject_a_foreign_certificate(
+    tmp_path, site_data, tiny_model_path, sigterm_raises, poc_lock
+):
     if poc.busy_ports(PORTS):
         pytest.skip(f"ports {PORTS} are taken by another FLARE system on this machine")
     from nvflare.fuel.flare_api.api_spec import AuthorizationError
@@ -92,17 +98,39 @@ def test_provisioned_server_and_sites_run_a_job_and_reject_a_foreign_certificate
     foreign = _provision(project, tmp_path / "other_provision", env)  # same names, another root CA
     assert (kits / "hospital-c" / "startup" / "rootCA.pem").read_bytes() != (foreign / "hospital-c" / "startup" / "rootCA.pem").read_bytes()
     assert sorted(p.name for p in kits.iterdir()) == sorted(
-        ["localhost", "hospital-a", "hospital-b", "hospital-c", "hospital-d", "hospital-e", LEAD,
-         "admin@coordinating-center.example.org", *[f"it@hospital-{x}.example.org" for x in "abcde"]]
+        [
+            "localhost",
+            "hospital-a",
+            "hospital-b",
+            "hospital-c",
+            "hospital-d",
+            "hospital-e",
+            LEAD,
+            "admin@coordinating-center.example.org",
+            *[f"it@hospital-{x}.example.org" for x in "abcde"],
+        ]
     )
     for name in ["localhost", *SITES]:
         poc.install_policy(kits / name, poc.DEFAULT_PRIVACY)
 
     job = export_job(
         JobSpec(
-            name="fed_medlora", algorithm="fed_medlora", model="tiny", sites=SITES, num_rounds=1, min_clients=2,
-            local_steps=2, batch_size=4, max_length=128, rank=4, alpha=8, quantize="none", data=str(site_data),
-            output_dir=str(tmp_path / "adapters"), train_timeout=240, extra_site_args="--max-val-examples 8",
+            name="fed_medlora",
+            algorithm="fed_medlora",
+            model="tiny",
+            sites=SITES,
+            num_rounds=1,
+            min_clients=2,
+            local_steps=2,
+            batch_size=4,
+            max_length=128,
+            rank=4,
+            alpha=8,
+            quantize="none",
+            data=str(site_data),
+            output_dir=str(tmp_path / "adapters"),
+            train_timeout=240,
+            extra_site_args="--max-val-examples 8",
         ),
         tmp_path / "jobs",
     )

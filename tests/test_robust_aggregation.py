@@ -171,7 +171,10 @@ def test_no_updates_is_an_error():
 def test_updates_from_adapter_difference_and_back():
     """The rules take ``aggregation.adapter_difference(x_k, x_global)``; ``state_from_update`` inverts it."""
     global_state = {A: torch.tensor([1.0, 2.0], dtype=torch.bfloat16), B: t(0.5)}
-    states = [{A: torch.tensor([1.5, 2.0], dtype=torch.bfloat16), B: t(1.5)}, {A: torch.tensor([0.0, 4.0], dtype=torch.bfloat16), B: t(0.0)}]
+    states = [
+        {A: torch.tensor([1.5, 2.0], dtype=torch.bfloat16), B: t(1.5)},
+        {A: torch.tensor([0.0, 4.0], dtype=torch.bfloat16), B: t(0.0)},
+    ]
     updates = [adapter_difference(state, global_state) for state in states]
     assert updates[0][A].dtype == torch.float32  # small differences are not rounded to bf16
     assert_close(updates[0], {A: t(0.5, 0.0), B: t(1.0)})
@@ -238,12 +241,16 @@ def _honest_round():
 def _attacks():
     gen, honest = _honest_round()
     honest_mean = fed_medlora(honest, [1.0] * 5)
-    return honest, honest_mean, {
-        "scaled_x3": [_scaled(honest[0], 3.0)],
-        "sign_flip": [_scaled(honest[0], -1.0)],
-        "random_direction": [{k: v.float() for k, v in _random_at_norm(gen, update_norm(honest[0])).items()}],
-        "two_colluding": [_scaled(honest_mean, -2.0)] * 2,  # the same crafted update from two sites
-    }
+    return (
+        honest,
+        honest_mean,
+        {
+            "scaled_x3": [_scaled(honest[0], 3.0)],
+            "sign_flip": [_scaled(honest[0], -1.0)],
+            "random_direction": [{k: v.float() for k, v in _random_at_norm(gen, update_norm(honest[0])).items()}],
+            "two_colluding": [_scaled(honest_mean, -2.0)] * 2,  # the same crafted update from two sites
+        },
+    )
 
 
 HONEST, HONEST_MEAN, ATTACKS = _attacks()

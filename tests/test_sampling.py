@@ -27,8 +27,13 @@ def test_the_draw_is_stable_across_interpreter_runs():
     import subprocess
     import sys
 
-    code = "from fedmed_components.sampling import sample_sites; print(sample_sites([f'site-{i}' for i in range(1, 11)], 2, count=3, seed=5))"
-    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env={"PYTHONHASHSEED": h}).stdout for h in ("1", "2")}
+    code = (
+        "from fedmed_components.sampling import sample_sites; print(sample_sites([f'site-{i}' for i in range(1, 11)], 2, count=3, seed=5))"
+    )
+    outs = {
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env={"PYTHONHASHSEED": h}).stdout
+        for h in ("1", "2")
+    }
     assert outs == {f"{sample_sites(SITES, 2, count=3, seed=5)}\n"}
 
 
@@ -53,16 +58,19 @@ def test_fewer_sites_than_min_clients_is_an_error():
         sample_sites(SITES[:2], 0, count=1, min_sites=3)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(fraction=0.0), "sample_fraction"),
-    (dict(fraction=1.5), "sample_fraction"),
-    (dict(fraction=-0.2), "sample_fraction"),
-    (dict(fraction=True), "sample_fraction"),
-    (dict(count=0), "sample_clients"),
-    (dict(count=2.5), "sample_clients"),
-    (dict(count=True), "sample_clients"),
-    (dict(fraction=0.5, count=2), "not both"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(fraction=0.0), "sample_fraction"),
+        (dict(fraction=1.5), "sample_fraction"),
+        (dict(fraction=-0.2), "sample_fraction"),
+        (dict(fraction=True), "sample_fraction"),
+        (dict(count=0), "sample_clients"),
+        (dict(count=2.5), "sample_clients"),
+        (dict(count=True), "sample_clients"),
+        (dict(fraction=0.5, count=2), "not both"),
+    ],
+)
 def test_bad_settings_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         check_sampling(**kwargs)

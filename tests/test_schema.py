@@ -49,10 +49,20 @@ def test_kiwi_mapping_is_exact_identity():
 def test_maccrobat_mapping_follows_the_data_readme():
     m = get_mapping("maccrobat")
     expected = {
-        "Sign_symptom": "problem", "Disease_disorder": "problem", "Diagnostic_procedure": "test",
-        "Lab_value": "labvalue", "Medication": "drug", "Therapeutic_procedure": "treatment",
-        "Dosage": "dosage", "Administration": "route", "Frequency": "frequency", "Duration": "duration",
-        "Severity": "severity", "Biological_structure": "bodyloc", "Date": "temporal", "Time": "temporal",
+        "Sign_symptom": "problem",
+        "Disease_disorder": "problem",
+        "Diagnostic_procedure": "test",
+        "Lab_value": "labvalue",
+        "Medication": "drug",
+        "Therapeutic_procedure": "treatment",
+        "Dosage": "dosage",
+        "Administration": "route",
+        "Frequency": "frequency",
+        "Duration": "duration",
+        "Severity": "severity",
+        "Biological_structure": "bodyloc",
+        "Date": "temporal",
+        "Time": "temporal",
     }
     assert m.type_map == expected
     assert m.kiwi_type("Detailed_description") is None
@@ -67,9 +77,17 @@ def test_maccrobat_mapping_follows_the_data_readme():
 def test_phee_is_a_partial_schema_site():
     m = get_mapping("phee")
     assert m.type_map == {
-        "Drug": "drug", "Effect": "problem", "Treat-Disorder": "problem", "Sub-Disorder": "problem",
-        "Dosage": "dosage", "Route": "route", "Freq": "frequency", "Duration": "duration",
-        "Negation_cue": "negation", "Severity_cue": "severity", "Speculation_cue": "uncertain",
+        "Drug": "drug",
+        "Effect": "problem",
+        "Treat-Disorder": "problem",
+        "Sub-Disorder": "problem",
+        "Dosage": "dosage",
+        "Route": "route",
+        "Freq": "frequency",
+        "Duration": "duration",
+        "Negation_cue": "negation",
+        "Severity_cue": "severity",
+        "Speculation_cue": "uncertain",
     }
     assert "test" not in m.annotated_types and "labvalue" not in m.annotated_types
     assert m.annotated_types == frozenset(m.type_map.values())

@@ -84,7 +84,13 @@ def test_chunk_long_cuts_hard_without_whitespace_and_keeps_short_spans():
 def test_mixed_note_keeps_offsets_and_abbreviations():
     text = "HISTORY:\r\nSeen by Dr. Smith today. Takes aspirin 2.5 mg p.o. b.i.d. for pain.  Denies fever.\n\nPLAN: follow up."
     segments = [text[s:e] for s, e in split_sentences(text)]
-    assert segments == ["HISTORY:", "Seen by Dr. Smith today.", "Takes aspirin 2.5 mg p.o. b.i.d. for pain.", "Denies fever.", "PLAN: follow up."]
+    assert segments == [
+        "HISTORY:",
+        "Seen by Dr. Smith today.",
+        "Takes aspirin 2.5 mg p.o. b.i.d. for pain.",
+        "Denies fever.",
+        "PLAN: follow up.",
+    ]
 
 
 def test_chunk_long_keeps_every_word():

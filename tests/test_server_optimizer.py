@@ -140,7 +140,10 @@ def test_two_steps_match_elementwise_arithmetic(rule):
 
 def test_fedavgm_without_momentum_at_lr_one_is_fedavg():
     x = {A: torch.tensor([[1.0, 2.0]]), B: torch.tensor([[0.0], [4.0]])}
-    sites = [{A: torch.tensor([[3.0, 2.0]]), B: torch.tensor([[1.0], [0.0]])}, {A: torch.tensor([[0.0, 6.0]]), B: torch.tensor([[5.0], [8.0]])}]
+    sites = [
+        {A: torch.tensor([[3.0, 2.0]]), B: torch.tensor([[1.0], [0.0]])},
+        {A: torch.tensor([[0.0, 6.0]]), B: torch.tensor([[5.0], [8.0]])},
+    ]
     delta = pseudo_gradient(x, sites, [3, 1])
     # 0.75 * site1 + 0.25 * site2 - x
     assert delta[A].flatten().tolist() == pytest.approx([0.75 * 3 + 0.25 * 0 - 1, 0.75 * 2 + 0.25 * 6 - 2])
@@ -287,7 +290,10 @@ def _persistor(store):
 
 def _site_updates(x: dict, rnd: int) -> list:
     g = torch.Generator().manual_seed(100 + rnd)
-    return [(site, {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in x.items()}, tokens) for site, tokens in (("site-1", 300), ("site-2", 100))]
+    return [
+        (site, {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in x.items()}, tokens)
+        for site, tokens in (("site-1", 300), ("site-2", 100))
+    ]
 
 
 def _persisted_round(agg, persistor, x: dict, rnd: int) -> dict:

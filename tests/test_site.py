@@ -30,8 +30,12 @@ def site_folder(tmp_path_factory):
 
 def make_runtime(site_folder, rank=4, **train) -> SiteRuntime:
     config = SiteConfig(
-        model="tiny", quantize="none", device="cpu", lora=LoraSettings(r=rank, alpha=8),
-        train=TrainSettings(max_steps=2, batch_size=4, max_length=160, learning_rate=1e-2, **train), max_val_examples=6,
+        model="tiny",
+        quantize="none",
+        device="cpu",
+        lora=LoraSettings(r=rank, alpha=8),
+        train=TrainSettings(max_steps=2, batch_size=4, max_length=160, learning_rate=1e-2, **train),
+        max_val_examples=6,
     )
     runtime = SiteRuntime(config, site_name="site-a")
     runtime.load_data(site_folder)

@@ -34,8 +34,20 @@ def test_offsets_ids_and_relations_are_exact(corpus):
 def test_all_main_types_and_common_modifiers_are_present(corpus):
     seen = set().union(*(_type_counts(docs) for docs in corpus.values()))
     assert set(MAIN_TYPES) <= seen
-    assert {"negation", "bodyloc", "labvalue", "course", "severity", "temporal", "dosage", "route",
-            "frequency", "strength", "form", "uncertain"} <= seen
+    assert {
+        "negation",
+        "bodyloc",
+        "labvalue",
+        "course",
+        "severity",
+        "temporal",
+        "dosage",
+        "route",
+        "frequency",
+        "strength",
+        "form",
+        "uncertain",
+    } <= seen
 
 
 def test_deterministic_by_seed(corpus):

@@ -31,13 +31,27 @@ def tokenizer(minilm):
 
 def _note() -> Document:
     text = "Severe left knee pain since yesterday. Started aspirin 81 mg daily.\nNo fever."
+
     def ent(i, etype, phrase, nth=0):
         start = text.index(phrase)
         return Entity(id=f"T{i}", type=etype, spans=[(start, start + len(phrase))], text=phrase)
-    ents = [ent(1, "problem", "left knee pain"), ent(2, "severity", "Severe"), ent(3, "bodyloc", "left knee"),
-            ent(4, "temporal", "since yesterday"), ent(5, "drug", "aspirin"), ent(6, "strength", "81 mg"),
-            ent(7, "frequency", "daily"), ent(8, "problem", "fever"), ent(9, "negation", "No")]
-    rels = [Relation("hasAttr", "T1", t) for t in ("T2", "T3", "T4")] + [Relation("hasAttr", "T5", t) for t in ("T6", "T7")] + [Relation("hasAttr", "T8", "T9")]
+
+    ents = [
+        ent(1, "problem", "left knee pain"),
+        ent(2, "severity", "Severe"),
+        ent(3, "bodyloc", "left knee"),
+        ent(4, "temporal", "since yesterday"),
+        ent(5, "drug", "aspirin"),
+        ent(6, "strength", "81 mg"),
+        ent(7, "frequency", "daily"),
+        ent(8, "problem", "fever"),
+        ent(9, "negation", "No"),
+    ]
+    rels = (
+        [Relation("hasAttr", "T1", t) for t in ("T2", "T3", "T4")]
+        + [Relation("hasAttr", "T5", t) for t in ("T6", "T7")]
+        + [Relation("hasAttr", "T8", "T9")]
+    )
     return Document(id="n1", text=text, entities=ents, relations=rels)
 
 
@@ -122,9 +136,13 @@ def test_site_policy_lets_the_head_leave_only_in_the_bert_scope():
     from fedmed_components.flare.filters import AdapterOnlyGuard
 
     policy = json.loads((Path(__file__).resolve().parents[1] / "poc_setup" / "privacy.json").read_text())
-    guards = {s["name"]: next(f["args"] for f in s["task_result_filters"] if f["path"].endswith("AdapterOnlyGuard")) for s in policy["scopes"]}
-    payload = {"base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight": torch.zeros(2, 8),
-               "base_model.model.classifier.weight": torch.zeros(tc.NUM_LABELS, 8)}
+    guards = {
+        s["name"]: next(f["args"] for f in s["task_result_filters"] if f["path"].endswith("AdapterOnlyGuard")) for s in policy["scopes"]
+    }
+    payload = {
+        "base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight": torch.zeros(2, 8),
+        "base_model.model.classifier.weight": torch.zeros(tc.NUM_LABELS, 8),
+    }
     codes = {}
     for scope in ("clinical", "clinical_bert"):
         ctx = FLContext()
@@ -157,8 +175,11 @@ def site_folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def runtime(site_folder, minilm):
     config = SiteConfig(
-        model="minilm", device="cpu", lora=LoraSettings(r=4, alpha=8),
-        train=TrainSettings(max_steps=8, batch_size=8, max_length=64, learning_rate=3e-3, warmup_ratio=0), max_val_examples=32,
+        model="minilm",
+        device="cpu",
+        lora=LoraSettings(r=4, alpha=8),
+        train=TrainSettings(max_steps=8, batch_size=8, max_length=64, learning_rate=3e-3, warmup_ratio=0),
+        max_val_examples=32,
     )
     runtime = SiteRuntime(config, site_name="site-a")
     runtime.load_data(site_folder)
@@ -211,8 +232,7 @@ def test_saved_adapter_loads_with_peft_and_predicts_scoreable_documents(runtime,
         assert torch.allclose(loaded(**batch).logits, runtime.model(**batch).logits, atol=1e-5)
     docs = read_jsonl(site_folder / "train.jsonl")
     untrained = tc.load_model(minilm, runtime.config.lora, device="cpu")
-    scores = [score_documents(docs, tc.predict_documents_bert(m, tokenizer, docs, max_length=64))
-              for m in (untrained, loaded)]
+    scores = [score_documents(docs, tc.predict_documents_bert(m, tokenizer, docs, max_length=64)) for m in (untrained, loaded)]
     assert scores[1]["entities"]["lenient"]["f1"] > scores[0]["entities"]["lenient"]["f1"] + 0.2, [s["entities"]["lenient"] for s in scores]
     assert math.isfinite(scores[1]["relations"]["lenient"]["f1"])
     assert scores[1]["relations"]["lenient"]["tp"] > 0  # nearest-main links find gold relations
@@ -227,11 +247,50 @@ def test_train_local_then_predict_and_eval_with_bert(tmp_path, site_folder, caps
     from fedmed_components.modeling import load_adapter_folder
 
     out = tmp_path / "bert"
-    assert main(["train-local", "--model", "minilm", "--data", str(site_folder), "--rank", "4", "--alpha", "8", "--local-steps", "4",
-                 "--batch-size", "8", "--max-length", "64", "--lr", "3e-3", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "train-local",
+                "--model",
+                "minilm",
+                "--data",
+                str(site_folder),
+                "--rank",
+                "4",
+                "--alpha",
+                "8",
+                "--local-steps",
+                "4",
+                "--batch-size",
+                "8",
+                "--max-length",
+                "64",
+                "--lr",
+                "3e-3",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     state, settings, _ = load_adapter_folder(out)
     assert settings.task_type == "TOKEN_CLS" and "base_model.model.classifier.weight" in state
-    assert main(["predict", "--model", "minilm", "--adapter", str(out), "--input", str(site_folder / "val.jsonl"), "--out", str(tmp_path / "pred")]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                "minilm",
+                "--adapter",
+                str(out),
+                "--input",
+                str(site_folder / "val.jsonl"),
+                "--out",
+                str(tmp_path / "pred"),
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "pred" / "brat").is_dir()
     capsys.readouterr()
     assert main(["eval", "--gold", str(site_folder / "val.jsonl"), "--pred", str(tmp_path / "pred" / "predictions.jsonl"), "--json"]) == 0

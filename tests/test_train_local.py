@@ -17,8 +17,29 @@ def test_pooled_baseline_writes_a_trained_peft_adapter(tmp_path, tiny_model_path
         write_jsonl(docs[2:], tmp_path / site / "val.jsonl")
         folders.append(str(tmp_path / site))
     out = tmp_path / "central"
-    args = ["train-local", "--model", "tiny", "--quantize", "none", "--data", ",".join(folders), "--rank", "4", "--alpha", "8",
-            "--local-steps", "2", "--rounds", "2", "--max-length", "160", "--lr", "1e-2", "--out", str(out)]
+    args = [
+        "train-local",
+        "--model",
+        "tiny",
+        "--quantize",
+        "none",
+        "--data",
+        ",".join(folders),
+        "--rank",
+        "4",
+        "--alpha",
+        "8",
+        "--local-steps",
+        "2",
+        "--rounds",
+        "2",
+        "--max-length",
+        "160",
+        "--lr",
+        "1e-2",
+        "--out",
+        str(out),
+    ]
     assert main(args) == 0
     state, settings, meta = load_adapter_folder(out)
     assert settings.r == 4 and meta["data"] == folders

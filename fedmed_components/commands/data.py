@@ -54,8 +54,13 @@ def _usage(parser: argparse.ArgumentParser) -> int:
 def _add_reading_options(p: argparse.ArgumentParser, *, mapping_append: bool = False) -> None:
     p.add_argument("--from", dest="fmt", choices=FORMATS, default=None, help="input format (default: from the path)")
     if mapping_append:
-        p.add_argument("--mapping", action="append", choices=sorted(MAPPINGS), default=None,
-                       help=_MAPPING_HELP + "; give it once for all inputs or once per input, in order")
+        p.add_argument(
+            "--mapping",
+            action="append",
+            choices=sorted(MAPPINGS),
+            default=None,
+            help=_MAPPING_HELP + "; give it once for all inputs or once per input, in order",
+        )
     else:
         p.add_argument("--mapping", choices=sorted(MAPPINGS), default=None, help=_MAPPING_HELP)
     p.add_argument("--lenient-input", action="store_true", help=_LENIENT_HELP)
@@ -74,8 +79,9 @@ def _add_convert(sub) -> None:
     )
     p.add_argument("input", metavar="IN", help=_INPUT_HELP)
     p.add_argument("output", metavar="OUT", help="output: a .jsonl file, a BioC .xml file or a BRAT folder")
-    p.add_argument("--to", dest="to_fmt", choices=FORMATS, default=None,
-                   help="output format (default: jsonl for *.jsonl, bioc for *.xml, else brat)")
+    p.add_argument(
+        "--to", dest="to_fmt", choices=FORMATS, default=None, help="output format (default: jsonl for *.jsonl, bioc for *.xml, else brat)"
+    )
     p.add_argument("--site", default=None, help="site name for documents that do not name one")
     _add_reading_options(p)
     p.set_defaults(func=_convert)
@@ -105,8 +111,9 @@ def _add_split(sub) -> None:
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (default 0.5; large = close to IID)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--test-fraction", type=float, default=0.0, help="per-site held-out test.jsonl fraction (default 0)")
-    p.add_argument("--val-fraction", type=float, default=0.0,
-                   help="per-site val.jsonl fraction (default 0: the site takes its own at training time)")
+    p.add_argument(
+        "--val-fraction", type=float, default=0.0, help="per-site val.jsonl fraction (default 0: the site takes its own at training time)"
+    )
     p.add_argument("--site-names", default=None, help="comma-separated site names for the inputs of --by corpus")
     _add_reading_options(p, mapping_append=True)
     p.set_defaults(func=_split)
@@ -142,8 +149,16 @@ def _load(path: str, args, mapping: str | None, site: str | None = None):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the command prints its own summary below
-            docs = load_corpus(path, mapping, lenient=args.lenient_input, site=site, fmt=args.fmt,
-                               report=report, mapping_report=mapped, progress=sys.stderr.isatty())
+            docs = load_corpus(
+                path,
+                mapping,
+                lenient=args.lenient_input,
+                site=site,
+                fmt=args.fmt,
+                report=report,
+                mapping_report=mapped,
+                progress=sys.stderr.isatty(),
+            )
     except InputError as exc:
         if args.lenient_input or exc.line is None or exc.reason.startswith(NOT_WELL_FORMED):
             raise
@@ -261,8 +276,15 @@ def _split(args) -> int:
     info = {"strategy": args.by, "inputs": args.inputs, "mappings": mappings}
     if args.by in ("dirichlet", "quantity", "iid"):
         info.update(sites=args.sites, alpha=args.alpha if args.by != "iid" else None)
-    manifest = write_partition(site_docs, args.output, test_fraction=args.test_fraction, val_fraction=args.val_fraction,
-                               seed=args.seed, annotated_types=_annotated_types(site_docs, doc_mapping), info=info)
+    manifest = write_partition(
+        site_docs,
+        args.output,
+        test_fraction=args.test_fraction,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        annotated_types=_annotated_types(site_docs, doc_mapping),
+        info=info,
+    )
     for site, site_list in site_docs.items():
         print(f"{site}: {len(site_list)} documents")
     print(f"wrote {manifest}")

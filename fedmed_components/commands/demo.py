@@ -29,8 +29,14 @@ def _run(args) -> int:
     from fedmed_components.demo import DemoConfig, run_demo
 
     cfg = DemoConfig.for_model(
-        args.model, out=args.out, algorithm=args.algorithm, rounds=args.rounds,
-        local_steps=args.local_steps, lr=args.lr, seed=args.seed, timeout=args.timeout,
+        args.model,
+        out=args.out,
+        algorithm=args.algorithm,
+        rounds=args.rounds,
+        local_steps=args.local_steps,
+        lr=args.lr,
+        seed=args.seed,
+        timeout=args.timeout,
     )
     run_demo(cfg)
     return 0

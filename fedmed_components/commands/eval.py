@@ -23,11 +23,21 @@ def register(subparsers) -> None:
     p.add_argument("--gold", required=True, metavar="G", help=_PATH_HELP)
     p.add_argument("--pred", required=True, metavar="P", help=_PATH_HELP)
     p.add_argument("--json", action="store_true", help="print the score object as JSON instead of a table")
-    p.add_argument("--types", nargs="+", default=None, metavar="TYPE",
-                   help="score only these entity types, space- or comma-separated (a partial-schema site)")
+    p.add_argument(
+        "--types",
+        nargs="+",
+        default=None,
+        metavar="TYPE",
+        help="score only these entity types, space- or comma-separated (a partial-schema site)",
+    )
     p.add_argument("--mapping", default=None, help="map both onto the Kiwi schema first: kiwi | maccrobat | phee")
-    p.add_argument("--parse-failures", type=int, default=0, metavar="N",
-                   help="model outputs that could not be parsed (from `fedmed predict`), reported alongside")
+    p.add_argument(
+        "--parse-failures",
+        type=int,
+        default=0,
+        metavar="N",
+        help="model outputs that could not be parsed (from `fedmed predict`), reported alongside",
+    )
     p.set_defaults(func=run_eval)
 
 

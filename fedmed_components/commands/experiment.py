@@ -18,8 +18,12 @@ def register(subparsers) -> None:
     )
     p.add_argument("config", help="experiment config (YAML), e.g. experiments/default.yaml")
     p.add_argument("--out", default=None, help="results folder (default: experiment_results/<name>)")
-    p.add_argument("--work", default=None, help="work folder for site data, adapters, predictions and simulator "
-                   "workspaces; holds note text, keep it out of the repository (default: <out>/work)")
+    p.add_argument(
+        "--work",
+        default=None,
+        help="work folder for site data, adapters, predictions and simulator "
+        "workspaces; holds note text, keep it out of the repository (default: <out>/work)",
+    )
     p.add_argument("--only", default=None, help="comma-separated run ids to make (e.g. zero_shot,single_maccrobat)")
     p.add_argument("--report-only", action="store_true", help="rebuild summary.md and the plots from the run JSON")
     p.set_defaults(func=_run)

@@ -11,7 +11,8 @@ DEFAULT_WORKSPACE = os.environ.get("FEDMED_POC_WORKSPACE", "fedmed_poc")
 
 def register(subparsers) -> None:
     poc = subparsers.add_parser(
-        "poc", help="run a FLARE POC (server + sites on this machine) and submit jobs to it",
+        "poc",
+        help="run a FLARE POC (server + sites on this machine) and submit jobs to it",
         description=(
             "FLARE proof-of-concept mode on one machine. Everything (startup kits, logs, state, a HOME of "
             "its own so ~/.nvflare is never touched) lives in --workspace; the server and each site run in "
@@ -21,12 +22,19 @@ def register(subparsers) -> None:
     sub = poc.add_subparsers(dest="poc_command", metavar="SUBCOMMAND")
 
     def workspace(p):
-        p.add_argument("--workspace", "-w", default=DEFAULT_WORKSPACE, help="POC workspace folder (default: %(default)s; env FEDMED_POC_WORKSPACE)")
+        p.add_argument(
+            "--workspace", "-w", default=DEFAULT_WORKSPACE, help="POC workspace folder (default: %(default)s; env FEDMED_POC_WORKSPACE)"
+        )
 
-    up = sub.add_parser("up", help="prepare (first time) and start the server and sites",
-                        description="Provision a POC for the sites, install the site privacy policy, start server and sites, wait until every site has registered.")
+    up = sub.add_parser(
+        "up",
+        help="prepare (first time) and start the server and sites",
+        description="Provision a POC for the sites, install the site privacy policy, start server and sites, wait until every site has registered.",
+    )
     workspace(up)
-    up.add_argument("--sites", default=None, help="comma-separated site names (default: the workspace's sites; site-1,site-2 for a new one)")
+    up.add_argument(
+        "--sites", default=None, help="comma-separated site names (default: the workspace's sites; site-1,site-2 for a new one)"
+    )
     up.add_argument("--num-sites", "-n", type=int, default=None, help="site-1..site-N instead of --sites")
     up.add_argument("--data", default=None, help="site data root (<data>/<site>/train.jsonl), given to the sites as FEDMED_DATA")
     up.add_argument("--privacy", default=None, help="privacy.json to install at every participant (default: poc_setup/privacy.json)")
@@ -35,8 +43,11 @@ def register(subparsers) -> None:
     up.add_argument("--timeout", type=float, default=120, help="seconds to wait for the server and sites to come up")
     up.set_defaults(func=_up)
 
-    submit = sub.add_parser("submit", help="submit a job folder, wait for it and download the result",
-                            description="Submit a job folder (nvflare job submit as the project admin), wait for it, download its result into <workspace>/results/<job id> and print where the global adapter is.")
+    submit = sub.add_parser(
+        "submit",
+        help="submit a job folder, wait for it and download the result",
+        description="Submit a job folder (nvflare job submit as the project admin), wait for it, download its result into <workspace>/results/<job id> and print where the global adapter is.",
+    )
     workspace(submit)
     submit.add_argument("job_folder")
     submit.add_argument("--timeout", type=float, default=3600, help="seconds to wait for the job")
@@ -49,22 +60,33 @@ def register(subparsers) -> None:
     status.add_argument("--json", action="store_true", help="print one JSON object")
     status.set_defaults(func=_status)
 
-    stop_site = sub.add_parser("stop-site", help="stop one participant (fault drills: a hospital goes down)",
-                               description="Stop one site (or the server) of the running POC with its job processes. A running job carries on without it until its train timeout; see docs/faults.md.")
+    stop_site = sub.add_parser(
+        "stop-site",
+        help="stop one participant (fault drills: a hospital goes down)",
+        description="Stop one site (or the server) of the running POC with its job processes. A running job carries on without it until its train timeout; see docs/faults.md.",
+    )
     workspace(stop_site)
     stop_site.add_argument("name", help="site name (or the server's name)")
-    stop_site.add_argument("--kill", action="store_true", help="SIGKILL at once, as a crash (default: SIGTERM, then SIGKILL after a grace period)")
+    stop_site.add_argument(
+        "--kill", action="store_true", help="SIGKILL at once, as a crash (default: SIGTERM, then SIGKILL after a grace period)"
+    )
     stop_site.set_defaults(func=_stop_site)
 
-    start_site = sub.add_parser("start-site", help="start one participant again from its startup kit",
-                                description="Start a stopped site (or the server) from its startup kit and wait until it has registered. A site that comes back takes part from the next job (FLARE does not redeploy a running job to it); a job resubmitted with the same absolute --output-dir resumes after the last persisted round.")
+    start_site = sub.add_parser(
+        "start-site",
+        help="start one participant again from its startup kit",
+        description="Start a stopped site (or the server) from its startup kit and wait until it has registered. A site that comes back takes part from the next job (FLARE does not redeploy a running job to it); a job resubmitted with the same absolute --output-dir resumes after the last persisted round.",
+    )
     workspace(start_site)
     start_site.add_argument("name", help="site name (or the server's name)")
     start_site.add_argument("--timeout", type=float, default=120, help="seconds to wait for it to come up")
     start_site.set_defaults(func=_start_site)
 
-    down = sub.add_parser("down", help="stop every process of the POC",
-                          description="Stop the server, the sites and their job processes (recorded process groups, then anything naming the workspace).")
+    down = sub.add_parser(
+        "down",
+        help="stop every process of the POC",
+        description="Stop the server, the sites and their job processes (recorded process groups, then anything naming the workspace).",
+    )
     workspace(down)
     down.add_argument("--clean", action="store_true", help="also delete the workspace folder")
     down.set_defaults(func=_down)

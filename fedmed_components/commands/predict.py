@@ -15,7 +15,9 @@ def register(subparsers) -> None:
             "the spans at note offsets. Writes <out>/brat/*.ann|*.txt and <out>/predictions.jsonl."
         ),
     )
-    p.add_argument("--model", default="smollm2-135m", help="tiny | smollm2-135m | minilm | HF id | folder (an encoder runs the BERT baseline)")
+    p.add_argument(
+        "--model", default="smollm2-135m", help="tiny | smollm2-135m | minilm | HF id | folder (an encoder runs the BERT baseline)"
+    )
     p.add_argument("--adapter", default=None, help="PEFT adapter folder (omit for zero-shot)")
     p.add_argument("--input", required=True, help="folder of .txt notes, or a JSONL documents file")
     p.add_argument("--out", required=True, help="output folder")
@@ -23,10 +25,18 @@ def register(subparsers) -> None:
     # inference.GenerationSettings.batch_size (a literal: importing inference loads torch)
     p.add_argument("--batch-size", type=int, default=32, help="sentences generated at once (default: %(default)s)")
     p.add_argument("--tasks", default="ner,modifier", help="ner or ner,modifier")
-    p.add_argument("--prompt-style", default=None, choices=["paper", "compact"],
-                   help="the prompt style the adapter was trained with (default: the one its metadata records, else paper)")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="generation compute: bf16 autocast or fp32; auto: bf16 on CUDA and on CPUs with AVX512-BF16/AMX (default: %(default)s)")
+    p.add_argument(
+        "--prompt-style",
+        default=None,
+        choices=["paper", "compact"],
+        help="the prompt style the adapter was trained with (default: the one its metadata records, else paper)",
+    )
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32", "bf16"],
+        help="generation compute: bf16 autocast or fp32; auto: bf16 on CUDA and on CPUs with AVX512-BF16/AMX (default: %(default)s)",
+    )
     p.set_defaults(func=_run)
 
 
@@ -75,8 +85,12 @@ def _run(args) -> int:
         model, meta = apply_adapter(model, args.adapter, args.model)
         style = style or meta.get("prompt_style")
     preds, report = predict_documents(
-        model, tokenizer, notes, tasks=tuple(args.tasks.split(",")),
-        settings=GenerationSettings(batch_size=args.batch_size, precision=args.precision), progress=True,
+        model,
+        tokenizer,
+        notes,
+        tasks=tuple(args.tasks.split(",")),
+        settings=GenerationSettings(batch_size=args.batch_size, precision=args.precision),
+        progress=True,
         prompt_style=style or "paper",
     )
     return _write(preds, Path(args.out), f"{len(preds)} notes, {report.sentences} sentences, {report.parse_failures} parse failures")

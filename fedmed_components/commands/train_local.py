@@ -37,10 +37,24 @@ def _run(args) -> int:
     for rnd in range(args.rounds):
         _, stats = runtime.train(None, progress=True)
         val_loss, _ = runtime.validation_loss()
-        log.append({"round": rnd, "steps": stats.steps, "train_loss": stats.train_loss, "val_loss": val_loss,
-                    "num_supervised_tokens": stats.num_supervised_tokens, "tokens_per_s": round(stats.tokens_per_second, 1)})
+        log.append(
+            {
+                "round": rnd,
+                "steps": stats.steps,
+                "train_loss": stats.train_loss,
+                "val_loss": val_loss,
+                "num_supervised_tokens": stats.num_supervised_tokens,
+                "tokens_per_s": round(stats.tokens_per_second, 1),
+            }
+        )
         print(f"round {rnd}: {stats.steps} steps, train loss {stats.train_loss:.4f}, val loss {val_loss:.4f}")
-    out = save_adapter_folder(runtime.adapter_state(), runtime.config.lora, runtime.model_path, args.out, extra_meta={"baseline": "local", "data": folders, "prompt_style": args.prompt_style})
+    out = save_adapter_folder(
+        runtime.adapter_state(),
+        runtime.config.lora,
+        runtime.model_path,
+        args.out,
+        extra_meta={"baseline": "local", "data": folders, "prompt_style": args.prompt_style},
+    )
     (Path(out) / "train_log.json").write_text(json.dumps(log, indent=2))
     print(f"adapter: {out}")
     return 0

@@ -41,7 +41,13 @@ class AdapterAggregator(ModelAggregator):
     # Sum updates as they arrive; rules that need every update first read the spill.
     streaming = True
 
-    def __init__(self, weighting: str = "supervised_tokens", max_norm_ratio: float = 10.0, allow_rank_change: bool = False, head_modules: list[str] | None = None):
+    def __init__(
+        self,
+        weighting: str = "supervised_tokens",
+        max_norm_ratio: float = 10.0,
+        allow_rank_change: bool = False,
+        head_modules: list[str] | None = None,
+    ):
         super().__init__()
         # Trained heads that travel with the adapter (the BERT baseline's classifier).
         self.head_modules = head_modules  # kept as given: FLARE exports constructor args by name
@@ -109,9 +115,18 @@ class AdapterAggregator(ModelAggregator):
         if meta.get("site_error"):
             rejection = Rejection(site=site, round=self.round, reason=f"site failed its task: {meta['site_error']}")
         else:
-            rejection = validate_update(
-                params, self.reference, site=site, round=self.round, allow_rank_change=self.allow_rank_change, head_modules=self.head_modules or ()
-            ) if self.reference else None
+            rejection = (
+                validate_update(
+                    params,
+                    self.reference,
+                    site=site,
+                    round=self.round,
+                    allow_rank_change=self.allow_rank_change,
+                    head_modules=self.head_modules or (),
+                )
+                if self.reference
+                else None
+            )
         if rejection is None and site in self._accepted:
             rejection = Rejection(site=site, round=self.round, reason="second update in the same round")
         if rejection is None:
@@ -121,7 +136,9 @@ class AdapterAggregator(ModelAggregator):
                 rejection = Rejection(site=site, round=self.round, reason=f"bad aggregation metadata: {exc}")
             else:
                 if not weight > 0:  # e.g. no supervised token this round: it would count for nothing, or zero the sum
-                    rejection = Rejection(site=site, round=self.round, reason=f"aggregation weight {weight:g} (nothing to count it by this round)")
+                    rejection = Rejection(
+                        site=site, round=self.round, reason=f"aggregation weight {weight:g} (nothing to count it by this round)"
+                    )
         if rejection is not None:
             self.rejections.append(rejection)
             self.warning(f"rejected update from {site} in round {self.round}: {rejection.reason}")
@@ -135,8 +152,10 @@ class AdapterAggregator(ModelAggregator):
         self.info(f"accepted update from {site}: {len(params)} LoRA tensors, weight {weight:g}, update norm {norm:.4g}")
         if isinstance(meta.get("dp_sgd"), dict):  # the site's record-level privacy spent so far
             dp = meta["dp_sgd"]
-            self.info(f"{site} DP-SGD: epsilon {dp.get('epsilon', float('nan')):.3f} at delta {dp.get('delta')} "
-                      f"after {dp.get('steps')} steps (record: {dp.get('record')}, noise {dp.get('noise_multiplier')}, clip {dp.get('clip')})")
+            self.info(
+                f"{site} DP-SGD: epsilon {dp.get('epsilon', float('nan')):.3f} at delta {dp.get('delta')} "
+                f"after {dp.get('steps')} steps (record: {dp.get('record')}, noise {dp.get('noise_multiplier')}, clip {dp.get('clip')})"
+            )
         return True
 
     def drop_norm_outliers(self) -> None:
@@ -213,7 +232,14 @@ class FedMedLoRAPlusAggregator(AdapterAggregator):
 
     streaming = False  # weights are known only once every candidate has been scored
 
-    def __init__(self, temperature: float = 1.0, use_sizes: bool = False, max_norm_ratio: float = 10.0, allow_rank_change: bool = False, head_modules: list[str] | None = None):
+    def __init__(
+        self,
+        temperature: float = 1.0,
+        use_sizes: bool = False,
+        max_norm_ratio: float = 10.0,
+        allow_rank_change: bool = False,
+        head_modules: list[str] | None = None,
+    ):
         super().__init__(weighting="uniform", max_norm_ratio=max_norm_ratio, allow_rank_change=allow_rank_change, head_modules=head_modules)
         self.temperature = temperature
         self.use_sizes = use_sizes
@@ -240,7 +266,10 @@ class FedMedLoRAPlusAggregator(AdapterAggregator):
         except ValueError as exc:  # no finite loss at all: do not lose the round
             self.warning(f"round {self.round}: {exc}; falling back to uniform weights")
             weights = [1.0 / len(sites)] * len(sites)
-        self.info(f"round {self.round} Fed-MedLoRA+ from {source}: " + ", ".join(f"{s}: L={loss:.4f} w={w:.3f}" for s, loss, w in zip(sites, losses, weights)))
+        self.info(
+            f"round {self.round} Fed-MedLoRA+ from {source}: "
+            + ", ".join(f"{s}: L={loss:.4f} w={w:.3f}" for s, loss, w in zip(sites, losses, weights))
+        )
         for site, weight in zip(sites, weights):
             self._accepted[site].weight = weight
         averager = aggregation.WeightedAverager()
@@ -285,8 +314,11 @@ class ExactLoRAAggregator(AdapterAggregator):
         rank = self.rank or max(v.shape[0] for k, v in self.reference.items() if aggregation.is_lora_A(k))
         site_ranks = [next(v.shape[0] for k, v in u.items() if aggregation.is_lora_A(k)) for u in updates]
         adapter, report = aggregation.exact_lora(
-            updates, [self._accepted[s].weight for s in sites], rank=rank,
-            scalings=[self.alpha / r for r in site_ranks], target_scaling=self.alpha / rank,
+            updates,
+            [self._accepted[s].weight for s in sites],
+            rank=rank,
+            scalings=[self.alpha / r for r in site_ranks],
+            target_scaling=self.alpha / rank,
         )
         self.info(f"round {self.round} exact aggregation: residual {report.get('total_residual', float('nan')):.3e}")
         return adapter
@@ -358,7 +390,17 @@ class _ServerOptimizerStep:
 class ServerOptimizerAggregator(_ServerOptimizerStep, FedMedLoRAAggregator):
     """Fed-MedLoRA's token-weighted average as pseudo-gradient for FedAvgM/FedAdam/FedYogi."""
 
-    def __init__(self, rule: str = "fedadam", lr: float = 1e-2, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3, weighting: str = "supervised_tokens", max_norm_ratio: float = 10.0, head_modules: list[str] | None = None):
+    def __init__(
+        self,
+        rule: str = "fedadam",
+        lr: float = 1e-2,
+        beta1: float = 0.9,
+        beta2: float = 0.99,
+        tau: float = 1e-3,
+        weighting: str = "supervised_tokens",
+        max_norm_ratio: float = 10.0,
+        head_modules: list[str] | None = None,
+    ):
         super().__init__(weighting=weighting, max_norm_ratio=max_norm_ratio, head_modules=head_modules)
         self._init_optimizer(rule, lr, beta1, beta2, tau)
 
@@ -366,7 +408,18 @@ class ServerOptimizerAggregator(_ServerOptimizerStep, FedMedLoRAAggregator):
 class ServerOptimizerPlusAggregator(_ServerOptimizerStep, FedMedLoRAPlusAggregator):
     """Fed-MedLoRA+'s loss-weighted average as pseudo-gradient for FedAvgM/FedAdam/FedYogi."""
 
-    def __init__(self, rule: str = "fedadam", lr: float = 1e-2, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3, temperature: float = 1.0, use_sizes: bool = False, max_norm_ratio: float = 10.0, head_modules: list[str] | None = None):
+    def __init__(
+        self,
+        rule: str = "fedadam",
+        lr: float = 1e-2,
+        beta1: float = 0.9,
+        beta2: float = 0.99,
+        tau: float = 1e-3,
+        temperature: float = 1.0,
+        use_sizes: bool = False,
+        max_norm_ratio: float = 10.0,
+        head_modules: list[str] | None = None,
+    ):
         super().__init__(temperature=temperature, use_sizes=use_sizes, max_norm_ratio=max_norm_ratio, head_modules=head_modules)
         self._init_optimizer(rule, lr, beta1, beta2, tau)
 
@@ -444,7 +497,9 @@ class RobustAggregator(AdapterAggregator):
         if tolerated == 0:
             self.warning(f"round {self.round}: {rule} over {k} site(s) tolerates no attacker (see docs/robust_aggregation.md)")
         self._robust_report = report
-        details = ", ".join(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}" for key, value in report.items() if key != "rule")
+        details = ", ".join(
+            f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}" for key, value in report.items() if key != "rule"
+        )
         self.info(f"round {self.round} robust aggregation {rule}: {details}")
         return robust_aggregation.state_from_update(self.reference, aggregate)
 

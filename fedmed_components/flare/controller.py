@@ -36,7 +36,9 @@ class FedMedController(ModelController):
         sample_clients: int | None = None,
         sample_seed: int = 0,
     ):
-        super().__init__(persistor_id=persistor_id, task_check_period=task_check_period)  # FLARE polls its tasks at this period too (its default: 0.5 s)
+        super().__init__(
+            persistor_id=persistor_id, task_check_period=task_check_period
+        )  # FLARE polls its tasks at this period too (its default: 0.5 s)
         if loss_source not in LOSS_SOURCES:
             raise ValueError(f"loss_source must be one of {LOSS_SOURCES}, not {loss_source!r}")
         self.num_rounds = num_rounds
@@ -88,7 +90,13 @@ class FedMedController(ModelController):
         except ValueError as exc:
             self.panic(f"round {rnd}: {exc}")
             return None
-        outgoing = FLModel(params=global_params, params_type=ParamsType.FULL, current_round=rnd, total_rounds=self.num_rounds, meta=self.aggregator.outgoing_meta())
+        outgoing = FLModel(
+            params=global_params,
+            params_type=ParamsType.FULL,
+            current_round=rnd,
+            total_rounds=self.num_rounds,
+            meta=self.aggregator.outgoing_meta(),
+        )
         # A failed or silent site must not stop the round while min_clients can still answer.
         self.broadcast_model(
             task_name=TRAIN_TASK,

@@ -13,7 +13,15 @@ from nvflare.apis.fl_component import FLComponent
 
 
 class ServerLossEvaluator(FLComponent):
-    def __init__(self, model: str = "tiny", data: str = "", max_length: int = 800, batch_size: int = 4, max_examples: int = 64, quantize: str = "auto"):
+    def __init__(
+        self,
+        model: str = "tiny",
+        data: str = "",
+        max_length: int = 800,
+        batch_size: int = 4,
+        max_examples: int = 64,
+        quantize: str = "auto",
+    ):
         super().__init__()
         self.model = model
         self.data = data
@@ -36,7 +44,9 @@ class ServerLossEvaluator(FLComponent):
         )
         data = self.data or os.environ.get("FEDMED_SERVER_VAL_DATA", "")
         if not data:
-            raise ValueError("Fed-MedLoRA+ with loss_source=server needs the server's validation data: set the job's server_val_data or $FEDMED_SERVER_VAL_DATA")
+            raise ValueError(
+                "Fed-MedLoRA+ with loss_source=server needs the server's validation data: set the job's server_val_data or $FEDMED_SERVER_VAL_DATA"
+            )
         runtime = SiteRuntime(config, site_name="server")
         runtime.load_validation(data)
         return runtime

@@ -94,10 +94,22 @@ class JobSpec:
 
     def site_args(self) -> str:
         args = [
-            "--model", self.model, "--quantize", self.quantize,
-            "--rank", str(self.rank), "--alpha", str(self.alpha), "--lr", str(self.learning_rate),
-            "--batch-size", str(self.batch_size), "--max-length", str(self.max_length),
-            "--local-epochs", str(self.local_epochs),
+            "--model",
+            self.model,
+            "--quantize",
+            self.quantize,
+            "--rank",
+            str(self.rank),
+            "--alpha",
+            str(self.alpha),
+            "--lr",
+            str(self.learning_rate),
+            "--batch-size",
+            str(self.batch_size),
+            "--max-length",
+            str(self.max_length),
+            "--local-epochs",
+            str(self.local_epochs),
         ]
         if self.local_steps:
             args += ["--local-steps", str(self.local_steps)]
@@ -118,8 +130,14 @@ def build_aggregator(spec: JobSpec):
     if spec.robust_rule is not None:
         if spec.algorithm != "fed_medlora":
             raise ValueError(f"a robust rule ({spec.robust_rule}) applies to fed_medlora's updates, not to {spec.algorithm}")
-        return agg.RobustAggregator(robust_rule=spec.robust_rule, trim_beta=spec.trim_beta, clip=spec.robust_clip,
-                                    weighting=spec.weighting, max_norm_ratio=spec.max_norm_ratio, head_modules=spec.head_modules())
+        return agg.RobustAggregator(
+            robust_rule=spec.robust_rule,
+            trim_beta=spec.trim_beta,
+            clip=spec.robust_clip,
+            weighting=spec.weighting,
+            max_norm_ratio=spec.max_norm_ratio,
+            head_modules=spec.head_modules(),
+        )
     if spec.algorithm in ("fed_medlora", "fed_prox"):
         return agg.FedMedLoRAAggregator(weighting=spec.weighting, max_norm_ratio=spec.max_norm_ratio, head_modules=spec.head_modules())
     if spec.algorithm == "fed_medlora_plus":
@@ -131,9 +149,13 @@ def build_aggregator(spec: JobSpec):
     if spec.algorithm in SERVER_OPTIMIZERS:
         rule = SERVER_OPTIMIZERS[spec.algorithm]
         return agg.ServerOptimizerAggregator(
-            rule=rule, lr=spec.server_lr if spec.server_lr is not None else SERVER_LR_DEFAULTS[rule],
-            beta1=spec.server_beta1, beta2=spec.server_beta2, tau=spec.server_tau,
-            weighting=spec.weighting, max_norm_ratio=spec.max_norm_ratio,
+            rule=rule,
+            lr=spec.server_lr if spec.server_lr is not None else SERVER_LR_DEFAULTS[rule],
+            beta1=spec.server_beta1,
+            beta2=spec.server_beta2,
+            tau=spec.server_tau,
+            weighting=spec.weighting,
+            max_norm_ratio=spec.max_norm_ratio,
         )
     raise ValueError(f"unknown algorithm {spec.algorithm!r}; choose from {ALGORITHMS}")
 
@@ -148,7 +170,9 @@ def build_job(spec: JobSpec):
 
     loss_source = spec.loss_source if spec.algorithm == "fed_medlora_plus" else "none"
     if spec.task_model == "token-classification" and (spec.algorithm not in ("fed_medlora", "fed_medlora_plus") or loss_source == "server"):
-        raise ValueError("the BERT baseline runs with fed_medlora or fed_medlora_plus (site losses): its head is not a LoRA factor and the server evaluator is generative")
+        raise ValueError(
+            "the BERT baseline runs with fed_medlora or fed_medlora_plus (site losses): its head is not a LoRA factor and the server evaluator is generative"
+        )
     job = FedJob(name=spec.name, min_clients=spec.min_clients, meta_props={"scope": spec.scope})
     job.to_server({"server": {"task_request_interval": spec.task_request_interval}})
     job.to_server(
@@ -215,7 +239,15 @@ class SimulatorTimeout(RuntimeError):
     pass
 
 
-def run_simulator(job_folder: str | os.PathLike, workspace: str | os.PathLike, sites: list[str], *, timeout: float = 600, threads: int | None = None, log_file: str | os.PathLike | None = None) -> Path:
+def run_simulator(
+    job_folder: str | os.PathLike,
+    workspace: str | os.PathLike,
+    sites: list[str],
+    *,
+    timeout: float = 600,
+    threads: int | None = None,
+    log_file: str | os.PathLike | None = None,
+) -> Path:
     """Run the FLARE simulator bounded by `timeout`; every process it started is stopped.
 
     The simulator's site workers start sessions of their own, so killing its process
@@ -227,8 +259,17 @@ def run_simulator(job_folder: str | os.PathLike, workspace: str | os.PathLike, s
     workspace.parent.mkdir(parents=True, exist_ok=True)
     log_path = Path(log_file) if log_file else workspace.with_name(workspace.name + ".log")
     cmd = [
-        sys.executable, "-m", "nvflare.cli", "simulator", str(job_folder),
-        "-w", str(workspace), "-c", ",".join(sites), "-t", str(threads or len(sites)),
+        sys.executable,
+        "-m",
+        "nvflare.cli",
+        "simulator",
+        str(job_folder),
+        "-w",
+        str(workspace),
+        "-c",
+        ",".join(sites),
+        "-t",
+        str(threads or len(sites)),
     ]
     with open(log_path, "w") as log, _terminate_raises():
         env = {**os.environ, **blas_thread_caps(threads or len(sites))}

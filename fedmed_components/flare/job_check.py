@@ -100,7 +100,9 @@ def _known_classes(module, wanted: str) -> str:
     if module is None:
         return ""
     kind = next((k for k in ("Aggregator", "Controller", "Persistor", "Executor", "Filter") if wanted.endswith(k)), None)
-    known = sorted(n for n, v in vars(module).items() if inspect.isclass(v) and v.__module__ == module.__name__ and kind and n.endswith(kind))
+    known = sorted(
+        n for n, v in vars(module).items() if inspect.isclass(v) and v.__module__ == module.__name__ and kind and n.endswith(kind)
+    )
     return f" (this version has: {', '.join(known)})" if known else ""
 
 

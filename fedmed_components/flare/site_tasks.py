@@ -44,14 +44,28 @@ def train(runtime, incoming: FLModel, send: str = "full", tracker=None) -> FLMod
         meta["val_f1"] = val_f1
     if stats.privacy is not None:  # record-level DP-SGD: epsilon over every step so far
         meta["dp_sgd"] = stats.privacy
-        log.info("%s round %s: DP-SGD epsilon %.3f at delta %g after %d steps (record: %s)", runtime.site_name,
-                 incoming.current_round, stats.privacy["epsilon"], stats.privacy["delta"], stats.privacy["steps"], stats.privacy["record"])
+        log.info(
+            "%s round %s: DP-SGD epsilon %.3f at delta %g after %d steps (record: %s)",
+            runtime.site_name,
+            incoming.current_round,
+            stats.privacy["epsilon"],
+            stats.privacy["delta"],
+            stats.privacy["steps"],
+            stats.privacy["record"],
+        )
     if runtime.input_skipped:
         meta["input_skipped"] = runtime.input_skipped
     log.info(
         "%s round %s: %d steps, %d supervised tokens, train loss %.4f, val loss %.4f, %.0f tok/s, payload %.2f MB, %.1f s",
-        runtime.site_name, incoming.current_round, stats.steps, stats.num_supervised_tokens, stats.train_loss, val_loss,
-        stats.tokens_per_second, adapter_num_bytes(params) / 1e6, time.perf_counter() - started,
+        runtime.site_name,
+        incoming.current_round,
+        stats.steps,
+        stats.num_supervised_tokens,
+        stats.train_loss,
+        val_loss,
+        stats.tokens_per_second,
+        adapter_num_bytes(params) / 1e6,
+        time.perf_counter() - started,
     )
     return FLModel(params=params, params_type=ptype, meta=meta, metrics={"val_loss": val_loss})
 

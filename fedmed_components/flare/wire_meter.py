@@ -162,8 +162,15 @@ class WireMeter(FLComponent):
         elif event_type == EventType.BEFORE_TASK_RESULT_FILTER:
             site = _peer(fl_ctx)
             tensor_bytes, tensors = result_tensor_bytes(fl_ctx.get_prop(FLContextKey.TASK_RESULT))
-            entry = {"site": site, "task": fl_ctx.get_prop(FLContextKey.TASK_NAME), "time": time.time(),
-                     "tensor_bytes_received": tensor_bytes, "tensors": tensors, **self.ledger.take(site), **process_memory()}
+            entry = {
+                "site": site,
+                "task": fl_ctx.get_prop(FLContextKey.TASK_NAME),
+                "time": time.time(),
+                "tensor_bytes_received": tensor_bytes,
+                "tensors": tensors,
+                **self.ledger.take(site),
+                **process_memory(),
+            }
             with self._lock:
                 self.record["results"].append(entry)
         elif event_type == EventType.AFTER_TASK_RESULT_FILTER:
