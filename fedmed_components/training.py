@@ -276,13 +276,14 @@ class LocalTrainer:
         missing = self.rounds_done * total - total - self.accountant.releases
         if missing > 0:
             self.accountant.step(self.dp.noise_multiplier, count=missing, sample_rate=rate)
-        return _PrivatePlan(groups=list(members.values()), rate=rate)
+        groups = list(members.values())
+        record_of = {row: g for g, group in enumerate(groups) for row in group}
+        return _PrivatePlan(groups=groups, record_of=record_of, rate=rate)
 
     def _dp_step(self, examples: list[dict], plan: _PrivatePlan, rng: random.Random) -> tuple[list[dict], float, int, int]:
         """One DP-SGD step: Poisson-sampled records, per-record clipped gradients plus noise."""
         params, size = self._trainable(), self.settings.batch_size
         rows = [row for g in poisson_sample(len(plan.groups), plan.rate, rng) for row in plan.groups[g]]
-        record_of = {row: g for g, group in enumerate(plan.groups) for row in group} if rows else {}
         per_record: dict[int, list[torch.Tensor]] = {}
         loss_sum, n_sup, n_tok = 0.0, 0, 0
         for start in range(0, len(rows), size):
@@ -291,7 +292,7 @@ class LocalTrainer:
             with autocast(self.precision, self.device):
                 losses, n = per_example_loss(self._grad_sample_model, batch)
             losses.sum().backward()
-            for rec, grads in gradients_by_record(params, [record_of[r] for r in chunk]).items():
+            for rec, grads in gradients_by_record(params, [plan.record_of[r] for r in chunk]).items():
                 per_record[rec] = grads if rec not in per_record else [a + b for a, b in zip(per_record[rec], grads)]
             for p in params:
                 p.grad_sample, p.grad = None, None
@@ -324,6 +325,7 @@ class LocalTrainer:
 @dataclass
 class _PrivatePlan:
     groups: list[list[int]]  # the example rows of each record
+    record_of: dict[int, int]  # example row -> index of its record in groups
     rate: float  # Poisson sampling rate of a record per step
 
 
