@@ -40,7 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fedmed_components.aggregation import WeightedAverager, exact_lora  # noqa: E402
+from fedmed_components.federation.aggregation import WeightedAverager, exact_lora  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

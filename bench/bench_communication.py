@@ -16,7 +16,7 @@ docstring for why a Shareable filter would not see the tensor bytes in FLARE 2.9
 3. **8-bit transfer**: the same job with the ``clinical_dp`` scope's Int8Quantizer at the
    sites and Int8Dequantizer at the server: measured bytes vs the fp32 run.
 4. **F1 cost of 8-bit transfer** (``--f1-model``, default tiny): the demo experiment
-   (``fedmed_components.demo``: 3 synthetic sites, its preset for that model) run twice,
+   (``fedmed_components.runs.demo``: 3 synthetic sites, its preset for that model) run twice,
    fp32 and int8 transfer, same data and seeds; strict entity F1 of each global adapter
    on the held-out notes (target <= 0.5 F1 points lost).
 
@@ -46,7 +46,7 @@ def model_parameters(model: str) -> int:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from fedmed_components.modeling import resolve_model
+    from fedmed_components.model.modeling import resolve_model
 
     config = AutoConfig.from_pretrained(resolve_model(model))
     with torch.device("meta"):
@@ -101,9 +101,9 @@ def f1_runs(model: str, work: Path, timeout: float, **overrides) -> dict:
     import torch
     from flare_bench import metered_job
 
-    from fedmed_components.demo import DemoConfig, evaluate_adapter, write_demo_data
     from fedmed_components.flare.job import JobSpec, run_simulator
-    from fedmed_components.modeling import LoraSettings, load_adapter_folder, resolve_model
+    from fedmed_components.model.modeling import LoraSettings, load_adapter_folder, resolve_model
+    from fedmed_components.runs.demo import DemoConfig, evaluate_adapter, write_demo_data
 
     cfg = DemoConfig.for_model(model, **overrides)
     sites, test = write_demo_data(cfg, work / "data")

@@ -1,6 +1,6 @@
 """Batched versus one-sentence-at-a-time greedy generation, same inputs, one process.
 
-Both sides call `fedmed_components.inference.generate` on the same NER prompts (sentences
+Both sides call `fedmed_components.model.inference.generate` on the same NER prompts (sentences
 of synthetic notes, plus real MTSamples sentences when ../shared/data is present): once
 with the default batch size, once with batch_size=1. Runs alternate (one at a time,
 batched, one at a time, ...) so the noise of a shared machine hits both; each side's
@@ -22,8 +22,8 @@ MTSAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "mtsamples
 
 
 def synthetic_sentences(n: int) -> list[str]:
-    from fedmed_components.segmentation import split_sentences
-    from fedmed_components.synth import demo_corpus
+    from fedmed_components.data.segmentation import split_sentences
+    from fedmed_components.data.synth import demo_corpus
 
     docs = [doc for site_docs in demo_corpus(n_sites=3, docs_per_site=4, seed=7).values() for doc in site_docs]
     return [doc.text[s:e] for doc in docs for s, e in split_sentences(doc.text)][:n]
@@ -32,7 +32,7 @@ def synthetic_sentences(n: int) -> list[str]:
 def mtsamples_sentences(n: int, tokenizer, max_tokens: int = 40) -> list[str]:
     """The first n sentences of MTSamples notes (read as-is), short enough to be a
     typical input; empty when the shared data is absent."""
-    from fedmed_components.segmentation import split_sentences
+    from fedmed_components.data.segmentation import split_sentences
 
     out: list[str] = []
     for txt in sorted(MTSAMPLES.glob("*.txt")) if MTSAMPLES.is_dir() else []:
@@ -48,7 +48,7 @@ def mtsamples_sentences(n: int, tokenizer, max_tokens: int = 40) -> list[str]:
 
 def timed_generate(model, tokenizer, prompts, lengths, batch_size: int) -> tuple[list[str], float, int]:
     """(outputs, seconds, generated tokens)."""
-    from fedmed_components.inference import GenerationSettings, generate
+    from fedmed_components.model.inference import GenerationSettings, generate
 
     stats: dict = {}
     start = time.perf_counter()
@@ -59,9 +59,9 @@ def timed_generate(model, tokenizer, prompts, lengths, batch_size: int) -> tuple
 def measure(model_name: str, n_synthetic: int, n_real: int, repeats: int, batch_size: int | None) -> dict:
     import torch
 
-    from fedmed_components.inference import GenerationSettings
-    from fedmed_components.modeling import LoraSettings, attach_lora, load_base_model, load_tokenizer, resolve_model
-    from fedmed_components.prompts import ner_prompt, render_chat
+    from fedmed_components.model.inference import GenerationSettings
+    from fedmed_components.model.modeling import LoraSettings, attach_lora, load_base_model, load_tokenizer, resolve_model
+    from fedmed_components.task.prompts import ner_prompt, render_chat
 
     torch.manual_seed(0)
     path = resolve_model(model_name)

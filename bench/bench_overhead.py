@@ -39,13 +39,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from flare_bench import RunRecord, metered_job, row, run_metered_simulation, tiny_spec, write_site_data  # noqa: E402
 
-from fedmed_components.processes import blas_thread_caps  # noqa: E402
+from fedmed_components.flare.processes import blas_thread_caps  # noqa: E402
 
 TARGET_OVERHEAD_S = 2.0
 
 
 def run_poc(spec, work: Path, sites: list[str], data: Path, *, timeout: float, lock_wait: float) -> RunRecord:
-    from fedmed_components import poc
+    from fedmed_components.flare import poc
 
     work = Path(work).resolve()
     meter_file = work / "wire_meter.json"

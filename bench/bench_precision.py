@@ -28,14 +28,14 @@ from bench_site_throughput import make_examples  # noqa: E402
 
 
 def trainer_tokens_per_s(model, examples, batch: int, steps: int, precision: str) -> float:
-    from fedmed_components.training import LocalTrainer, TrainSettings
+    from fedmed_components.model.training import LocalTrainer, TrainSettings
 
     settings = TrainSettings(max_steps=steps, batch_size=batch, learning_rate=1e-4, precision=precision)
     return LocalTrainer(model, pad_token_id=0, settings=settings, device="cpu").train_round(examples).tokens_per_second
 
 
 def generation(model, tokenizer, prompts, lengths, precision: str) -> tuple[list[str], float]:
-    from fedmed_components.inference import GenerationSettings, generate
+    from fedmed_components.model.inference import GenerationSettings, generate
 
     stats: dict = {}
     start = time.perf_counter()
@@ -51,9 +51,9 @@ def generation(model, tokenizer, prompts, lengths, precision: str) -> tuple[list
 
 
 def measure(model_name: str, batch: int, seq: int, steps: int, repeats: int, sentences: int) -> dict:
-    from fedmed_components.modeling import LoraSettings, attach_lora, load_base_model, load_tokenizer, resolve_model
-    from fedmed_components.precision import cpu_has_native_bf16
-    from fedmed_components.prompts import ner_prompt, render_chat
+    from fedmed_components.model.modeling import LoraSettings, attach_lora, load_base_model, load_tokenizer, resolve_model
+    from fedmed_components.model.precision import cpu_has_native_bf16
+    from fedmed_components.task.prompts import ner_prompt, render_chat
 
     torch.manual_seed(0)
     path = resolve_model(model_name)

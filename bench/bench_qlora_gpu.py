@@ -67,8 +67,8 @@ def main() -> None:
     from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
-    from fedmed_components.modeling import LoraSettings, attach_lora
-    from fedmed_components.training import LocalTrainer, TrainSettings
+    from fedmed_components.model.modeling import LoraSettings, attach_lora
+    from fedmed_components.model.training import LocalTrainer, TrainSettings
 
     torch.manual_seed(0)
     started = time.perf_counter()

@@ -44,7 +44,7 @@ def bare_peft_loop(model, batches, lr: float) -> float:
 
 
 def site_trainer(model, examples, batch_size: int, steps: int, lr: float) -> float:
-    from fedmed_components.training import LocalTrainer, TrainSettings
+    from fedmed_components.model.training import LocalTrainer, TrainSettings
 
     trainer = LocalTrainer(model, pad_token_id=0, settings=TrainSettings(max_steps=steps, batch_size=batch_size, learning_rate=lr))
     stats = trainer.train_round(examples)
@@ -52,8 +52,8 @@ def site_trainer(model, examples, batch_size: int, steps: int, lr: float) -> flo
 
 
 def measure(model_name: str, batch: int, seq: int, steps: int, repeats: int, rank: int) -> dict:
-    from fedmed_components.modeling import LoraSettings, attach_lora, load_base_model, resolve_model
-    from fedmed_components.training import collate
+    from fedmed_components.model.modeling import LoraSettings, attach_lora, load_base_model, resolve_model
+    from fedmed_components.model.training import collate
 
     torch.manual_seed(0)
     path = resolve_model(model_name)

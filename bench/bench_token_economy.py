@@ -35,14 +35,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def site_documents(cfg):
     """(site, its train sentences, its annotated types) for every site of the config."""
-    from fedmed_components.experiment_data import split_source
+    from fedmed_components.runs.experiment_data import split_source
 
     for source in cfg.sites:
         yield source.name, split_source(source, cfg.sampling)["train"], set(source.annotated_types())
 
 
 def count_tokens(tokenizer, docs, types, style: str, max_length: int) -> dict:
-    from fedmed_components.prompts import _ids, document_examples, prompt_style, render_chat
+    from fedmed_components.task.prompts import _ids, document_examples, prompt_style, render_chat
 
     system = prompt_style(style).system
     totals = {"ner": [0, 0, 0, 0], "modifier": [0, 0, 0, 0]}  # examples, fixed, sentence, answer
@@ -77,9 +77,9 @@ def count_tokens(tokenizer, docs, types, style: str, max_length: int) -> dict:
 
 def time_steps(cfg, model_path: str, docs_by_site, steps: int) -> dict[str, float]:
     """Median seconds of a training step per style, the styles alternating in one process."""
-    from fedmed_components.modeling import LoraSettings, attach_lora, load_base_model, load_tokenizer
-    from fedmed_components.sft_data import SFTConfig, build_sft_dataset
-    from fedmed_components.training import LocalTrainer, TrainSettings, length_grouped_batches
+    from fedmed_components.model.modeling import LoraSettings, attach_lora, load_base_model, load_tokenizer
+    from fedmed_components.model.training import LocalTrainer, TrainSettings, length_grouped_batches
+    from fedmed_components.task.examples import SFTConfig, build_sft_dataset
 
     tokenizer = load_tokenizer(model_path)
     model = attach_lora(load_base_model(model_path, quantize="none"), LoraSettings(r=cfg.rank, alpha=cfg.alpha))
@@ -113,8 +113,8 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, help="write the suite's rows and the counts here")
     args = parser.parse_args(argv)
 
-    from fedmed_components.experiment import load_config
-    from fedmed_components.modeling import load_tokenizer, resolve_model
+    from fedmed_components.model.modeling import load_tokenizer, resolve_model
+    from fedmed_components.runs.experiment import load_config
 
     cfg = load_config(args.config)
     model_path = resolve_model(cfg.model)

@@ -165,8 +165,8 @@ def tiny_spec(name: str, sites: list[str], data: Path, *, rounds: int, local_ste
 
 def write_site_data(root: Path, n_sites: int, docs_per_site: int = 4, seed: int = 0) -> list[str]:
     """Synthetic notes for sites site-1..site-n (train.jsonl + val.jsonl each)."""
-    from fedmed_components.document import write_jsonl
-    from fedmed_components.synth import demo_corpus
+    from fedmed_components.data.document import write_jsonl
+    from fedmed_components.data.synth import demo_corpus
 
     sites = []
     for i, (_, docs) in enumerate(sorted(demo_corpus(n_sites=n_sites, docs_per_site=docs_per_site, seed=seed).items())):

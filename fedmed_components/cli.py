@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-from fedmed_components.document import InputError
+from fedmed_components.data.document import InputError
 from fedmed_components.errors import ModelError
 
 # Each module registers its own subcommands; order is the order shown in --help.

@@ -18,7 +18,7 @@ def fedmed_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_model_path(fedmed_cache):
-    from fedmed_components.modeling import resolve_model
+    from fedmed_components.model.modeling import resolve_model
 
     return resolve_model("tiny")
 
@@ -34,8 +34,8 @@ def shared_data():
 def hold_poc_lock():
     """Exclusive use of the POC ports (8002/8003) on this machine, shared with anyone
     running `flock /tmp/fedmed_poc.lock ...`; on release the ports must be free again."""
-    from fedmed_components.poc import DEFAULT_PORTS as POC_PORTS
-    from fedmed_components.poc import POC_LOCK, busy_ports, exclusive_poc_lock
+    from fedmed_components.flare.poc import DEFAULT_PORTS as POC_PORTS
+    from fedmed_components.flare.poc import POC_LOCK, busy_ports, exclusive_poc_lock
 
     wait = float(os.environ.get("FEDMED_POC_LOCK_WAIT", "900"))
     with contextlib.ExitStack() as stack:

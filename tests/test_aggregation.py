@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedmed_components.aggregation import (
+from fedmed_components.federation.aggregation import (
     WeightedAverager,
     combine_site_losses,
     exact_lora,

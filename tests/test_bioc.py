@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from fedmed_components.bioc import read_bioc, read_bioc_files, write_bioc
-from fedmed_components.brat import (
+from fedmed_components.data.bioc import read_bioc, read_bioc_files, write_bioc
+from fedmed_components.data.brat import (
     MALFORMED_LINE,
     OFFSETS_OUTSIDE_TEXT,
     SPAN_TEXT_MISMATCH,
@@ -11,7 +11,7 @@ from fedmed_components.brat import (
     ReadReport,
     read_brat_dir,
 )
-from fedmed_components.document import Document, Entity, InputError, Relation
+from fedmed_components.data.document import Document, Entity, InputError, Relation
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from fedmed_components.bootstrap import aligned_counts, bootstrap_f1, f1_from_counts, note_id, paired_difference
-from fedmed_components.document import Document, Entity
-from fedmed_components.metrics import document_counts, score_documents
+from fedmed_components.data.document import Document, Entity
+from fedmed_components.task.bootstrap import aligned_counts, bootstrap_f1, f1_from_counts, note_id, paired_difference
+from fedmed_components.task.metrics import document_counts, score_documents
 
 
 def test_f1_from_counts_matches_the_definition():

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from fedmed_components.brat import (
+from fedmed_components.data.brat import (
     DUPLICATE_ID,
     EMPTY_TEXT,
     MALFORMED_LINE,
@@ -20,7 +20,7 @@ from fedmed_components.brat import (
     write_brat_dir,
     write_brat_document,
 )
-from fedmed_components.document import Document, Entity, InputError, Relation, read_jsonl, write_jsonl
+from fedmed_components.data.document import Document, Entity, InputError, Relation, read_jsonl, write_jsonl
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="../shared/data is not beside the project")

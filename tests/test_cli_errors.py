@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from fedmed_components.cli import main
-from fedmed_components.document import Document, write_jsonl
+from fedmed_components.data.document import Document, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -109,7 +109,7 @@ def test_model_that_is_neither_a_folder_nor_an_id(capsys, monkeypatch, tmp_path,
 
 def small_adapter(folder: Path) -> Path:
     """A well-formed PEFT folder (no model needed to write one)."""
-    from fedmed_components.modeling import LoraSettings, save_adapter_folder
+    from fedmed_components.model.modeling import LoraSettings, save_adapter_folder
 
     state = {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 128)}
     return save_adapter_folder(state, LoraSettings(r=4, alpha=8), "tiny", folder)
@@ -153,14 +153,14 @@ def test_corrupt_adapter_folder(capsys, tmp_path, notes, damage, command):
 @pytest.fixture(scope="module")
 def other_base_model(tmp_path_factory) -> Path:
     """A second tiny Llama, half as wide: an adapter for one does not fit the other."""
-    from fedmed_components.modeling import build_tiny_model
+    from fedmed_components.model.modeling import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-64", hidden_size=64)
 
 
 @pytest.fixture
 def tiny_adapter(tiny_model_path, tmp_path) -> Path:
-    from fedmed_components.modeling import LoraSettings, initial_adapter_from_config, save_adapter_folder
+    from fedmed_components.model.modeling import LoraSettings, initial_adapter_from_config, save_adapter_folder
 
     settings = LoraSettings(r=4, alpha=8)
     return save_adapter_folder(initial_adapter_from_config(tiny_model_path, settings), settings, tiny_model_path, tmp_path / "adapter")

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from fedmed_components.bioc import write_bioc
-from fedmed_components.brat import MALFORMED_LINE, OFFSETS_OUTSIDE_TEXT, BratAttribute, ReadReport, write_brat_dir
-from fedmed_components.corpora import (
+from fedmed_components.data.bioc import write_bioc
+from fedmed_components.data.brat import MALFORMED_LINE, OFFSETS_OUTSIDE_TEXT, BratAttribute, ReadReport, write_brat_dir
+from fedmed_components.data.corpora import (
     ARGUMENT_DROPPED,
     NO_COUNTERPART,
     NOT_MAIN_TO_MODIFIER,
@@ -17,7 +17,7 @@ from fedmed_components.corpora import (
     load_corpus,
     mtsamples_note_type,
 )
-from fedmed_components.document import Document, Entity, InputError, Relation, write_jsonl
+from fedmed_components.data.document import Document, Entity, InputError, Relation, write_jsonl
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="../shared/data is not beside the project")

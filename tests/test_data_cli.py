@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from fedmed_components.cli import main
-from fedmed_components.document import Document, Entity, Relation, read_jsonl, write_jsonl
+from fedmed_components.data.document import Document, Entity, Relation, read_jsonl, write_jsonl
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="../shared/data is not beside the project")
@@ -62,13 +62,13 @@ def test_subcommand_help_explains_the_options(capsys, sub, words):
 
 
 def test_synth_parser_plugs_into_the_data_group(monkeypatch, capsys):
-    module = types.ModuleType("fedmed_components.synth")
+    module = types.ModuleType("fedmed_components.data.synth")
 
     def add_synth_parser(sub):
         sub.add_parser("synth", help="make a synthetic corpus").set_defaults(func=lambda args: 0)
 
     module.add_synth_parser = add_synth_parser
-    monkeypatch.setitem(sys.modules, "fedmed_components.synth", module)
+    monkeypatch.setitem(sys.modules, "fedmed_components.data.synth", module)
     assert main(["data", "synth"]) == 0
 
 

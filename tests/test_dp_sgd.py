@@ -7,9 +7,16 @@ import random
 import pytest
 import torch
 
-from fedmed_components import privacy
-from fedmed_components.dp_sgd import DPSGDSettings, gradients_by_record, noisy_clipped_gradient, parse_dp_sgd, poisson_sample, record_ids
-from fedmed_components.training import IGNORE_INDEX, LocalTrainer, TrainSettings, collate, per_example_loss
+from fedmed_components.federation import privacy
+from fedmed_components.model.dp_sgd import (
+    DPSGDSettings,
+    gradients_by_record,
+    noisy_clipped_gradient,
+    parse_dp_sgd,
+    poisson_sample,
+    record_ids,
+)
+from fedmed_components.model.training import IGNORE_INDEX, LocalTrainer, TrainSettings, collate, per_example_loss
 
 
 # ------------------------------------------------------------------------------ settings
@@ -123,14 +130,14 @@ def _examples(n_notes=6, per_note=3, seed=0):
 
 
 def _lora(tiny_model_path):
-    from fedmed_components.modeling import LoraSettings, attach_lora, load_base_model
+    from fedmed_components.model.modeling import LoraSettings, attach_lora, load_base_model
 
     torch.manual_seed(0)
     return attach_lora(load_base_model(tiny_model_path, quantize="none", device="cpu"), LoraSettings(r=4, alpha=8))
 
 
 def test_per_example_loss_is_each_rows_own_loss(tiny_model_path):
-    from fedmed_components.training import supervised_loss
+    from fedmed_components.model.training import supervised_loss
 
     model, examples = _lora(tiny_model_path), _examples(2, 2)
     losses, n = per_example_loss(model, collate(examples, 0))
@@ -142,7 +149,7 @@ def test_per_example_loss_is_each_rows_own_loss(tiny_model_path):
 
 @pytest.mark.parametrize("record", ["example", "note"])
 def test_dp_sgd_round_trains_every_lora_tensor_and_accounts_every_step(tiny_model_path, record):
-    from fedmed_components.modeling import get_adapter_state
+    from fedmed_components.model.modeling import get_adapter_state
 
     model, examples = _lora(tiny_model_path), _examples()
     settings = TrainSettings(

@@ -2,10 +2,10 @@
 
 import json
 
-from fedmed_components.brat import write_brat_dir
 from fedmed_components.cli import main
-from fedmed_components.document import Document, Entity, Relation, write_jsonl
-from fedmed_components.synth import generate_site_corpus
+from fedmed_components.data.brat import write_brat_dir
+from fedmed_components.data.document import Document, Entity, Relation, write_jsonl
+from fedmed_components.data.synth import generate_site_corpus
 
 TEXT = "No fever. Aspirin 81 mg daily."
 

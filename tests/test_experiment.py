@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedmed_components.document import Document, Entity, InputError, Relation
-from fedmed_components.experiment import load_config, pool_scores
-from fedmed_components.experiment_data import DataSource, Sampling, prepare_site, sentence_documents
-from fedmed_components.experiment_report import PLOTS
+from fedmed_components.data.document import Document, Entity, InputError, Relation
+from fedmed_components.runs.experiment import load_config, pool_scores
+from fedmed_components.runs.experiment_data import DataSource, Sampling, prepare_site, sentence_documents
+from fedmed_components.runs.experiment_report import PLOTS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -118,7 +118,7 @@ def test_mini_experiment_end_to_end(tmp_path, capsys):
     through the FLARE simulator, new-site adaptation; then a re-run skips everything
     and a deleted run is made again from its saved rounds. About 3-4 min on 2 CPU cores."""
     from fedmed_components.cli import main
-    from fedmed_components.modeling import load_adapter_folder
+    from fedmed_components.model.modeling import load_adapter_folder
 
     raw = yaml.safe_load((ROOT / "experiments" / "mini.yaml").read_text())
     raw.update(runs=["zero_shot", "single", "centralised", "fed_medlora", "new_site"], max_new_tokens=48)
@@ -244,7 +244,7 @@ def test_results_folder_refuses_a_changed_config(tmp_path):
     one run depends on (BERT's) re-makes just that run once its JSON is deleted."""
     from dataclasses import replace
 
-    from fedmed_components.experiment import _refuse_other_config, run_experiment
+    from fedmed_components.runs.experiment import _refuse_other_config, run_experiment
 
     cfg = load_config(ROOT / "experiments" / "mini.yaml")
     out = tmp_path / "results"
@@ -275,7 +275,7 @@ def test_results_folder_refuses_a_changed_config(tmp_path):
 def test_saved_rounds_of_other_settings_are_not_resumed(tmp_path, capsys):
     from dataclasses import replace
 
-    from fedmed_components.experiment import _start_over_if_changed
+    from fedmed_components.runs.experiment import _start_over_if_changed
 
     cfg = load_config(ROOT / "experiments" / "mini.yaml")
     run_dir = tmp_path / "bert"

@@ -17,7 +17,7 @@ from fedmed_components.flare.aggregators import ExactLoRAAggregator, FedMedLoRAA
 RULES = r"""
 import sys, torch
 from safetensors.torch import save_file
-from fedmed_components import aggregation
+from fedmed_components.federation import aggregation
 
 def updates(seed, n=3):
     g = torch.Generator().manual_seed(seed)
@@ -107,10 +107,10 @@ def test_a_whole_simulator_round_is_bit_identical_when_run_twice(tmp_path, tiny_
     """Same seed, same data, two separate FLARE simulator runs of one round with two
     sites: the same global adapter, bit for bit (each site trains in its own process,
     one BLAS thread, seeded; the server sums in site order)."""
-    from fedmed_components.document import write_jsonl
+    from fedmed_components.data.document import write_jsonl
+    from fedmed_components.data.synth import demo_corpus
     from fedmed_components.flare.job import JobSpec, export_job, run_simulator
-    from fedmed_components.modeling import load_adapter_folder
-    from fedmed_components.synth import demo_corpus
+    from fedmed_components.model.modeling import load_adapter_folder
 
     sites = ["site-1", "site-2"]
     data = tmp_path / "data"
@@ -140,7 +140,7 @@ def test_a_whole_simulator_round_is_bit_identical_when_run_twice(tmp_path, tiny_
         run_simulator(export_job(spec, tmp_path / "jobs"), tmp_path / f"ws_{run}", sites, timeout=300)
         adapters.append(load_adapter_folder(tmp_path / f"store_{run}" / "global")[0])
     assert _bit_equal(*adapters)
-    from fedmed_components.modeling import LoraSettings, initial_adapter_from_config
+    from fedmed_components.model.modeling import LoraSettings, initial_adapter_from_config
 
     assert not _bit_equal(adapters[0], initial_adapter_from_config(tiny_model_path, LoraSettings(r=4, alpha=8))), (
         "the round trained nothing"

@@ -12,15 +12,15 @@ import pytest
 import torch
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 
-from fedmed_components.brat import write_brat_dir
-from fedmed_components.document import InputError, write_jsonl
+from fedmed_components.data.brat import write_brat_dir
+from fedmed_components.data.document import InputError, write_jsonl
 from fedmed_components.flare import site_tasks
 from fedmed_components.flare.aggregators import FedMedLoRAAggregator
-from fedmed_components.site import load_site_data, site_data_folder
+from fedmed_components.model.site import load_site_data, site_data_folder
 
 
 def _docs(n=5, seed=1):
-    from fedmed_components.synth import demo_corpus
+    from fedmed_components.data.synth import demo_corpus
 
     return sorted(demo_corpus(n_sites=1, docs_per_site=n, seed=seed).values())[0]
 
@@ -161,8 +161,8 @@ def test_lenient_site_trains_and_its_skip_count_reaches_the_server_log(sites, ti
     it trains on the good notes, its answer carries the count, the aggregator logs it."""
     import logging
 
-    from fedmed_components.site import SiteConfig, SiteRuntime
-    from fedmed_components.training import TrainSettings
+    from fedmed_components.model.site import SiteConfig, SiteRuntime
+    from fedmed_components.model.training import TrainSettings
 
     root, faults = sites
     config = SiteConfig(

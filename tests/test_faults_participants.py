@@ -11,8 +11,8 @@ import psutil
 import pytest
 import yaml
 
-from fedmed_components import poc
 from fedmed_components.commands import poc as poc_command
+from fedmed_components.flare import poc
 
 SLEEPER = "import subprocess, sys, time; c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)', *sys.argv[1:]]); time.sleep(120)"
 

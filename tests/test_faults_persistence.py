@@ -11,7 +11,7 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.abstract.model import ModelLearnableKey, make_model_learnable
 
 from fedmed_components.flare.persistor import AdapterPersistor
-from fedmed_components.modeling import load_adapter_folder
+from fedmed_components.model.modeling import load_adapter_folder
 
 
 class Crash(RuntimeError):

@@ -23,10 +23,10 @@ import psutil
 import pytest
 from conftest import flare_processes_naming, hold_poc_lock
 
-from fedmed_components import poc
-from fedmed_components.document import write_jsonl
+from fedmed_components.data.document import write_jsonl
+from fedmed_components.flare import poc
 from fedmed_components.flare.job import JobSpec, export_job
-from fedmed_components.modeling import load_adapter_folder
+from fedmed_components.model.modeling import load_adapter_folder
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +41,7 @@ OUTCOME_WAIT = "20"
 def fault_poc(tmp_path_factory, tiny_model_path):
     """A running POC (server + site-1, site-2) with per-site notes; stopped at the end,
     even on SIGTERM (a CI timeout), and nothing of it may be left."""
-    from fedmed_components.synth import demo_corpus
+    from fedmed_components.data.synth import demo_corpus
 
     root = tmp_path_factory.mktemp("fault_poc")
     data = root / "data"

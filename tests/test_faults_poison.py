@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedmed_components.document import write_jsonl
+from fedmed_components.data.document import write_jsonl
+from fedmed_components.federation.update_validation import update_norm
 from fedmed_components.flare.job import JobSpec, export_job, run_simulator
-from fedmed_components.modeling import LoraSettings, initial_adapter_from_config, load_adapter_folder
-from fedmed_components.update_validation import update_norm
+from fedmed_components.model.modeling import LoraSettings, initial_adapter_from_config, load_adapter_folder
 
 pytestmark = pytest.mark.slow
 
@@ -66,7 +66,7 @@ def server_log(workspace: Path) -> str:
 
 
 def write_site_data(root):
-    from fedmed_components.synth import demo_corpus
+    from fedmed_components.data.synth import demo_corpus
 
     for site, (_, docs) in zip(SITES, sorted(demo_corpus(n_sites=2, docs_per_site=5, seed=1).items())):
         write_jsonl(docs[:4], root / site / "train.jsonl")

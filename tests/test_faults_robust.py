@@ -26,11 +26,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fedmed_components import aggregation, robust_aggregation
-from fedmed_components.document import write_jsonl
+from fedmed_components.data.document import write_jsonl
+from fedmed_components.federation import aggregation, robust_aggregation
+from fedmed_components.federation.update_validation import update_norm
 from fedmed_components.flare.job import JobSpec, export_job, run_simulator
-from fedmed_components.modeling import load_adapter_folder
-from fedmed_components.update_validation import update_norm
+from fedmed_components.model.modeling import load_adapter_folder
 
 pytestmark = pytest.mark.slow
 
@@ -59,7 +59,7 @@ def site_names(k: int) -> list[str]:
 
 def write_site_data(root: Path, sites: list[str], docs_per_site: int = 16) -> Path:
     """IID sites: one synthetic note style, a disjoint slice of notes per site."""
-    from fedmed_components.synth import demo_corpus
+    from fedmed_components.data.synth import demo_corpus
 
     ((_, docs),) = demo_corpus(n_sites=1, docs_per_site=docs_per_site * len(sites), seed=1).items()
     for i, site in enumerate(sites):

@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-from fedmed_components.document import write_jsonl
+from fedmed_components.data.document import write_jsonl
 from fedmed_components.flare.job import JobSpec, export_job, run_simulator
-from fedmed_components.modeling import initial_adapter_from_config, load_adapter_folder, resolve_model
+from fedmed_components.model.modeling import initial_adapter_from_config, load_adapter_folder, resolve_model
 
 pytestmark = pytest.mark.slow
 
@@ -17,7 +17,7 @@ SITES = ["site-1", "site-2"]
 
 @pytest.fixture(scope="module")
 def bert_run(tmp_path_factory):
-    from fedmed_components.synth import demo_corpus
+    from fedmed_components.data.synth import demo_corpus
 
     root = tmp_path_factory.mktemp("fed_bert")
     for site, (_, docs) in zip(SITES, sorted(demo_corpus(n_sites=2, docs_per_site=5, seed=1).items())):
@@ -49,8 +49,8 @@ def test_fed_bert_produces_a_peft_token_classifier_adapter(bert_run):
     from peft import PeftModel
     from transformers import AutoModelForTokenClassification
 
-    from fedmed_components.modeling import LoraSettings
-    from fedmed_components.token_classification import NUM_LABELS, encoder_lora
+    from fedmed_components.model.modeling import LoraSettings
+    from fedmed_components.model.token_classification import NUM_LABELS, encoder_lora
 
     spec, workspace, store = bert_run
     state, settings, meta = load_adapter_folder(store / "global")

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fedmed_components.training import LocalTrainer, TrainSettings, proximal_term
+from fedmed_components.model.training import LocalTrainer, TrainSettings, proximal_term
 
 
 def test_proximal_gradient_is_mu_times_the_distance_to_the_global():

@@ -6,7 +6,7 @@ import pytest
 import torch
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 
-from fedmed_components import aggregation
+from fedmed_components.federation import aggregation
 from fedmed_components.flare.aggregators import (
     ExactLoRAAggregator,
     FedMedLoRAAggregator,

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedmed_components.aggregation import is_lora_key
-from fedmed_components.document import write_jsonl
+from fedmed_components.data.document import write_jsonl
+from fedmed_components.federation.aggregation import is_lora_key
 from fedmed_components.flare.job import JobSpec, export_job, run_simulator
-from fedmed_components.modeling import LoraSettings, initial_adapter_from_config, load_adapter_folder
+from fedmed_components.model.modeling import LoraSettings, initial_adapter_from_config, load_adapter_folder
 
 pytestmark = pytest.mark.slow
 
@@ -20,7 +20,7 @@ SITES = ["site-1", "site-2"]
 
 @pytest.fixture(scope="module")
 def site_data(tmp_path_factory):
-    from fedmed_components.synth import demo_corpus
+    from fedmed_components.data.synth import demo_corpus
 
     root = tmp_path_factory.mktemp("sites")
     corpus = demo_corpus(n_sites=2, docs_per_site=5, seed=1)
@@ -178,7 +178,7 @@ THREE_SITES = ["site-1", "site-2", "site-3"]
 
 @pytest.fixture(scope="module")
 def three_site_data(tmp_path_factory):
-    from fedmed_components.synth import demo_corpus
+    from fedmed_components.data.synth import demo_corpus
 
     root = tmp_path_factory.mktemp("three_sites")
     for site, (_, docs) in zip(THREE_SITES, sorted(demo_corpus(n_sites=3, docs_per_site=3, seed=2).items())):
@@ -188,7 +188,7 @@ def three_site_data(tmp_path_factory):
 
 
 def test_sampled_sites_alone_train_each_round(tmp_path, three_site_data, tiny_model_path, no_leftovers):
-    from fedmed_components.sampling import sample_sites
+    from fedmed_components.federation.sampling import sample_sites
 
     # seed 0 leaves out site-2 in round 0 and site-1 in round 1
     expected = [sample_sites(THREE_SITES, rnd, count=2, seed=0) for rnd in range(2)]

@@ -27,13 +27,13 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from fedmed_components import brat
-from fedmed_components.bioc import read_bioc_files
-from fedmed_components.brat import read_brat_file, write_brat_dir
-from fedmed_components.corpora import read_jsonl_checked
-from fedmed_components.document import Document, Entity, InputError, read_jsonl
-from fedmed_components.parsing import ParseResult, parse_modifiers, parse_ner
-from fedmed_components.schema import MAIN_TYPES, MODIFIER_TYPES
+from fedmed_components.data import brat
+from fedmed_components.data.bioc import read_bioc_files
+from fedmed_components.data.brat import read_brat_file, write_brat_dir
+from fedmed_components.data.corpora import read_jsonl_checked
+from fedmed_components.data.document import Document, Entity, InputError, read_jsonl
+from fedmed_components.data.schema import MAIN_TYPES, MODIFIER_TYPES
+from fedmed_components.task.parsing import ParseResult, parse_modifiers, parse_ner
 
 SCALE = float(os.environ.get("FEDMED_FUZZ_SCALE", "1"))
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fedmed_components.inference import GenerationSettings, _extra_stop_ids, generate, greedy_decode, shared_prefix_length
+from fedmed_components.model.inference import GenerationSettings, _extra_stop_ids, generate, greedy_decode, shared_prefix_length
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -19,7 +19,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def tiny(tiny_model_path):
     """The tiny Llama with a LoRA adapter whose B is non-zero (so LoRA changes outputs)."""
-    from fedmed_components.modeling import LoraSettings, attach_lora, load_base_model, load_tokenizer
+    from fedmed_components.model.modeling import LoraSettings, attach_lora, load_base_model, load_tokenizer
 
     tokenizer = load_tokenizer(tiny_model_path)
     model = attach_lora(load_base_model(tiny_model_path, quantize="none", device="cpu"), LoraSettings(r=4, alpha=8))
@@ -34,9 +34,9 @@ def tiny(tiny_model_path):
 @pytest.fixture(scope="module")
 def prompts(tiny):
     """Chat-rendered NER prompts for synthetic sentences of varied lengths."""
-    from fedmed_components.prompts import ner_prompt, render_chat
-    from fedmed_components.segmentation import split_sentences
-    from fedmed_components.synth import generate_site_corpus
+    from fedmed_components.data.segmentation import split_sentences
+    from fedmed_components.data.synth import generate_site_corpus
+    from fedmed_components.task.prompts import ner_prompt, render_chat
 
     _, tokenizer = tiny
     doc = generate_site_corpus("site-1", 2, seed=3, style="discharge_summary")[0]

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedmed_components.document import Document, Entity, Relation
-from fedmed_components.metrics import (
+from fedmed_components.data.document import Document, Entity, Relation
+from fedmed_components.task.metrics import (
     ScoringError,
     bio_tags,
     format_table,

@@ -3,9 +3,9 @@ import json
 import pytest
 import torch
 
-from fedmed_components import modeling
-from fedmed_components.aggregation import is_lora_key
-from fedmed_components.modeling import LoraSettings
+from fedmed_components.federation.aggregation import is_lora_key
+from fedmed_components.model import modeling
+from fedmed_components.model.modeling import LoraSettings
 
 
 def test_tiny_model_builds_offline_and_deterministically(tiny_model_path, tmp_path):
@@ -76,7 +76,7 @@ def test_adapter_folder_loads_with_peft(tiny_model_path, tmp_path):
 
 def test_4bit_nf4_path_trains_on_cpu(tiny_model_path):
     pytest.importorskip("bitsandbytes")
-    from fedmed_components.training import LocalTrainer, TrainSettings
+    from fedmed_components.model.training import LocalTrainer, TrainSettings
 
     base = modeling.load_base_model(tiny_model_path, quantize="4bit", device="cpu")
     assert any("Linear4bit" in type(m).__name__ for m in base.modules())

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from fedmed_components.parsing import parse_modifiers, parse_ner
-from fedmed_components.prompts import document_examples, modifier_answer, ner_answer
-from fedmed_components.schema import MAIN_TYPES
+from fedmed_components.data.schema import MAIN_TYPES
+from fedmed_components.task.parsing import parse_modifiers, parse_ner
+from fedmed_components.task.prompts import document_examples, modifier_answer, ner_answer
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SENTENCE = "He has chest pain and fever, and chest pain again."
@@ -160,7 +160,7 @@ def mtsamples():
     folder = SHARED_DATA / "mtsamples_kiwi" / "train"
     if not folder.is_dir():
         pytest.skip("../shared/data/mtsamples_kiwi is not beside the project")
-    from fedmed_components.corpora import load_corpus
+    from fedmed_components.data.corpora import load_corpus
 
     with pytest.warns(UserWarning, match="malformed line"):  # the one known defect, skipped
         docs = load_corpus(folder, mapping="kiwi", lenient=True)

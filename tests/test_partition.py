@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from fedmed_components.document import Document, Entity, Relation, read_jsonl
-from fedmed_components.partition import (
+from fedmed_components.data.document import Document, Entity, Relation, read_jsonl
+from fedmed_components.data.partition import (
     dominant_type,
     label_distribution,
     split_by_corpus,
@@ -155,7 +155,7 @@ def test_write_partition_is_reproducible(tmp_path):
 
 
 def test_write_partition_refuses_unsafe_site_names(tmp_path):
-    from fedmed_components.document import InputError
+    from fedmed_components.data.document import InputError
 
     with pytest.raises(InputError, match="folder name"):
         write_partition({"../x": corpus(2)}, tmp_path)

@@ -7,7 +7,7 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.abstract.model import ModelLearnableKey, make_model_learnable
 
 from fedmed_components.flare.persistor import AdapterPersistor
-from fedmed_components.modeling import LoraSettings, initial_adapter_from_config, load_adapter_folder
+from fedmed_components.model.modeling import LoraSettings, initial_adapter_from_config, load_adapter_folder
 
 
 def _persistor(tmp_path, **kw):
@@ -49,7 +49,7 @@ def test_saves_every_round_tracks_best_and_resumes(tmp_path, tiny_model_path):
 
 
 def test_initial_adapter_folder_is_used(tmp_path, tiny_model_path):
-    from fedmed_components.modeling import save_adapter_folder
+    from fedmed_components.model.modeling import save_adapter_folder
 
     settings = LoraSettings(r=4, alpha=8)
     given = {k: v + 7 for k, v in initial_adapter_from_config(tiny_model_path, settings).items()}

@@ -14,10 +14,10 @@ from dataclasses import replace
 import psutil
 import pytest
 
-from fedmed_components import poc
-from fedmed_components.document import write_jsonl
+from fedmed_components.data.document import write_jsonl
+from fedmed_components.flare import poc
 from fedmed_components.flare.job import JobSpec, export_job
-from fedmed_components.processes import blas_thread_caps
+from fedmed_components.flare.processes import blas_thread_caps
 
 SITES = ["site-1", "site-2"]
 PORTS = [8002, 8003]
@@ -37,7 +37,7 @@ def sigterm_raises():
 
 @pytest.fixture
 def site_data(tmp_path):
-    from fedmed_components.synth import demo_corpus
+    from fedmed_components.data.synth import demo_corpus
 
     root = tmp_path / "data"
     corpus = demo_corpus(n_sites=2, docs_per_site=5, seed=1)

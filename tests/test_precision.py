@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from fedmed_components import precision
-from fedmed_components.modeling import LoraSettings, attach_lora, load_base_model
-from fedmed_components.training import LocalTrainer, TrainSettings, supervised_loss
+from fedmed_components.model import precision
+from fedmed_components.model.modeling import LoraSettings, attach_lora, load_base_model
+from fedmed_components.model.training import LocalTrainer, TrainSettings, supervised_loss
 
 
 def _batch(vocab: int, rows: int = 4, width: int = 48):

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from fedmed_components import privacy
-from fedmed_components.update_validation import update_norm
+from fedmed_components.federation import privacy
+from fedmed_components.federation.update_validation import update_norm
 
 KEY = "base_model.model.model.layers.{}.self_attn.q_proj.lora_{}.weight"
 

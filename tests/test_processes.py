@@ -6,7 +6,7 @@ import time
 
 import psutil
 
-from fedmed_components.processes import stop_process_trees
+from fedmed_components.flare.processes import stop_process_trees
 
 
 def test_tree_and_marked_stragglers_are_stopped_but_never_our_ancestors(tmp_path):
@@ -23,7 +23,7 @@ def test_tree_and_marked_stragglers_are_stopped_but_never_our_ancestors(tmp_path
     time.sleep(1.0)
     children = psutil.Process(tree.pid).children(recursive=True)
     # The stopper runs under a shell whose own command line carries the marker.
-    script = f"from fedmed_components.processes import stop_process_trees as s; s([{tree.pid}], marker={marker!r}, grace=3)"
+    script = f"from fedmed_components.flare.processes import stop_process_trees as s; s([{tree.pid}], marker={marker!r}, grace=3)"
     shell = subprocess.run(
         ["bash", "-c", f"{sys.executable} -c {script!r} && echo survived # {marker}"], capture_output=True, text=True, timeout=60
     )
@@ -40,7 +40,7 @@ def test_tree_and_marked_stragglers_are_stopped_but_never_our_ancestors(tmp_path
 
 
 def test_blas_thread_caps_share_the_cores_and_an_explicit_setting_wins(monkeypatch):
-    from fedmed_components.processes import blas_thread_caps
+    from fedmed_components.flare.processes import blas_thread_caps
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr("os.cpu_count", lambda: 8)

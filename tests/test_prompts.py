@@ -9,8 +9,8 @@ from collections import Counter
 
 import pytest
 
-from fedmed_components.document import Document, Entity, Relation
-from fedmed_components.prompts import (
+from fedmed_components.data.document import Document, Entity, Relation
+from fedmed_components.task.prompts import (
     IGNORE_INDEX,
     SYSTEM_PROMPT,
     Example,
@@ -260,7 +260,7 @@ def test_compact_modifier_prompt_names_types_only_for_a_partial_schema():
 
 
 def test_compact_style_uses_its_own_short_system_prompt(tokenizer):
-    from fedmed_components.prompts import PROMPT_STYLES
+    from fedmed_components.task.prompts import PROMPT_STYLES
 
     example = document_examples(_note(), tasks=("ner",), style="compact")[0]
     paper = tokenize_example(tokenizer, example, 512)

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedmed_components import poc
-from fedmed_components.document import write_jsonl
+from fedmed_components.data.document import write_jsonl
+from fedmed_components.flare import poc
 from fedmed_components.flare.job import JobSpec, export_job
 
 pytestmark = pytest.mark.slow
@@ -37,7 +37,7 @@ def sigterm_raises():
 
 @pytest.fixture
 def site_data(tmp_path):
-    from fedmed_components.synth import demo_corpus
+    from fedmed_components.data.synth import demo_corpus
 
     root = tmp_path / "data"
     corpus = demo_corpus(n_sites=2, docs_per_site=5, seed=1)

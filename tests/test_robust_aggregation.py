@@ -7,8 +7,8 @@ import logging
 import pytest
 import torch
 
-from fedmed_components.aggregation import adapter_difference, fed_medlora
-from fedmed_components.robust_aggregation import (
+from fedmed_components.federation.aggregation import adapter_difference, fed_medlora
+from fedmed_components.federation.robust_aggregation import (
     ROBUST_RULES,
     coordinate_median,
     norm_bounded_mean,
@@ -17,7 +17,7 @@ from fedmed_components.robust_aggregation import (
     tolerated_attackers,
     trimmed_mean,
 )
-from fedmed_components.update_validation import norm_outliers, update_norm
+from fedmed_components.federation.update_validation import norm_outliers, update_norm
 
 A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
 B = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"

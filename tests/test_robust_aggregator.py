@@ -5,9 +5,9 @@ import pytest
 import torch
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 
-from fedmed_components import aggregation, robust_aggregation
+from fedmed_components.federation import aggregation, robust_aggregation
+from fedmed_components.federation.update_validation import update_norm
 from fedmed_components.flare.aggregators import RobustAggregator
-from fedmed_components.update_validation import update_norm
 
 LAYERS = ["base_model.model.model.layers.0.self_attn.q_proj", "base_model.model.model.layers.0.mlp.down_proj"]
 SITES = [f"site-{i}" for i in range(1, 6)]

@@ -2,7 +2,7 @@
 
 import pytest
 
-from fedmed_components.sampling import check_sampling, sample_sites, sample_size
+from fedmed_components.federation.sampling import check_sampling, sample_sites, sample_size
 
 SITES = [f"site-{i}" for i in range(1, 11)]
 
@@ -27,9 +27,7 @@ def test_the_draw_is_stable_across_interpreter_runs():
     import subprocess
     import sys
 
-    code = (
-        "from fedmed_components.sampling import sample_sites; print(sample_sites([f'site-{i}' for i in range(1, 11)], 2, count=3, seed=5))"
-    )
+    code = "from fedmed_components.federation.sampling import sample_sites; print(sample_sites([f'site-{i}' for i in range(1, 11)], 2, count=3, seed=5))"
     outs = {
         subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env={"PYTHONHASHSEED": h}).stdout
         for h in ("1", "2")

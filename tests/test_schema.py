@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from fedmed_components.schema import (
+from fedmed_components.data.schema import (
     ENTITY_TYPES,
     MAIN_TYPES,
     MAPPINGS,

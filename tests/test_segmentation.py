@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedmed_components.segmentation import chunk_long, split_sentences
+from fedmed_components.data.segmentation import chunk_long, split_sentences
 
 
 def segments(text):

@@ -12,8 +12,8 @@ from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.abstract.model import ModelLearnableKey, make_model_learnable
 from safetensors.torch import load_file
 
-from fedmed_components import aggregation
-from fedmed_components.aggregation import adapter_difference, pseudo_gradient, server_optimizer_step
+from fedmed_components.federation import aggregation
+from fedmed_components.federation.aggregation import adapter_difference, pseudo_gradient, server_optimizer_step
 from fedmed_components.flare.aggregators import (
     FedMedLoRAAggregator,
     ServerOptimizerAggregator,

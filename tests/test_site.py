@@ -6,20 +6,20 @@ import pytest
 import torch
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 
-from fedmed_components.aggregation import is_lora_key
-from fedmed_components.document import InputError, write_jsonl
+from fedmed_components.data.document import InputError, write_jsonl
+from fedmed_components.federation.aggregation import is_lora_key
 from fedmed_components.flare import site_tasks
 from fedmed_components.flare.wire import pack_candidates
-from fedmed_components.modeling import LoraSettings
-from fedmed_components.site import SiteConfig, SiteRuntime, load_site_data, site_data_folder
-from fedmed_components.training import TrainSettings
+from fedmed_components.model.modeling import LoraSettings
+from fedmed_components.model.site import SiteConfig, SiteRuntime, load_site_data, site_data_folder
+from fedmed_components.model.training import TrainSettings
 
 META_FIELDS = {"num_supervised_tokens", "num_examples", "train_loss", "val_loss", "steps", "rank", "site"}
 
 
 @pytest.fixture(scope="module")
 def site_folder(tmp_path_factory):
-    from fedmed_components.synth import generate_site_corpus
+    from fedmed_components.data.synth import generate_site_corpus
 
     root = tmp_path_factory.mktemp("site")
     docs = generate_site_corpus("site-a", 4, seed=3, style="general_medicine")

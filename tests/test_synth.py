@@ -5,11 +5,11 @@ from collections import Counter
 import pytest
 
 from fedmed_components.cli import main
-from fedmed_components.document import read_jsonl
-from fedmed_components.prompts import document_examples
-from fedmed_components.schema import MAIN_TYPES, fits_schema
-from fedmed_components.segmentation import split_sentences
-from fedmed_components.synth import STYLES, demo_corpus, generate_site_corpus
+from fedmed_components.data.document import read_jsonl
+from fedmed_components.data.schema import MAIN_TYPES, fits_schema
+from fedmed_components.data.segmentation import split_sentences
+from fedmed_components.data.synth import STYLES, demo_corpus, generate_site_corpus
+from fedmed_components.task.prompts import document_examples
 
 
 @pytest.fixture(scope="module")

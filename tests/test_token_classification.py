@@ -6,15 +6,15 @@ import pytest
 import torch
 from nvflare.app_common.abstract.fl_model import FLModel
 
-from fedmed_components import token_classification as tc
-from fedmed_components.document import Document, Entity, Relation, write_jsonl
+from fedmed_components.data.document import Document, Entity, Relation, write_jsonl
+from fedmed_components.federation.update_validation import validate_update
 from fedmed_components.flare import site_tasks
 from fedmed_components.flare.tracking import SiteTracker
-from fedmed_components.metrics import score_documents
-from fedmed_components.modeling import LoraSettings, initial_adapter_from_config, resolve_model, save_adapter_folder
-from fedmed_components.site import SiteConfig, SiteRuntime
-from fedmed_components.training import TrainSettings
-from fedmed_components.update_validation import validate_update
+from fedmed_components.model import token_classification as tc
+from fedmed_components.model.modeling import LoraSettings, initial_adapter_from_config, resolve_model, save_adapter_folder
+from fedmed_components.model.site import SiteConfig, SiteRuntime
+from fedmed_components.model.training import TrainSettings
+from fedmed_components.task.metrics import score_documents
 
 META_FIELDS = {"num_supervised_tokens", "num_examples", "train_loss", "val_loss", "steps", "rank", "site"}
 
@@ -109,7 +109,7 @@ def test_tracker_sends_step_and_round_scalars():
         def add_scalar(self, tag, value, global_step=None):
             self.records.append((tag, global_step))
 
-    from fedmed_components.training import RoundStats
+    from fedmed_components.model.training import RoundStats
 
     writer = Writer()
     tracker = SiteTracker(writer)
@@ -163,7 +163,7 @@ def test_site_policy_lets_the_head_leave_only_in_the_bert_scope():
 
 @pytest.fixture(scope="module")
 def site_folder(tmp_path_factory):
-    from fedmed_components.synth import generate_site_corpus
+    from fedmed_components.data.synth import generate_site_corpus
 
     root = tmp_path_factory.mktemp("bert_site")
     docs = generate_site_corpus("site-a", 6, seed=3, style="general_medicine")
@@ -219,7 +219,7 @@ def test_saved_adapter_loads_with_peft_and_predicts_scoreable_documents(runtime,
     from peft import PeftModel
     from transformers import AutoModelForTokenClassification
 
-    from fedmed_components.document import read_jsonl
+    from fedmed_components.data.document import read_jsonl
 
     for _ in range(3):  # enough steps that tagging beats the untrained model by a margin
         runtime.train(None)
@@ -244,7 +244,7 @@ def test_train_local_then_predict_and_eval_with_bert(tmp_path, site_folder, caps
     import json
 
     from fedmed_components.cli import main
-    from fedmed_components.modeling import load_adapter_folder
+    from fedmed_components.model.modeling import load_adapter_folder
 
     out = tmp_path / "bert"
     assert (

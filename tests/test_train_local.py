@@ -5,9 +5,9 @@ import json
 import torch
 
 from fedmed_components.cli import main
-from fedmed_components.document import write_jsonl
-from fedmed_components.modeling import LoraSettings, initial_adapter_from_config, load_adapter_folder
-from fedmed_components.synth import demo_corpus
+from fedmed_components.data.document import write_jsonl
+from fedmed_components.data.synth import demo_corpus
+from fedmed_components.model.modeling import LoraSettings, initial_adapter_from_config, load_adapter_folder
 
 
 def test_pooled_baseline_writes_a_trained_peft_adapter(tmp_path, tiny_model_path):

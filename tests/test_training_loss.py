@@ -2,11 +2,11 @@
 
 import torch
 
-from fedmed_components.training import IGNORE_INDEX, collate, supervised_loss
+from fedmed_components.model.training import IGNORE_INDEX, collate, supervised_loss
 
 
 def test_supervised_loss_equals_hf_loss_and_trains(tiny_model_path):
-    from fedmed_components.modeling import LoraSettings, attach_lora, load_base_model
+    from fedmed_components.model.modeling import LoraSettings, attach_lora, load_base_model
 
     model = attach_lora(load_base_model(tiny_model_path, quantize="none", device="cpu"), LoraSettings(r=4, alpha=8))
     gen = torch.Generator().manual_seed(0)

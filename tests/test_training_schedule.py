@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from fedmed_components.modeling import LoraSettings, attach_lora, load_base_model
-from fedmed_components.training import LocalTrainer, TrainSettings, lr_lambda
+from fedmed_components.model.modeling import LoraSettings, attach_lora, load_base_model
+from fedmed_components.model.training import LocalTrainer, TrainSettings, lr_lambda
 
 
 def _examples(n=4, width=16):

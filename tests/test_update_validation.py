@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from fedmed_components.aggregation import fed_medlora
-from fedmed_components.update_validation import (
+from fedmed_components.federation.aggregation import fed_medlora
+from fedmed_components.federation.update_validation import (
     NotEnoughValidUpdates,
     Rejection,
     norm_outliers,

@@ -8,7 +8,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from fedmed_components.schema import MAPPINGS
+from fedmed_components.data.schema import MAPPINGS
 
 FORMATS = ("brat", "bioc", "jsonl")
 SPLITS = ("note-type", "corpus", "dirichlet", "quantity", "iid")
@@ -38,7 +38,7 @@ def register(subparsers) -> None:
     _add_split(sub)
     _add_stats(sub)
     try:
-        from fedmed_components.synth import add_synth_parser
+        from fedmed_components.data.synth import add_synth_parser
 
         add_synth_parser(sub)
     except ImportError:
@@ -140,10 +140,10 @@ def _add_stats(sub) -> None:
 
 
 def _load(path: str, args, mapping: str | None, site: str | None = None):
-    from fedmed_components.bioc import NOT_WELL_FORMED
-    from fedmed_components.brat import ReadReport
-    from fedmed_components.corpora import MappingReport, load_corpus
-    from fedmed_components.document import InputError
+    from fedmed_components.data.bioc import NOT_WELL_FORMED
+    from fedmed_components.data.brat import ReadReport
+    from fedmed_components.data.corpora import MappingReport, load_corpus
+    from fedmed_components.data.document import InputError
 
     report, mapped = ReadReport(), MappingReport()
     try:
@@ -189,9 +189,9 @@ def _output_format(path: str, explicit: str | None) -> str:
 
 
 def _convert(args) -> int:
-    from fedmed_components.bioc import write_bioc
-    from fedmed_components.brat import write_brat_dir
-    from fedmed_components.document import write_jsonl
+    from fedmed_components.data.bioc import write_bioc
+    from fedmed_components.data.brat import write_brat_dir
+    from fedmed_components.data.document import write_jsonl
 
     docs, _, mapped = _load(args.input, args, args.mapping, site=args.site)
     fmt = _output_format(args.output, args.to_fmt)
@@ -229,7 +229,7 @@ def _input_site_names(args, mappings) -> list[str]:
 
 
 def _split_docs(docs, args):
-    from fedmed_components import partition
+    from fedmed_components.data import partition
 
     if args.by == "note-type":
         return partition.split_by_note_type(docs)
@@ -244,7 +244,7 @@ def _split_docs(docs, args):
 
 def _annotated_types(site_docs, doc_mapping: dict[str, str | None]) -> dict[str, list[str]] | None:
     """A site annotates the types every one of its documents' corpora annotates."""
-    from fedmed_components.schema import ENTITY_TYPES, get_mapping
+    from fedmed_components.data.schema import ENTITY_TYPES, get_mapping
 
     if not any(doc_mapping.values()):
         return None
@@ -258,7 +258,7 @@ def _annotated_types(site_docs, doc_mapping: dict[str, str | None]) -> dict[str,
 
 
 def _split(args) -> int:
-    from fedmed_components.partition import write_partition
+    from fedmed_components.data.partition import write_partition
 
     mappings = _input_mappings(args)
     names = _input_site_names(args, mappings)
@@ -295,7 +295,7 @@ def _split(args) -> int:
 
 
 def _stats(args) -> int:
-    from fedmed_components.corpora import corpus_stats
+    from fedmed_components.data.corpora import corpus_stats
 
     docs, report, mapped = _load(args.input, args, args.mapping)
     stats = corpus_stats(docs)

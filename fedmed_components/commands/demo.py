@@ -26,7 +26,7 @@ def register(subparsers) -> None:
 
 
 def _run(args) -> int:
-    from fedmed_components.demo import DemoConfig, run_demo
+    from fedmed_components.runs.demo import DemoConfig, run_demo
 
     cfg = DemoConfig.for_model(
         args.model,

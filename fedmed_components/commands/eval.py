@@ -48,9 +48,9 @@ def _types(values: list[str] | None) -> set[str] | None:
 
 
 def run_eval(args) -> int:
-    from fedmed_components.corpora import load_corpus
-    from fedmed_components.document import InputError
-    from fedmed_components.metrics import ScoringError, format_table, score_documents
+    from fedmed_components.data.corpora import load_corpus
+    from fedmed_components.data.document import InputError
+    from fedmed_components.task.metrics import ScoringError, format_table, score_documents
 
     gold = load_corpus(args.gold, mapping=args.mapping)
     pred = load_corpus(args.pred, mapping=args.mapping)

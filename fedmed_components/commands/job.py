@@ -35,8 +35,8 @@ COMMITTED_JOBS = {
 
 
 def register(subparsers) -> None:
+    from fedmed_components.federation.robust_aggregation import ROBUST_RULES
     from fedmed_components.flare.job import ALGORITHMS, JobSpec
-    from fedmed_components.robust_aggregation import ROBUST_RULES
 
     d = JobSpec()
     job = subparsers.add_parser("job", help="export FLARE job folders (nvflare job submit takes them as is) or simulate one")

@@ -20,7 +20,7 @@ def register(subparsers) -> None:
 
 
 def _run(args) -> int:
-    from fedmed_components.modeling import apply_adapter, load_adapter_folder, load_base_model, load_tokenizer, resolve_model
+    from fedmed_components.model.modeling import apply_adapter, load_adapter_folder, load_base_model, load_tokenizer, resolve_model
 
     load_adapter_folder(args.adapter)  # a broken adapter fails before the base model loads
     path = resolve_model(args.model)

@@ -98,7 +98,7 @@ def _fail(exc) -> int:
 
 
 def _up(args) -> int:
-    from fedmed_components import poc
+    from fedmed_components.flare import poc
 
     if args.sites:
         sites = [s.strip() for s in args.sites.split(",") if s.strip()]
@@ -118,7 +118,7 @@ def _up(args) -> int:
 
 
 def _submit(args) -> int:
-    from fedmed_components import poc
+    from fedmed_components.flare import poc
     from fedmed_components.flare.job_check import check_job_folder
 
     check_job_folder(args.job_folder)  # a bad config fails here, not in the server's log
@@ -138,7 +138,7 @@ def _submit(args) -> int:
 
 
 def _status(args) -> int:
-    from fedmed_components import poc
+    from fedmed_components.flare import poc
 
     try:
         report = poc.status(args.workspace)
@@ -161,7 +161,7 @@ def _status(args) -> int:
 
 
 def _down(args) -> int:
-    from fedmed_components import poc
+    from fedmed_components.flare import poc
 
     try:
         stopped = poc.down(args.workspace, clean=args.clean)
@@ -172,7 +172,7 @@ def _down(args) -> int:
 
 
 def _stop_site(args) -> int:
-    from fedmed_components import poc
+    from fedmed_components.flare import poc
 
     try:
         stopped = poc.stop_participant(args.workspace, args.name, kill=args.kill)
@@ -183,7 +183,7 @@ def _stop_site(args) -> int:
 
 
 def _start_site(args) -> int:
-    from fedmed_components import poc
+    from fedmed_components.flare import poc
 
     try:
         record = poc.start_participant(args.workspace, args.name, timeout=args.timeout)

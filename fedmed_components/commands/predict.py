@@ -41,7 +41,7 @@ def register(subparsers) -> None:
 
 
 def read_notes(path: Path):
-    from fedmed_components.document import Document, InputError, read_jsonl
+    from fedmed_components.data.document import Document, InputError, read_jsonl
 
     if path.is_file():
         return [Document(id=d.id, text=d.text, site=d.site) for d in read_jsonl(path)]
@@ -58,22 +58,22 @@ def read_notes(path: Path):
 
 
 def _run(args) -> int:
-    from fedmed_components.brat import check_file_names
+    from fedmed_components.data.brat import check_file_names
 
     # Everything a user can get wrong fails here, before the model loads and generates.
     notes = read_notes(Path(args.input))
     check_file_names(notes, Path(args.out) / "brat", source=args.input)
 
-    from fedmed_components.inference import GenerationSettings, predict_documents
-    from fedmed_components.modeling import apply_adapter, load_adapter_folder, load_base_model, load_tokenizer, resolve_model
+    from fedmed_components.model.inference import GenerationSettings, predict_documents
+    from fedmed_components.model.modeling import apply_adapter, load_adapter_folder, load_base_model, load_tokenizer, resolve_model
 
     if args.adapter:
         load_adapter_folder(args.adapter)
     model_path = resolve_model(args.model)
-    from fedmed_components import token_classification as tc
+    from fedmed_components.model import token_classification as tc
 
     if tc.is_encoder_model(model_path):  # the BERT baseline: tagging, no generation
-        from fedmed_components.modeling import LoraSettings
+        from fedmed_components.model.modeling import LoraSettings
 
         model = tc.load_model(model_path, LoraSettings(), adapter=args.adapter)
         preds = tc.predict_documents_bert(model, tc.load_tokenizer(model_path), notes, batch_size=args.batch_size, progress=True)
@@ -97,8 +97,8 @@ def _run(args) -> int:
 
 
 def _write(preds, out: Path, summary: str) -> int:
-    from fedmed_components.brat import write_brat_dir
-    from fedmed_components.document import write_jsonl
+    from fedmed_components.data.brat import write_brat_dir
+    from fedmed_components.data.document import write_jsonl
 
     write_jsonl(preds, out / "predictions.jsonl")
     write_brat_dir(preds, out / "brat")  # ids were checked when the notes were read

@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 def register(subparsers) -> None:
-    from fedmed_components.site import add_site_arguments
+    from fedmed_components.model.site import add_site_arguments
 
     p = subparsers.add_parser(
         "train-local",
@@ -25,8 +25,8 @@ def register(subparsers) -> None:
 
 
 def _run(args) -> int:
-    from fedmed_components.modeling import save_adapter_folder
-    from fedmed_components.site import SiteRuntime, site_config_from_args
+    from fedmed_components.model.modeling import save_adapter_folder
+    from fedmed_components.model.site import SiteRuntime, site_config_from_args
 
     folders = [f for f in args.data.split(",") if f]
     if not folders:

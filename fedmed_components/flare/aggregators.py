@@ -21,9 +21,9 @@ from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.aggregators.model_aggregator import ModelAggregator
 from safetensors.torch import load_file, save_file
 
-from fedmed_components import aggregation, robust_aggregation
+from fedmed_components.federation import aggregation, robust_aggregation
+from fedmed_components.federation.update_validation import Rejection, norm_outliers, update_norm, validate_update
 from fedmed_components.flare.wire import SERVER_OPTIMIZER_STATE
-from fedmed_components.update_validation import Rejection, norm_outliers, update_norm, validate_update
 
 
 @dataclass

@@ -14,7 +14,7 @@ import time
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.workflows.model_controller import ModelController
 
-from fedmed_components import aggregation, sampling
+from fedmed_components.federation import aggregation, sampling
 from fedmed_components.flare.wire import CANDIDATES_TASK, TRAIN_TASK, pack_candidates
 
 LOSS_SOURCES = ("none", "server", "sites")

@@ -32,8 +32,8 @@ class ServerLossEvaluator(FLComponent):
         self._runtime = None
 
     def _load(self):
-        from fedmed_components.site import SiteConfig, SiteRuntime
-        from fedmed_components.training import TrainSettings
+        from fedmed_components.model.site import SiteConfig, SiteRuntime
+        from fedmed_components.model.training import TrainSettings
 
         config = SiteConfig(
             model=self.model,

@@ -1,4 +1,4 @@
-"""Site privacy filters: FLARE ``Filter`` classes over ``fedmed_components.privacy``.
+"""Site privacy filters: FLARE ``Filter`` classes over ``fedmed_components.federation.privacy``.
 
 A hospital lists them in its ``local/privacy.json`` (``poc_setup/privacy.json`` is the
 shipped policy); a job picks the scope with ``"scope"`` in its meta.json. At a site the
@@ -29,7 +29,7 @@ from nvflare.apis.fl_constant import FLContextKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import ReservedHeaderKey, Shareable, make_reply
 
-from fedmed_components import privacy
+from fedmed_components.federation import privacy
 
 INT8_META_KEY = "fedmed_int8"  # {"scales": {key: [scale, dtype]}, "numpy": bool} on a quantised result
 DP_META_KEY = "fedmed_dp"  # what the DP filter did, for the server's records

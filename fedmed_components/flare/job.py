@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedmed_components.processes import blas_thread_caps, stop_process_trees
+from fedmed_components.flare.processes import blas_thread_caps, stop_process_trees
 
 # Server optimisers (Reddi et al. 2021) on Fed-MedLoRA's token-weighted average: job algorithm -> rule.
 SERVER_OPTIMIZERS = {"fed_avgm": "fedavgm", "fed_adam": "fedadam", "fed_yogi": "fedyogi"}
@@ -85,7 +85,7 @@ class JobSpec:
         """What the persistor needs to build and save the global adapter."""
         if self.task_model != "token-classification":
             return {"r": self.rank, "alpha": self.alpha}
-        from fedmed_components.token_classification import ENCODER_TARGET_MODULES
+        from fedmed_components.model.token_classification import ENCODER_TARGET_MODULES
 
         return {"r": self.rank, "alpha": self.alpha, "target_modules": list(ENCODER_TARGET_MODULES), "task_type": "TOKEN_CLS"}
 

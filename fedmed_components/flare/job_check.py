@@ -18,7 +18,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from fedmed_components.document import InputError
+from fedmed_components.data.document import InputError
 
 CONFIG_GLOB = "*/config/config_fed_*.json"
 

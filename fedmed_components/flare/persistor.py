@@ -23,7 +23,7 @@ from nvflare.app_common.app_constant import AppConstants
 from safetensors.torch import load_file, save_file
 
 from fedmed_components.flare.wire import SERVER_OPTIMIZER_STATE
-from fedmed_components.modeling import (
+from fedmed_components.model.modeling import (
     LoraSettings,
     fsync_path,
     initial_adapter_from_config,

@@ -8,7 +8,7 @@ import time
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 
 from fedmed_components.flare.wire import CANDIDATES_TASK, SUBMIT_MODEL_TASK, TRAIN_TASK, VALIDATE_TASK, unpack_candidates
-from fedmed_components.modeling import adapter_num_bytes
+from fedmed_components.model.modeling import adapter_num_bytes
 
 log = logging.getLogger("fedmed.site")
 

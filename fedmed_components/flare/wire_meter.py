@@ -42,7 +42,7 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.fuel.f3.cellnet.utils import buffer_len
 from nvflare.fuel.f3.sfm.prefix import PREFIX_LEN
 
-from fedmed_components.modeling import adapter_num_bytes
+from fedmed_components.model.modeling import adapter_num_bytes
 
 
 def message_wire_bytes(message) -> tuple[int, int]:

@@ -11,10 +11,10 @@ import argparse
 import nvflare.client as flare
 from nvflare.client.tracking import SummaryWriter
 
-from fedmed_components.document import InputError
+from fedmed_components.data.document import InputError
 from fedmed_components.flare import site_tasks
 from fedmed_components.flare.tracking import SiteTracker
-from fedmed_components.site import SiteRuntime, add_site_arguments, site_config_from_args, site_data_folder
+from fedmed_components.model.site import SiteRuntime, add_site_arguments, site_config_from_args, site_data_folder
 
 
 def main():

@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from fedmed_components.aggregation import is_lora_key
-from fedmed_components.update_validation import update_norm
+from fedmed_components.federation.aggregation import is_lora_key
+from fedmed_components.federation.update_validation import update_norm
 
 __all__ = [
     "DEFAULT_ORDERS",

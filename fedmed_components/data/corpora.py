@@ -19,8 +19,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedmed_components.bioc import read_bioc_files
-from fedmed_components.brat import (
+from fedmed_components.data.bioc import read_bioc_files
+from fedmed_components.data.brat import (
     MALFORMED_LINE,
     NOT_UTF8,
     OFFSETS_OUTSIDE_TEXT,
@@ -32,8 +32,8 @@ from fedmed_components.brat import (
     read_brat_files,
     warn_if_skipped,
 )
-from fedmed_components.document import DOCUMENT_PARSE_ERRORS, Document, Entity, InputError, Relation
-from fedmed_components.schema import CorpusMapping, fits_schema, get_mapping
+from fedmed_components.data.document import DOCUMENT_PARSE_ERRORS, Document, Entity, InputError, Relation
+from fedmed_components.data.schema import CorpusMapping, fits_schema, get_mapping
 
 logger = logging.getLogger(__name__)
 

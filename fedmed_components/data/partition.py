@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from fedmed_components.corpora import corpus_stats, mtsamples_note_type
-from fedmed_components.document import Document, InputError, write_jsonl
-from fedmed_components.schema import ENTITY_TYPES, MAIN_TYPES
+from fedmed_components.data.corpora import corpus_stats, mtsamples_note_type
+from fedmed_components.data.document import Document, InputError, write_jsonl
+from fedmed_components.data.schema import ENTITY_TYPES, MAIN_TYPES
 
 SiteDocs = dict[str, list[Document]]
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from fedmed_components.document import Document, Entity, Relation
+from fedmed_components.data.document import Document, Entity, Relation
 
 MODES = ("strict", "lenient")
 

@@ -86,8 +86,8 @@ def main_rows(results: dict[str, dict], site_names: list[str], external: str | N
 
 def per_type_rows(results: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
     """Pooled in-domain strict F1 per entity type (summed over the sites that annotate it)."""
-    from fedmed_components.metrics import prf
-    from fedmed_components.schema import ENTITY_TYPES
+    from fedmed_components.data.schema import ENTITY_TYPES
+    from fedmed_components.task.metrics import prf
 
     scored = _scored(results)
     present = [
@@ -126,7 +126,7 @@ def relation_rows(results: dict[str, dict], site_names: list[str]) -> tuple[list
 
 
 def _pooled_counts(result: dict, group: str, mode: str, notes=None):
-    from fedmed_components.bootstrap import aligned_counts
+    from fedmed_components.task.bootstrap import aligned_counts
 
     per_note = {site: s.get("per_note") or {} for site, s in result["scores"]["sites"].items()}
     return aligned_counts(per_note, group, mode, notes)
@@ -134,7 +134,7 @@ def _pooled_counts(result: dict, group: str, mode: str, notes=None):
 
 def paired(a: dict, b: dict, group: str = "main_entities", mode: str = "strict"):
     """Paired bootstrap interval of pooled F1(a) - F1(b) over the same test notes."""
-    from fedmed_components.bootstrap import paired_difference
+    from fedmed_components.task.bootstrap import paired_difference
 
     counts_a, strata, notes = _pooled_counts(a, group, mode)
     counts_b, _, _ = _pooled_counts(b, group, mode, notes)

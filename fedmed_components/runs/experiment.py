@@ -33,8 +33,8 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from fedmed_components.document import InputError
-from fedmed_components.experiment_data import DataSource, PreparedSite, Sampling, prepare_site, shots
+from fedmed_components.data.document import InputError
+from fedmed_components.runs.experiment_data import DataSource, PreparedSite, Sampling, prepare_site, shots
 
 log = logging.getLogger("fedmed.experiment")
 
@@ -159,7 +159,7 @@ def load_config(path: str | os.PathLike) -> ExperimentConfig:
         raise InputError(path, None, "an experiment needs at least one site")
     if cfg.schedule not in ("run", "round"):
         raise InputError(path, _line_of(path, "schedule"), f"schedule must be run or round, not {cfg.schedule!r}")
-    from fedmed_components.prompts import PROMPT_STYLES
+    from fedmed_components.task.prompts import PROMPT_STYLES
 
     if cfg.prompt_style not in PROMPT_STYLES:
         raise InputError(
@@ -198,7 +198,7 @@ def read_results(out: str | os.PathLike, run_ids: list[str] | None = None) -> di
 
 def pool_scores(scores: list[dict]) -> dict:
     """Micro-average several score objects (each already restricted to its site's types)."""
-    from fedmed_components.metrics import MODES, prf
+    from fedmed_components.task.metrics import MODES, prf
 
     def summed(group: str, mode: str):
         parts = [s[group][mode] for s in scores if s.get(group)]
@@ -221,7 +221,7 @@ def pool_scores(scores: list[dict]) -> dict:
 def interval_block(score: dict, per_note_by_site: dict | None = None) -> dict:
     """95% bootstrap intervals (over notes; stratified by site when pooled) of entity and
     relation strict / lenient F1 of one score object."""
-    from fedmed_components.bootstrap import aligned_counts, bootstrap_f1
+    from fedmed_components.task.bootstrap import aligned_counts, bootstrap_f1
 
     per_note = per_note_by_site or {"all": score.get("per_note") or {}}
     out = {}
@@ -258,7 +258,7 @@ class Scorer:
 
     def _load(self):
         if self._model is None:
-            from fedmed_components.modeling import LoraSettings, attach_lora, load_base_model, load_tokenizer
+            from fedmed_components.model.modeling import LoraSettings, attach_lora, load_base_model, load_tokenizer
 
             self._tokenizer = load_tokenizer(self.model_path)
             self._model = attach_lora(
@@ -271,8 +271,8 @@ class Scorer:
         gc.collect()
 
     def _predict_llm(self, adapter_state, docs, tasks=("ner", "modifier")):
-        from fedmed_components.inference import GenerationSettings, predict_documents
-        from fedmed_components.modeling import initial_adapter_from_config, set_adapter_state
+        from fedmed_components.model.inference import GenerationSettings, predict_documents
+        from fedmed_components.model.modeling import initial_adapter_from_config, set_adapter_state
 
         model, tokenizer = self._load()
         if adapter_state is None:
@@ -295,8 +295,8 @@ class Scorer:
         batches stay full. `predict(docs) -> (predictions, parse failures)` replaces the
         LLM (the BERT baseline). Parse failures are counted per call, not per split.
         Each score carries `per_note` counts, the units of the bootstrap intervals."""
-        from fedmed_components.document import write_jsonl
-        from fedmed_components.metrics import MODES, prf, score_documents
+        from fedmed_components.data.document import write_jsonl
+        from fedmed_components.task.metrics import MODES, prf, score_documents
 
         caches = {name: cache_dir / f"{name}.json" for name in sets}
         todo = [name for name in sets if not caches[name].exists()]
@@ -344,7 +344,7 @@ class Scorer:
 
 
 def main_types(types) -> set[str]:
-    from fedmed_components.schema import MAIN_TYPES
+    from fedmed_components.data.schema import MAIN_TYPES
 
     return {t for t in MAIN_TYPES if not types or t in types}
 
@@ -352,8 +352,8 @@ def main_types(types) -> set[str]:
 def per_note_counts(gold, pred, types) -> dict[str, dict]:
     """[tp, fp, fn] per note (its sentence documents summed), per group and mode; groups:
     entities (all types), main_entities (problem, treatment, test, drug), relations."""
-    from fedmed_components.bootstrap import note_id
-    from fedmed_components.metrics import document_counts
+    from fedmed_components.task.bootstrap import note_id
+    from fedmed_components.task.metrics import document_counts
 
     notes: dict[str, dict] = {}
     mains = document_counts(gold, pred, main_types(types))
@@ -367,7 +367,7 @@ def per_note_counts(gold, pred, types) -> dict[str, dict]:
 
 
 def _lora(cfg: ExperimentConfig):
-    from fedmed_components.modeling import LoraSettings
+    from fedmed_components.model.modeling import LoraSettings
 
     return LoraSettings(r=cfg.rank, alpha=cfg.alpha)
 
@@ -388,7 +388,7 @@ def full_model_parameters(model_path: str) -> int:
 
 def communication(adapter_state, model_path: str, rounds: int, sites: int) -> dict:
     """What travels per round per site: the fp32 adapter, versus full-model FedAvg in fp32."""
-    from fedmed_components.modeling import adapter_num_bytes
+    from fedmed_components.model.modeling import adapter_num_bytes
 
     adapter = adapter_num_bytes(adapter_state)
     full = full_model_parameters(model_path) * 4
@@ -415,9 +415,9 @@ def _site_config(
     lr: float | None = None,
     schedule_rounds: int | None = None,
 ):
-    from fedmed_components.sft_data import SFTConfig
-    from fedmed_components.site import SiteConfig
-    from fedmed_components.training import TrainSettings
+    from fedmed_components.model.site import SiteConfig
+    from fedmed_components.model.training import TrainSettings
+    from fedmed_components.task.examples import SFTConfig
 
     return SiteConfig(
         model=model or cfg.model,
@@ -459,8 +459,8 @@ def train_locally(
     adapter is saved, so an interrupted run resumes after its last saved round (AdamW's
     moments, kept between rounds under schedule "run", restart on a resume).
     `after_round(record, state)` may add to a round's record (validation F1)."""
-    from fedmed_components.modeling import load_adapter_folder, save_adapter_folder
-    from fedmed_components.site import SiteRuntime
+    from fedmed_components.model.modeling import load_adapter_folder, save_adapter_folder
+    from fedmed_components.model.site import SiteRuntime
 
     log_file = run_dir / "rounds.json"
     history = json.loads(log_file.read_text()) if log_file.exists() else []
@@ -592,7 +592,7 @@ class Experiment:
 
     def round_scores(self, history: list[dict], adapter_dir) -> None:
         """Validation F1 of every saved round's adapter (f1_every_round)."""
-        from fedmed_components.modeling import load_adapter_folder
+        from fedmed_components.model.modeling import load_adapter_folder
 
         for record in history:
             folder = adapter_dir(record["round"])
@@ -602,8 +602,8 @@ class Experiment:
             self.validation_scores(record, state, folder.parent / "round_scores" / f"round_{record['round']:03d}")
 
     def make_run(self, run_id: str) -> dict:
-        from fedmed_components.modeling import default_device, load_adapter_folder
-        from fedmed_components.precision import resolve_precision
+        from fedmed_components.model.modeling import default_device, load_adapter_folder
+        from fedmed_components.model.precision import resolve_precision
 
         cfg, run_dir = self.cfg, self.run_dir(run_id)
         _start_over_if_changed(run_id, cfg, run_dir)
@@ -653,8 +653,8 @@ class Experiment:
 
     def new_site_run(self, run_id: str, run_dir: Path) -> dict:
         """Fine-tune on N sentences of the new cohort, from scratch or from the federated global adapter."""
-        from fedmed_components.document import write_jsonl
-        from fedmed_components.modeling import load_adapter_folder
+        from fedmed_components.data.document import write_jsonl
+        from fedmed_components.model.modeling import load_adapter_folder
 
         cfg, site = self.cfg, self.external
         start, n, seed = parse_new_site_id(run_id)
@@ -699,8 +699,8 @@ class Experiment:
 def bert_baseline(exp: Experiment) -> dict:
     """BERT token classification (LoRA + tagging head) trained on the pooled sites with the
     centralised budget by the sites' own runtime, scored with the same metrics."""
-    from fedmed_components import token_classification as tc
-    from fedmed_components.modeling import resolve_model
+    from fedmed_components.model import token_classification as tc
+    from fedmed_components.model.modeling import resolve_model
 
     cfg, run_dir = exp.cfg, exp.run_dir("bert")
     try:
@@ -733,7 +733,7 @@ def bert_baseline(exp: Experiment) -> dict:
 
 def prepare(cfg: ExperimentConfig, work: Path) -> tuple[list[PreparedSite], PreparedSite | None]:
     """Cut every site folder (test held out first), and the server's validation file."""
-    from fedmed_components.document import write_jsonl
+    from fedmed_components.data.document import write_jsonl
 
     data = work / "data"
     sites = [prepare_site(s, cfg.sampling, data) for s in cfg.sites]
@@ -747,8 +747,8 @@ def prepare(cfg: ExperimentConfig, work: Path) -> tuple[list[PreparedSite], Prep
 def run_experiment(
     cfg: ExperimentConfig, out: str | os.PathLike, *, work: str | os.PathLike | None = None, only: list[str] | None = None
 ) -> dict[str, dict]:
-    from fedmed_components.experiment_report import write_report
-    from fedmed_components.modeling import resolve_model
+    from fedmed_components.model.modeling import resolve_model
+    from fedmed_components.runs.experiment_report import write_report
 
     out = Path(out).resolve()
     work = Path(work).resolve() if work else out / "work"

@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fedmed_components.dp_sgd import gradients_by_record, noisy_clipped_gradient, parse_dp_sgd, poisson_sample, record_ids
-from fedmed_components.precision import autocast, resolve_precision
-from fedmed_components.privacy import RdpAccountant
+from fedmed_components.federation.privacy import RdpAccountant
+from fedmed_components.model.dp_sgd import gradients_by_record, noisy_clipped_gradient, parse_dp_sgd, poisson_sample, record_ids
+from fedmed_components.model.precision import autocast, resolve_precision
 
 log = logging.getLogger("fedmed.training")
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from xml.parsers import expat
 
-from fedmed_components.brat import (
+from fedmed_components.data.brat import (
     DUPLICATE_ID,
     MALFORMED_LINE,
     NOT_UTF8,
@@ -34,7 +34,7 @@ from fedmed_components.brat import (
     ReadReport,
     warn_if_skipped,
 )
-from fedmed_components.document import Document, Entity, InputError, Relation
+from fedmed_components.data.document import Document, Entity, InputError, Relation
 
 # A parse error stops the read even in lenient mode: nothing after it can be trusted.
 NOT_WELL_FORMED = "not well-formed XML"

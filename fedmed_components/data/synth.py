@@ -20,7 +20,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedmed_components.document import Document, Entity, Relation
+from fedmed_components.data.document import Document, Entity, Relation
 
 PROBLEMS = [
     "chest pain",
@@ -336,7 +336,7 @@ def add_synth_parser(data_subparsers) -> None:
 
 
 def _synth_command(args) -> int:
-    from fedmed_components.document import InputError, write_jsonl
+    from fedmed_components.data.document import InputError, write_jsonl
 
     if args.sites < 1 or args.docs_per_site < 1:
         raise InputError(None, None, "--sites and --docs-per-site must be at least 1")
@@ -345,7 +345,7 @@ def _synth_command(args) -> int:
         if args.format == "jsonl":
             write_jsonl(docs, out / site / "train.jsonl")
         else:
-            from fedmed_components.brat import write_brat_dir
+            from fedmed_components.data.brat import write_brat_dir
 
             write_brat_dir(docs, out / site)
         print(f"{site}: {len(docs)} synthetic notes -> {out / site}")

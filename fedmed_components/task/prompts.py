@@ -40,9 +40,9 @@ import json
 from collections import Counter
 from dataclasses import dataclass
 
-from fedmed_components.document import Document, Entity
-from fedmed_components.schema import MAIN_TYPES, MODIFIER_TYPES
-from fedmed_components.segmentation import split_sentences
+from fedmed_components.data.document import Document, Entity
+from fedmed_components.data.schema import MAIN_TYPES, MODIFIER_TYPES
+from fedmed_components.data.segmentation import split_sentences
 
 SYSTEM_PROMPT = "You are a clinical information extraction assistant."
 IGNORE_INDEX = -100

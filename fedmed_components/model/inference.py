@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fedmed_components.document import Document, Entity, Relation
+from fedmed_components.data.document import Document, Entity, Relation
 
 log = logging.getLogger("fedmed.inference")
 
@@ -71,7 +71,7 @@ def generate(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    from fedmed_components.precision import autocast, resolve_precision
+    from fedmed_components.model.precision import autocast, resolve_precision
 
     try:
         with torch.inference_mode(), autocast(resolve_precision(settings.precision, device), device):
@@ -199,10 +199,10 @@ def predict_documents(
 ) -> tuple[list[Document], PredictionReport]:
     """Predict main entities per sentence, then each entity's modifiers; note offsets.
     `prompt_style` must be the one the adapter was trained with (prompts.PROMPT_STYLES)."""
-    from fedmed_components.parsing import parse_modifiers, parse_ner
-    from fedmed_components.prompts import modifier_prompt, ner_prompt, render_chat
-    from fedmed_components.prompts import prompt_style as get_style
-    from fedmed_components.segmentation import split_sentences
+    from fedmed_components.data.segmentation import split_sentences
+    from fedmed_components.task.parsing import parse_modifiers, parse_ner
+    from fedmed_components.task.prompts import modifier_prompt, ner_prompt, render_chat
+    from fedmed_components.task.prompts import prompt_style as get_style
 
     style = get_style(prompt_style)
     ner_format, modifier_format = style.formats(output_format)

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from fedmed_components import token_classification as tc
-from fedmed_components.document import Document, InputError, read_jsonl
-from fedmed_components.modeling import (
+from fedmed_components.data.document import Document, InputError, read_jsonl
+from fedmed_components.model import token_classification as tc
+from fedmed_components.model.modeling import (
     LoraSettings,
     attach_lora,
     get_adapter_state,
@@ -27,8 +27,8 @@ from fedmed_components.modeling import (
     resolve_model,
     set_adapter_state,
 )
-from fedmed_components.sft_data import SFTConfig, build_sft_dataset
-from fedmed_components.training import LocalTrainer, RoundStats, TrainSettings
+from fedmed_components.model.training import LocalTrainer, RoundStats, TrainSettings
+from fedmed_components.task.examples import SFTConfig, build_sft_dataset
 
 log = logging.getLogger("fedmed.site")
 
@@ -65,8 +65,8 @@ def load_site_data(
 ) -> SiteData:
     """A site folder holds train.jsonl (+ val.jsonl) or a corpus that is split here.
     Bad input raises InputError naming file and line; `lenient` skips it, counted."""
-    from fedmed_components.brat import ReadReport
-    from fedmed_components.corpora import load_corpus, read_jsonl_checked
+    from fedmed_components.data.brat import ReadReport
+    from fedmed_components.data.corpora import load_corpus, read_jsonl_checked
 
     folder = Path(folder)
     if not folder.exists():
@@ -104,7 +104,7 @@ def _annotated_types(folder: Path, mapping: str | None) -> set[str] | None:
         if types:
             return set(types)
     if mapping:
-        from fedmed_components.schema import get_mapping
+        from fedmed_components.data.schema import get_mapping
 
         return set(get_mapping(mapping).annotated_types)
     return None
@@ -202,7 +202,7 @@ class SiteRuntime:
         """Load a global adapter; a rank other than the site's is projected by SVD."""
         own = self.adapter_state()
         if any(tuple(state[k].shape) != tuple(own[k].shape) for k in own if k in state):
-            from fedmed_components.aggregation import exact_lora, is_lora_A
+            from fedmed_components.federation.aggregation import exact_lora, is_lora_A
 
             # LoRA's scaling is alpha / r: keep the product B·A·scaling when changing rank.
             global_rank = next(v.shape[0] for k, v in state.items() if is_lora_A(k))
@@ -232,7 +232,7 @@ class SiteRuntime:
         cheap); None for the LLM, whose F1 needs generation (`fedmed eval` scores it)."""
         if self.task_model != tc.TOKEN_CLASSIFICATION or not self.val_docs:
             return None
-        from fedmed_components.metrics import score_documents
+        from fedmed_components.task.metrics import score_documents
 
         preds = tc.predict_documents_bert(self.model, self.tokenizer, self.val_docs, max_length=self.config.train.max_length)
         self.model.train()

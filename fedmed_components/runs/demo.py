@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedmed_components.document import Document, write_jsonl
+from fedmed_components.data.document import Document, write_jsonl
 
 log = logging.getLogger("fedmed.demo")
 
@@ -51,7 +51,7 @@ class DemoConfig:
 
 def write_demo_data(cfg: DemoConfig, data_dir: Path) -> tuple[list[str], list[Document]]:
     """Per-site train/val JSONL and one pooled held-out test file."""
-    from fedmed_components.synth import demo_corpus
+    from fedmed_components.data.synth import demo_corpus
 
     corpus = demo_corpus(n_sites=cfg.sites, docs_per_site=cfg.docs_per_site + cfg.test_docs + 2, seed=cfg.seed)
     sites, test = [], []
@@ -69,9 +69,15 @@ def write_demo_data(cfg: DemoConfig, data_dir: Path) -> tuple[list[str], list[Do
 
 def evaluate_adapter(model_path: str, adapter_state, test: list[Document], lora, *, progress: bool = True) -> dict:
     """Strict/lenient F1 of base + adapter (None: the untrained starting adapter)."""
-    from fedmed_components.inference import predict_documents
-    from fedmed_components.metrics import score_documents
-    from fedmed_components.modeling import attach_lora, initial_adapter_from_config, load_base_model, load_tokenizer, set_adapter_state
+    from fedmed_components.model.inference import predict_documents
+    from fedmed_components.model.modeling import (
+        attach_lora,
+        initial_adapter_from_config,
+        load_base_model,
+        load_tokenizer,
+        set_adapter_state,
+    )
+    from fedmed_components.task.metrics import score_documents
 
     tokenizer = load_tokenizer(model_path)
     model = attach_lora(load_base_model(model_path, quantize="none"), lora)
@@ -82,7 +88,7 @@ def evaluate_adapter(model_path: str, adapter_state, test: list[Document], lora,
 
 def run_demo(cfg: DemoConfig) -> dict:
     from fedmed_components.flare.job import JobSpec, export_job, run_simulator
-    from fedmed_components.modeling import LoraSettings, load_adapter_folder, resolve_model
+    from fedmed_components.model.modeling import LoraSettings, load_adapter_folder, resolve_model
 
     started = time.perf_counter()
     out = Path(cfg.out).resolve()

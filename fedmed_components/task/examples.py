@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fedmed_components.document import Document
+from fedmed_components.data.document import Document
 
 
 @dataclass
@@ -19,7 +19,7 @@ class SFTConfig:
 
 def build_examples(docs: list[Document], config: SFTConfig, types: set[str] | None = None):
     """Sentence-level prompt/answer pairs for every document (text only, no tokens)."""
-    from fedmed_components.prompts import document_examples
+    from fedmed_components.task.prompts import document_examples
 
     examples = []
     for doc in docs:
@@ -36,7 +36,7 @@ def build_examples(docs: list[Document], config: SFTConfig, types: set[str] | No
 
 def tokenize_examples(examples, tokenizer, config: SFTConfig) -> list[dict]:
     """Tokenise with the chat template; examples with no supervised token left are dropped."""
-    from fedmed_components.prompts import tokenize_example
+    from fedmed_components.task.prompts import tokenize_example
 
     out = []
     for example in examples:

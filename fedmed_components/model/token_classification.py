@@ -37,12 +37,13 @@ from dataclasses import replace
 
 import torch
 
-from fedmed_components.document import Document, Relation
-from fedmed_components.metrics import bio_tags
-from fedmed_components.modeling import PAPER_TARGET_MODULES, LoraSettings
-from fedmed_components.schema import MAIN_TYPES, MODIFIER_TYPES
-from fedmed_components.segmentation import split_sentences
-from fedmed_components.training import IGNORE_INDEX
+from fedmed_components.data.document import Document, Relation
+from fedmed_components.data.schema import MAIN_TYPES, MODIFIER_TYPES
+from fedmed_components.data.segmentation import split_sentences
+from fedmed_components.model.modeling import PAPER_TARGET_MODULES, LoraSettings
+from fedmed_components.model.training import IGNORE_INDEX
+from fedmed_components.task.bio_labels import ID2LABEL, MAIN_TAGS, MODIFIER_TAGS, NUM_LABELS, NUM_MAIN
+from fedmed_components.task.metrics import bio_tags
 
 log = logging.getLogger("fedmed.token_classification")
 
@@ -58,17 +59,6 @@ ENCODER_MODEL_TYPES = frozenset(
 # attention output, intermediate and output dense).
 ENCODER_TARGET_MODULES = ("query", "key", "value", "dense")
 HEAD_MODULES = ("classifier",)  # the head PEFT saves with a TOKEN_CLS adapter
-
-
-def _tags(types: tuple[str, ...]) -> list[str]:
-    return ["O"] + [f"{p}-{t}" for t in types for p in ("B", "I")]
-
-
-MAIN_TAGS = _tags(MAIN_TYPES)
-MODIFIER_TAGS = _tags(MODIFIER_TYPES)
-NUM_MAIN = len(MAIN_TAGS)
-NUM_LABELS = NUM_MAIN + len(MODIFIER_TAGS)
-ID2LABEL = {i: f"main/{t}" for i, t in enumerate(MAIN_TAGS)} | {NUM_MAIN + i: f"modifier/{t}" for i, t in enumerate(MODIFIER_TAGS)}
 
 
 # ------------------------------------------------------------------------ models
@@ -108,7 +98,7 @@ def load_model(model_path: str, settings: LoraSettings, *, device: str | None = 
     from peft import get_peft_model
     from transformers import AutoModelForTokenClassification
 
-    from fedmed_components.modeling import apply_adapter, default_device
+    from fedmed_components.model.modeling import apply_adapter, default_device
 
     base = AutoModelForTokenClassification.from_pretrained(
         model_path, num_labels=NUM_LABELS, id2label=ID2LABEL, label2id={v: k for k, v in ID2LABEL.items()}, dtype=torch.float32
@@ -214,7 +204,7 @@ def train_documents(
     model, tokenizer, docs: list[Document], settings, *, types: set[str] | None = None, progress: bool = False, on_step=None
 ):
     """One local round on documents (for experiment code); returns training.RoundStats."""
-    from fedmed_components.training import LocalTrainer
+    from fedmed_components.model.training import LocalTrainer
 
     examples = build_examples(docs, tokenizer, settings.max_length, types)
     trainer = LocalTrainer(model, tokenizer.pad_token_id, settings, loss_fn=tagging_loss, collate_fn=collate_tagged)
@@ -258,7 +248,7 @@ def predict_documents_bert(
     """Predicted entities (both layers) and nearest-main hasAttr relations, note offsets."""
     from tqdm.auto import tqdm
 
-    from fedmed_components.inference import _add_entity
+    from fedmed_components.model.inference import _add_entity
 
     device = next(model.parameters()).device
     windows = list(_windows(docs, tokenizer, max_length))

@@ -64,8 +64,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from fedmed_components.aggregation import fed_medlora, normalize_weights
-from fedmed_components.update_validation import update_norm
+from fedmed_components.federation.aggregation import fed_medlora, normalize_weights
+from fedmed_components.federation.update_validation import update_norm
 
 log = logging.getLogger("fedmed.aggregation")
 

@@ -17,9 +17,9 @@ import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from fedmed_components.document import Document, Entity, InputError, Relation, read_jsonl, write_jsonl
-from fedmed_components.schema import ENTITY_TYPES, RELATION_TYPES, get_mapping
-from fedmed_components.segmentation import split_sentences
+from fedmed_components.data.document import Document, Entity, InputError, Relation, read_jsonl, write_jsonl
+from fedmed_components.data.schema import ENTITY_TYPES, RELATION_TYPES, get_mapping
+from fedmed_components.data.segmentation import split_sentences
 
 PARTS = ("train", "val", "test")
 
@@ -74,12 +74,12 @@ class PreparedSite:
 def load_source(source: DataSource, seed: int) -> tuple[list[Document], list[Document] | None]:
     """All documents of a source (and its own test documents, if it has a test split)."""
     if source.synthetic_style:
-        from fedmed_components.synth import generate_site_corpus
+        from fedmed_components.data.synth import generate_site_corpus
 
         return generate_site_corpus(source.name, source.synthetic_docs, seed, source.synthetic_style), None
     if not source.path:
         raise InputError(None, None, f"data source {source.name!r}: give a path or synthetic_style")
-    from fedmed_components.corpora import mtsamples_note_type
+    from fedmed_components.data.corpora import mtsamples_note_type
 
     docs = _load_quietly(source.path, source.mapping, source.name)
     if source.note_type:
@@ -94,7 +94,7 @@ def _load_quietly(path: str, mapping: str, site: str) -> list[Document]:
     """Real corpora carry a few known defects; skip them leniently, as `data convert --lenient-input` does."""
     import warnings
 
-    from fedmed_components.corpora import load_corpus
+    from fedmed_components.data.corpora import load_corpus
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -122,7 +122,7 @@ def _sample(items: list, limit: int | None, rng: random.Random) -> list:
 
 def split_source(source: DataSource, sampling: Sampling) -> dict[str, list[Document]]:
     """train / val / test sentence documents of one source; deterministic in the seed."""
-    from fedmed_components.partition import train_test_split
+    from fedmed_components.data.partition import train_test_split
 
     docs, own_test = load_source(source, sampling.seed)
     if own_test is not None:

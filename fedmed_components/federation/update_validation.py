@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fedmed_components.aggregation import is_lora_A, is_lora_B, is_lora_key, lora_partner
+from fedmed_components.federation.aggregation import is_lora_A, is_lora_B, is_lora_key, lora_partner
 
 log = logging.getLogger("fedmed.validation")
 

@@ -24,7 +24,7 @@ import json
 import re
 from dataclasses import dataclass, field
 
-from fedmed_components.schema import MAIN_TYPES, MODIFIER_TYPES
+from fedmed_components.data.schema import MAIN_TYPES, MODIFIER_TYPES
 
 _TAG = re.compile(r"<\s*(/?)\s*(span|main)\b([^>]*)>", re.IGNORECASE)
 _CLASS = re.compile(r"""class\s*=\s*["']?([\w-]+)""", re.IGNORECASE)

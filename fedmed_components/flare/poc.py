@@ -39,7 +39,7 @@ from pathlib import Path
 
 import yaml
 
-from fedmed_components.processes import blas_thread_caps
+from fedmed_components.flare.processes import blas_thread_caps
 
 POC_SETUP = Path(__file__).resolve().parents[1] / "poc_setup"
 DEFAULT_PRIVACY = POC_SETUP / "privacy.json"
@@ -345,7 +345,7 @@ def start_kit(kit: Path, log: Path, env: dict) -> dict:
 def stop_processes(records, marker: str | None = None, grace: float = 10.0) -> list[int]:
     """Stop recorded processes: their process groups, their trees and any process whose
     command line holds ``marker`` (see `processes.stop_process_trees`). Returns the pids."""
-    from fedmed_components.processes import stop_process_trees
+    from fedmed_components.flare.processes import stop_process_trees
 
     roots = []
     for rec in records:
@@ -494,7 +494,7 @@ def stop_participant(root, name: str, *, kill: bool = False, grace: float = 10.0
                 pass
         psutil.wait_procs(list(victims.values()), timeout=grace)
     else:
-        from fedmed_components.processes import stop_process_trees
+        from fedmed_components.flare.processes import stop_process_trees
 
         stop_process_trees(list(victims), grace=grace)
     ws.save(state)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from fedmed_components.document import InputError
+from fedmed_components.data.document import InputError
 from fedmed_components.errors import ModelError
 
 log = logging.getLogger("fedmed.modeling")
@@ -389,12 +389,12 @@ def initial_adapter_from_config(model_path: str, settings: LoraSettings, *, seed
     from peft import get_peft_model, get_peft_model_state_dict
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForTokenClassification
 
-    from fedmed_components.aggregation import is_lora_key
+    from fedmed_components.federation.aggregation import is_lora_key
 
     config = AutoConfig.from_pretrained(model_path)
     auto_class = AutoModelForCausalLM
     if settings.task_type == "TOKEN_CLS":  # the BERT baseline: encoder + its tagging head
-        from fedmed_components.token_classification import NUM_LABELS
+        from fedmed_components.task.bio_labels import NUM_LABELS
 
         config.num_labels, auto_class = NUM_LABELS, AutoModelForTokenClassification
     with torch.device("meta"):

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from fedmed_components.document import Document, Entity, InputError, Relation
+from fedmed_components.data.document import Document, Entity, InputError, Relation
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,2 @@
+"""The model at a site: built-in and HF models with their LoRA adapters, the trainer (bf16,
+DP-SGD, FedProx), generation, the token-classification baseline and the site runtime."""
