@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def site_documents(cfg):
     """(site, its train sentences, its annotated types) for every site of the config."""
-    from fedmed_components.runs.experiment_data import split_source
+    from fedmed_components.runs.experiment.data import split_source
 
     for source in cfg.sites:
         yield source.name, split_source(source, cfg.sampling)["train"], set(source.annotated_types())

@@ -9,9 +9,7 @@ import pytest
 import yaml
 
 from fedmed_components.data.document import Document, Entity, InputError, Relation
-from fedmed_components.runs.experiment import load_config, pool_scores
-from fedmed_components.runs.experiment_data import DataSource, Sampling, prepare_site, sentence_documents
-from fedmed_components.runs.experiment_report import PLOTS
+from fedmed_components.runs.experiment import PLOTS, DataSource, Sampling, load_config, pool_scores, prepare_site, sentence_documents
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -244,7 +242,8 @@ def test_results_folder_refuses_a_changed_config(tmp_path):
     one run depends on (BERT's) re-makes just that run once its JSON is deleted."""
     from dataclasses import replace
 
-    from fedmed_components.runs.experiment import _refuse_other_config, run_experiment
+    from fedmed_components.runs.experiment import run_experiment
+    from fedmed_components.runs.experiment.resume import _refuse_other_config
 
     cfg = load_config(ROOT / "experiments" / "mini.yaml")
     out = tmp_path / "results"
@@ -275,7 +274,7 @@ def test_results_folder_refuses_a_changed_config(tmp_path):
 def test_saved_rounds_of_other_settings_are_not_resumed(tmp_path, capsys):
     from dataclasses import replace
 
-    from fedmed_components.runs.experiment import _start_over_if_changed
+    from fedmed_components.runs.experiment.resume import _start_over_if_changed
 
     cfg = load_config(ROOT / "experiments" / "mini.yaml")
     run_dir = tmp_path / "bert"

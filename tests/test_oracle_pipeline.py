@@ -37,7 +37,7 @@ def _oracle_scores(monkeypatch, docs, types=None, style="paper"):
 @pytest.mark.parametrize("style", sorted(prompts.PROMPT_STYLES))
 def test_gold_answers_score_full_marks_on_synthetic_notes(monkeypatch, style):
     from fedmed_components.data.synth import generate_site_corpus
-    from fedmed_components.runs.experiment_data import sentence_documents
+    from fedmed_components.runs.experiment.data import sentence_documents
 
     docs = [s for d in generate_site_corpus("site", 6, 0, "discharge_summary") for s in sentence_documents(d)]
     every, mains = _oracle_scores(monkeypatch, docs, style=style)
@@ -49,7 +49,7 @@ def test_gold_answers_score_full_marks_on_synthetic_notes(monkeypatch, style):
 @pytest.mark.parametrize("style", sorted(prompts.PROMPT_STYLES))
 @pytest.mark.parametrize("folder, mapping", [("mtsamples_kiwi/train", "kiwi"), ("maccrobat2020/brat", "maccrobat")])
 def test_gold_answers_score_full_marks_on_real_notes(monkeypatch, shared_data, folder, mapping, style):
-    from fedmed_components.runs.experiment_data import DataSource, Sampling, split_source
+    from fedmed_components.runs.experiment.data import DataSource, Sampling, split_source
 
     source = DataSource(name="oracle", path=str(shared_data / folder), mapping=mapping)
     docs = split_source(source, Sampling(max_test_sentences=400))["test"]

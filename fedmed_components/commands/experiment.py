@@ -32,8 +32,7 @@ def register(subparsers) -> None:
 def _run(args) -> int:
     from pathlib import Path
 
-    from fedmed_components.runs.experiment import load_config, read_results, run_experiment
-    from fedmed_components.runs.experiment_report import write_report
+    from fedmed_components.runs.experiment import load_config, read_results, run_experiment, write_report
 
     cfg = load_config(args.config)
     out = Path(args.out or Path("experiment_results") / cfg.name)

@@ -1,0 +1,117 @@
+"""What the evaluation compares: paired bootstrap differences between runs, and its goals, measured."""
+
+from __future__ import annotations
+
+from fedmed_components.runs.experiment.tables import f1
+
+
+def _pooled_counts(result: dict, group: str, mode: str, notes=None):
+    from fedmed_components.task.bootstrap import aligned_counts
+
+    per_note = {site: s.get("per_note") or {} for site, s in result["scores"]["sites"].items()}
+    return aligned_counts(per_note, group, mode, notes)
+
+
+def paired(a: dict, b: dict, group: str = "main_entities", mode: str = "strict"):
+    """Paired bootstrap interval of pooled F1(a) - F1(b) over the same test notes."""
+    from fedmed_components.task.bootstrap import paired_difference
+
+    counts_a, strata, notes = _pooled_counts(a, group, mode)
+    counts_b, _, _ = _pooled_counts(b, group, mode, notes)
+    return paired_difference(counts_a, counts_b, strata)
+
+
+def _pooled_f1(results: dict, run_id: str, group: str = "main_entities") -> float | None:
+    return f1(((results.get(run_id) or {}).get("scores") or {}).get("pooled"), group, "strict")
+
+
+def comparisons(results: dict[str, dict]) -> list[tuple[str, str, str]]:
+    """The differences the evaluation is about: (label, run a, run b), both finished."""
+    singles = {
+        r: _pooled_f1(results, r) for r, v in results.items() if v.get("kind") == "single_site" and _pooled_f1(results, r) is not None
+    }
+    best_single = max(singles, key=singles.get) if singles else None
+    wanted = [
+        ("Fed-MedLoRA+ - centralised", "fed_medlora_plus", "centralised"),
+        (f"Fed-MedLoRA+ - best single site ({best_single})", "fed_medlora_plus", best_single),
+        ("Fed-MedLoRA+ - Fed-MedLoRA", "fed_medlora_plus", "fed_medlora"),
+        ("Fed-MedLoRA+ (LLM) - BERT", "fed_medlora_plus", "bert"),
+        ("centralised (LLM) - BERT", "centralised", "bert"),
+        ("Fed-MedLoRA - centralised", "fed_medlora", "centralised"),
+    ]
+    return [
+        (label, a, b)
+        for label, a, b in wanted
+        if a in results and b in results and "pooled" in results[a].get("scores", {}) and "pooled" in results[b].get("scores", {})
+    ]
+
+
+def difference_rows(results: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
+    header = ["difference", "main-entity strict F1: a - b [95% CI]", "modifier strict F1: a - b [95% CI]"]
+    rows = []
+    for label, a, b in comparisons(results):
+        ent = paired(results[a], results[b])
+        cells = [label, f"{ent.estimate:+.3f} [{ent.low:+.3f}, {ent.high:+.3f}]"]
+        if results[a]["scores"]["pooled"].get("relations") and results[b]["scores"]["pooled"].get("relations"):
+            rel = paired(results[a], results[b], "relations")
+            cells.append(f"{rel.estimate:+.3f} [{rel.low:+.3f}, {rel.high:+.3f}]")
+        else:
+            cells.append("n/a")
+        rows.append(cells)
+    return header, rows
+
+
+def goals(results: dict[str, dict], cfg=None) -> list[str]:
+    """The evaluation issue's goals, measured (not judged kindly)."""
+    lines = []
+    central, plus = _pooled_f1(results, "centralised"), _pooled_f1(results, "fed_medlora_plus")
+    if central is not None:
+        lines.append(f"- centralised >= 0.70 pooled strict main-entity F1: {central:.3f} ({'met' if central >= 0.70 else 'missed'})")
+    if plus is not None and central:
+        lines.append(
+            f"- Fed-MedLoRA+ >= 0.95x centralised: {plus:.3f} / {central:.3f} = {plus / central:.3f}x "
+            f"({'met' if plus / central >= 0.95 else 'missed'})"
+        )
+    fed = {r: _pooled_f1(results, r) for r, v in results.items() if v.get("kind") == "federated" and _pooled_f1(results, r) is not None}
+    single = {
+        r: _pooled_f1(results, r) for r, v in results.items() if v.get("kind") == "single_site" and _pooled_f1(results, r) is not None
+    }
+    if fed and single:
+        worst_fed, best_single = min(fed, key=fed.get), max(single, key=single.get)
+        gap = paired(results[worst_fed], results[best_single])
+        met = gap.low > 0
+        lines.append(
+            f"- every federated run above every single site, intervals showing it: lowest federated {worst_fed} {fed[worst_fed]:.3f} "
+            f"vs best single {best_single} {single[best_single]:.3f}, difference {gap.estimate:+.3f} [{gap.low:+.3f}, {gap.high:+.3f}] "
+            f"({'met' if met else 'missed'})"
+        )
+    bert = _pooled_f1(results, "bert")
+    if fed and bert is not None:
+        for run_id in fed:
+            gap = paired(results[run_id], results["bert"])
+            lines.append(
+                f"- {run_id} above BERT: {fed[run_id]:.3f} vs {bert:.3f}, difference {gap.estimate:+.3f} [{gap.low:+.3f}, {gap.high:+.3f}] "
+                f"({'met' if gap.estimate > 0 else 'missed'}{'' if gap.low > 0 or gap.high < 0 else ', within noise'})"
+            )
+    rel = _pooled_f1(results, "centralised", "relations")
+    if rel is not None:
+        lines.append(f"- centralised modifier strict F1 >= 0.5: {rel:.3f} ({'met' if rel >= 0.5 else 'missed'})")
+    if cfg is not None:
+        scores = {
+            start: [
+                f1(r["scores"]["external"], "main_entities", "strict") or 0.0
+                for r in results.values()
+                if r.get("kind") == "new_site"
+                and r.get("status") == "done"
+                and r.get("shots") == max(cfg.new_site_shots)
+                and r.get("start") == start
+            ]
+            for start in ("federated", "scratch")
+        }
+        if scores["federated"] and scores["scratch"]:
+            fed_mean, scratch_mean = (sum(v) / len(v) for v in (scores["federated"], scores["scratch"]))
+            lines.append(
+                f"- new site, {max(cfg.new_site_shots)} notes: from the federated adapter {fed_mean:.3f} vs from scratch {scratch_mean:.3f} "
+                f"(mean of {len(scores['federated'])} / {len(scores['scratch'])} seeds; {'met' if fed_mean >= scratch_mean else 'missed'})"
+            )
+    return lines

@@ -1,0 +1,173 @@
+"""An experiment's config: `ExperimentConfig` read from YAML, its run kinds and run ids.
+
+The config names the sites, the external / new-site cohort, the model and the training
+budget, and the run kinds to make; `ExperimentConfig.run_ids` expands the kinds into
+concrete runs (one per site for `single`, shots x seeds x start for `new_site`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from fedmed_components.data.document import InputError
+from fedmed_components.runs.experiment.data import DataSource, Sampling
+
+FEDERATED = {  # run name -> (job algorithm, Fed-MedLoRA+ loss source)
+    "fed_medlora": ("fed_medlora", "sites"),
+    "fed_medlora_plus": ("fed_medlora_plus", "sites"),
+    "fed_medlora_plus_server": ("fed_medlora_plus", "server"),
+    "fedsa_lora": ("fedsa_lora", "sites"),
+    "fed_exact_lora": ("fed_exact_lora", "sites"),
+}
+# The kinds a config may name, in the order they are made; kinds.KINDS makes each one.
+RUN_KINDS = ("zero_shot", "single", "centralised", *FEDERATED, "bert", "new_site")
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "experiment"
+    model: str = "smollm2-135m"
+    quantize: str = "auto"  # auto: NF4 on CUDA (8B on GPUs), unquantised on CPU
+    seed: int = 0
+    rank: int = 16
+    alpha: int = 64
+    rounds: int = 3
+    local_steps: int | None = 20  # per site per round; None: local_epochs
+    local_epochs: float = 1.0
+    batch_size: int = 4
+    max_length: int = 800
+    lr: float = 2e-4
+    max_val_examples: int = 64
+    generation_batch_size: int = 16
+    max_new_tokens: int = 256  # cap on an answer (the input sentence with tags)
+    # "run": one warm-up + cosine across all rounds, AdamW kept between rounds (at every
+    # site); "round": the paper's restart of both every round
+    schedule: str = "run"
+    precision: str = "auto"  # training and generation: auto | fp32 | bf16 (precision.py)
+    prompt_style: str = "paper"  # paper | compact (prompts.PROMPT_STYLES): training and scoring alike
+    f1_every_round: bool = False  # score every round's adapter on the sites' pooled VALIDATION split (learning curves)
+    checkpoints_per_round: int = 1  # centralised: a learning-curve point this many times per round
+    simulator_timeout: float = 7200
+    sampling: Sampling = field(default_factory=Sampling)
+    sites: list[DataSource] = field(default_factory=list)
+    external: DataSource | None = None  # a cohort no site trains on; also the new site
+    new_site_shots: list[int] = field(default_factory=lambda: [8, 32])
+    new_site_seeds: list[int] = field(default_factory=lambda: [0])  # which shots are drawn; mean and spread over these
+    new_site_steps: int = 20
+    new_site_from: str = "fed_medlora_plus"  # whose global adapter the new site starts from
+    bert_model: str = "minilm"  # the BERT baseline's encoder (Bio_ClinicalBERT id on a GPU machine)
+    bert_lr: float = 1e-3
+    bert_local_steps: int | None = None  # per site per round, pooled like centralised; None: local_steps (an encoder step is ~100x cheaper)
+    runs: list[str] = field(default_factory=lambda: list(RUN_KINDS))
+
+    def run_ids(self) -> list[str]:
+        """Run kinds expanded into concrete runs, in the order they are made."""
+        ids = []
+        for kind in self.runs:
+            if kind == "single":
+                ids += [f"single_{s.name}" for s in self.sites]
+            elif kind == "new_site":
+                if self.external is None:
+                    raise ValueError("run new_site needs an external cohort")
+                ids += [
+                    new_site_id(start, n, seed, len(self.new_site_seeds) > 1)
+                    for seed in self.new_site_seeds
+                    for n in self.new_site_shots
+                    for start in ("scratch", "federated")
+                ]
+            else:
+                ids.append(kind)
+        return ids
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def kind_of(run_id: str) -> str:
+    """The run kind a run id was expanded from (the inverse of `run_ids`)."""
+    expanded = ("new_site", "single")  # their ids are `<kind>_...`, never the bare kind
+    if run_id in RUN_KINDS and run_id not in expanded:
+        return run_id
+    for kind in expanded:
+        if run_id.startswith(f"{kind}_"):
+            return kind
+    raise ValueError(f"unknown run {run_id!r}")
+
+
+def new_site_id(start: str, shots: int, seed: int, with_seed: bool) -> str:
+    return f"new_site_{start}_{shots}" + (f"_s{seed}" if with_seed else "")
+
+
+def parse_new_site_id(run_id: str) -> tuple[str, int, int | None]:
+    """(start, shots, seed or None) of a new-site run id."""
+    parts = run_id[len("new_site_") :].split("_")
+    seed = int(parts.pop()[1:]) if parts[-1].startswith("s") else None
+    return parts[0], int(parts[1]), seed
+
+
+def lora_settings(cfg: ExperimentConfig):
+    """The adapter shape every run of the experiment trains and scores."""
+    from fedmed_components.model.modeling import LoraSettings
+
+    return LoraSettings(r=cfg.rank, alpha=cfg.alpha)
+
+
+def load_config(path: str | os.PathLike) -> ExperimentConfig:
+    """Read a YAML experiment config; relative data paths are relative to the file."""
+    import yaml
+
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", None)
+        raise InputError(path, None if line is None else line + 1, f"not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise InputError(path, None, "an experiment config is a mapping of settings")
+
+    def build(cls, data, where: str):
+        if not isinstance(data, dict):
+            raise InputError(path, None, f"{where}: expected a mapping")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InputError(path, _line_of(path, unknown[0]), f"{where}: unknown setting(s) {unknown}; known: {sorted(known)}")
+        return data
+
+    def source(data, where):
+        src = DataSource(**build(DataSource, data, where))
+        for attr in ("path", "test_path"):
+            value = getattr(src, attr)
+            if value and not Path(value).is_absolute():
+                setattr(src, attr, str((path.parent / value).resolve()))
+        return src
+
+    top = dict(build(ExperimentConfig, raw, "experiment"))
+    top["sampling"] = Sampling(**build(Sampling, top.get("sampling", {}), "sampling"))
+    top["sites"] = [source(s, f"sites[{i}]") for i, s in enumerate(top.get("sites") or [])]
+    if top.get("external"):
+        top["external"] = source(top["external"], "external")
+    cfg = ExperimentConfig(**top)
+    if not cfg.sites:
+        raise InputError(path, None, "an experiment needs at least one site")
+    if cfg.schedule not in ("run", "round"):
+        raise InputError(path, _line_of(path, "schedule"), f"schedule must be run or round, not {cfg.schedule!r}")
+    from fedmed_components.task.prompts import PROMPT_STYLES
+
+    if cfg.prompt_style not in PROMPT_STYLES:
+        raise InputError(
+            path, _line_of(path, "prompt_style"), f"prompt_style must be one of {sorted(PROMPT_STYLES)}, not {cfg.prompt_style!r}"
+        )
+    bad = [r for r in cfg.runs if r not in RUN_KINDS]
+    if bad:
+        raise InputError(path, _line_of(path, bad[0]), f"unknown run(s) {bad}; known: {list(RUN_KINDS)}")
+    return cfg
+
+
+def _line_of(path: Path, word: str) -> int | None:
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if word in line:
+            return number
+    return None

@@ -1,0 +1,57 @@
+"""What every run kind works with: the `Experiment` (config, folders, prepared sites, base model, scorer).
+
+Its validation scores (the sites' VALIDATION splits, never test) are the learning-curve
+points a run adds to its rounds under `f1_every_round`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedmed_components.runs.experiment.config import ExperimentConfig
+from fedmed_components.runs.experiment.data import PreparedSite
+from fedmed_components.runs.experiment.scoring import Scorer, pool_scores
+
+
+@dataclass
+class Experiment:
+    cfg: ExperimentConfig
+    out: Path
+    work: Path
+    sites: list[PreparedSite]
+    external: PreparedSite | None
+    model_path: str
+    scorer: Scorer
+
+    def run_dir(self, run_id: str) -> Path:
+        return self.work / "runs" / run_id
+
+    def validation_scores(self, record: dict, state, cache: Path) -> None:
+        """Pooled F1 of one round's adapter on the sites' VALIDATION splits (learning
+        curves, and anything chosen from them: never the test split)."""
+        pooled = pool_scores(list(self.scorer.score_sets(state, {s.name: s for s in self.sites}, cache, part="val").values()))
+        record["val_entity_strict_f1"] = pooled["entities"]["strict"]["f1"]
+        record["val_entity_lenient_f1"] = pooled["entities"]["lenient"]["f1"]
+        if pooled.get("main_entities"):  # the headline figure (problem, treatment, test, drug)
+            record["val_main_strict_f1"] = pooled["main_entities"]["strict"]["f1"]
+        if pooled.get("relations"):
+            record["val_relation_strict_f1"] = pooled["relations"]["strict"]["f1"]
+            record["val_relation_lenient_f1"] = pooled["relations"]["lenient"]["f1"]
+        print(
+            f"    validation: entity strict F1 {record['val_entity_strict_f1']:.3f}"
+            + (f", main-entity strict F1 {record['val_main_strict_f1']:.3f}" if "val_main_strict_f1" in record else "")
+            + (f", modifier strict F1 {record['val_relation_strict_f1']:.3f}" if "val_relation_strict_f1" in record else ""),
+            flush=True,
+        )
+
+    def round_scores(self, history: list[dict], adapter_dir) -> None:
+        """Validation F1 of every saved round's adapter (f1_every_round)."""
+        from fedmed_components.model.modeling import load_adapter_folder
+
+        for record in history:
+            folder = adapter_dir(record["round"])
+            if not folder.exists() or "val_entity_strict_f1" in record:
+                continue
+            state, _, _ = load_adapter_folder(folder)
+            self.validation_scores(record, state, folder.parent / "round_scores" / f"round_{record['round']:03d}")
