@@ -15,11 +15,11 @@ from fedmed_components.federation.aggregation import (
     fed_medlora,
     fed_medlora_plus_weights,
     fedsa_final,
+    fedsa_global,
     fedsa_lora,
-    is_lora_A,
-    is_lora_B,
     site_weights,
 )
+from fedmed_components.federation.lora_keys import is_factor_weight, is_lora_A, is_lora_B, is_lora_key, layer_name, lora_partner
 
 # (module path, in_features, out_features): a small Llama-like block, k/v narrower.
 LAYERS = [
@@ -239,6 +239,12 @@ def test_key_helpers():
     assert is_lora_B("x.q_proj.lora_B.weight") and is_lora_B("model.embed_tokens.lora_embedding_B")
     assert not is_lora_B("x.q_proj.base_layer.weight") and not is_lora_A("model.embed_tokens.weight")
     assert not is_lora_A("x.my_lora_A_thing.weight")
+    assert is_lora_key("x.q_proj.lora_magnitude_vector.default") and not is_lora_key("x.q_proj.base_layer.weight")
+    assert lora_partner("x.q_proj.lora_A.weight") == "x.q_proj.lora_B.weight"
+    assert lora_partner("m.embed_tokens.lora_embedding_B") == "m.embed_tokens.lora_embedding_A"
+    assert lora_partner("x.q_proj.base_layer.weight") is None
+    assert layer_name("x.q_proj.lora_B.weight") == "x.q_proj" and layer_name("x.q_proj.weight") == "x.q_proj.weight"
+    assert is_factor_weight("x.q_proj.lora_B.weight") and not is_factor_weight("x.q_proj.lora_B.bias")
 
 
 def test_fedsa_lora_averages_only_A():
@@ -252,6 +258,20 @@ def test_fedsa_lora_averages_only_A():
     assert final.keys() == updates[0].keys()
     for key, value in final.items():
         np.testing.assert_allclose(value.numpy(), expected[key], rtol=1e-5, atol=1e-6)
+
+
+def test_fedsa_lora_with_the_previous_global_keeps_its_B():
+    updates = [make_adapter(seed) for seed in range(3)]
+    previous = make_adapter(99)
+    result = fedsa_lora(updates, [5, 1, 2], previous=previous)
+    shared = fedsa_lora(updates, [5, 1, 2])
+    assert result.keys() == previous.keys()
+    for key, value in result.items():
+        assert torch.equal(value, shared[key] if is_lora_A(key) else previous[key]), key
+    # the same global from a whole-adapter average, as the streaming aggregator sums it
+    from_full = fedsa_global(fed_medlora(updates, [5, 1, 2]), previous)
+    assert from_full.keys() == result.keys()
+    assert all(torch.equal(from_full[k], result[k]) for k in result)
 
 
 # ------------------------------------------------------------------ streaming average

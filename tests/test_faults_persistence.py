@@ -92,9 +92,12 @@ def test_crash_while_replacing_global_resumes_from_the_round_folder(tmp_path, ti
 def test_crash_while_writing_state_json_keeps_the_previous_one(tmp_path, tiny_model_path, monkeypatch):
     store, p, round0, round1 = _two_rounds(tmp_path)
     real_fsync = os.fsync
+    crashed_on = []
 
     def crash_on_state(fd):
-        if os.readlink(f"/proc/self/fd/{fd}").endswith("state.json.tmp"):
+        name = os.readlink(f"/proc/self/fd/{fd}")
+        if name.endswith("state.json.tmp"):
+            crashed_on.append(name)
             raise Crash("killed before the rename")
         real_fsync(fd)
 
@@ -102,8 +105,12 @@ def test_crash_while_writing_state_json_keeps_the_previous_one(tmp_path, tiny_mo
     with pytest.raises(Crash):
         _save(p, round1, 1)
     monkeypatch.undo()
-    assert (store / "state.json.tmp").exists()
+    assert crashed_on == [str(store / "state.json.tmp")], "the write did go to a temp file in the same folder"
+    assert not (store / "state.json.tmp").exists()  # the failed write took its temp file away
+    # a process killed at that point leaves the temp file behind: a restart clears it
+    (store / "state.json.tmp").write_text('{"last_round": 1, "half')
     _assert_resumes_after_round0(store, round0)
+    assert not (store / "state.json.tmp").exists()
     # and the job carries on: round 1 saved again, state moves on
     p2 = _persistor(store)
     p2.load_model(FLContext())

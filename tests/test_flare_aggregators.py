@@ -7,6 +7,7 @@ import torch
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 
 from fedmed_components.federation import aggregation
+from fedmed_components.federation.lora_keys import is_lora_A
 from fedmed_components.flare.aggregators import (
     ExactLoRAAggregator,
     FedMedLoRAAggregator,
@@ -105,7 +106,9 @@ def test_fedsa_shares_only_A_until_the_final_round():
     mid = agg.aggregate_model().params
     avg = aggregation.fed_medlora([a, b], [1, 1])
     for k in mid:
-        assert torch.allclose(mid[k], avg[k] if aggregation.is_lora_A(k) else reference[k], atol=1e-6)
+        assert torch.allclose(mid[k], avg[k] if is_lora_A(k) else reference[k], atol=1e-6)
+    pure = aggregation.fedsa_lora([a, b], [1, 1], previous=reference)  # the rule the aggregator applies
+    assert mid.keys() == pure.keys() and all(torch.allclose(mid[k], pure[k], atol=1e-6) for k in pure)
     agg.begin_round(reference, 2)
     agg.accept_model(update("site-1", a))
     agg.accept_model(update("site-2", b))

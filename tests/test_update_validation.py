@@ -1,4 +1,7 @@
-"""Screening of site updates: every kind of poisoned update is caught, the rest aggregate."""
+"""Screening of site updates: every kind of poisoned update is caught, the rest aggregate.
+
+A whole round goes through the FLARE aggregator, which calls ``validate_update`` on each
+update as it arrives and ``norm_outliers`` once the round is complete."""
 
 from __future__ import annotations
 
@@ -8,16 +11,16 @@ import math
 import numpy as np
 import pytest
 import torch
+from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 
 from fedmed_components.federation.aggregation import fed_medlora
 from fedmed_components.federation.update_validation import (
-    NotEnoughValidUpdates,
     Rejection,
     norm_outliers,
-    screen_updates,
     update_norm,
     validate_update,
 )
+from fedmed_components.flare.aggregators import FedMedLoRAAggregator
 
 PREFIX = "base_model.model.model.layers.{i}.self_attn.{m}"
 SHAPES = {"q_proj": (16, 16), "v_proj": (16, 4)}  # (in, out)
@@ -102,6 +105,17 @@ def _scaled_100x(u):
     return {k: 100 * v for k, v in u.items()}
 
 
+def screen_round(updates: dict, reference: dict, *, round: int, weights: dict | None = None, max_norm_ratio: float = 10.0):
+    """One round through the aggregator's screening: (valid updates by site, rejections, result)."""
+    agg = FedMedLoRAAggregator(max_norm_ratio=max_norm_ratio)
+    agg.begin_round(reference, round)
+    for site, params in updates.items():
+        meta = {"client_name": site, "num_supervised_tokens": (weights or {}).get(site, 1.0)}
+        agg.accept_model(FLModel(params=params, params_type=ParamsType.FULL, meta=meta))
+    result = agg.aggregate_model()
+    return {site: updates[site] for site in agg.accepted_sites}, agg.rejections, result
+
+
 POISONS = {
     "nan": (_nan, "NaN"),
     "inf": (_inf, "Inf"),
@@ -124,17 +138,20 @@ def test_poisoned_update_is_rejected_and_the_others_aggregate(kind, caplog):
     reference = reference_adapter()
     updates = {f"site-{i}": trained(reference, i) for i in range(4)}
     updates["site-bad"] = poison(trained(reference, 99))
-    with caplog.at_level(logging.WARNING, logger="fedmed.validation"):
-        valid, rejections = screen_updates(updates, reference, round=3, min_clients=2, max_norm_ratio=10.0)
+    weights = [1.0, 2.0, 3.0, 4.0]
+    with caplog.at_level(logging.WARNING):
+        valid, rejections, aggregated = screen_round(
+            updates, reference, round=3, weights={f"site-{i}": w for i, w in enumerate(weights)}, max_norm_ratio=10.0
+        )
     assert [r.site for r in rejections] == ["site-bad"]
     assert rejections[0].round == 3
     assert reason_word in rejections[0].reason, rejections[0].reason
     assert sorted(valid) == [f"site-{i}" for i in range(4)]
-    messages = [r.getMessage() for r in caplog.records if r.name == "fedmed.validation"]
-    assert len(messages) == 1 and "site-bad" in messages[0] and "round=3" in messages[0]
+    messages = [r.getMessage() for r in caplog.records if r.name.startswith("fedmed_components.flare.aggregators")]
+    assert len(messages) == 1 and "site-bad" in messages[0] and "round 3" in messages[0]
 
-    weights = [1.0, 2.0, 3.0, 4.0]
     result = fed_medlora([valid[f"site-{i}"] for i in range(4)], weights)
+    assert all(torch.allclose(aggregated.params[k], result[k], atol=1e-7) for k in result)
     for key, value in result.items():
         expected = sum(w * updates[f"site-{i}"][key].double().numpy() for i, w in enumerate(weights)) / sum(weights)
         np.testing.assert_allclose(value.numpy(), expected, rtol=1e-5, atol=1e-7)
@@ -155,7 +172,7 @@ def test_all_poisons_at_once():
     updates = {f"good-{i}": trained(reference, i) for i in range(3)}
     for i, (kind, (poison, _)) in enumerate(POISONS.items()):
         updates[f"bad-{kind}"] = poison(trained(reference, 50 + i))
-    valid, rejections = screen_updates(updates, reference, round=0, min_clients=3)
+    valid, rejections, _ = screen_round(updates, reference, round=0)
     assert sorted(valid) == ["good-0", "good-1", "good-2"]
     assert sorted(r.site for r in rejections) == sorted(f"bad-{k}" for k in POISONS)
 
@@ -231,25 +248,3 @@ def test_norm_outliers():
     assert norm_outliers({"a": 1.0, "b": 11.0}, max_ratio=20).keys() == set()
     with pytest.raises(ValueError):
         norm_outliers({"a": 1.0}, max_ratio=1.0)
-
-
-def test_not_enough_valid_updates():
-    reference = reference_adapter()
-    updates = {"a": trained(reference, 1), "b": _nan(trained(reference, 2)), "c": {}}
-    with pytest.raises(NotEnoughValidUpdates) as info:
-        screen_updates(updates, reference, round=4, min_clients=2)
-    err = info.value
-    assert err.valid == 1 and err.min_clients == 2 and err.round == 4
-    assert {r.site for r in err.rejections} == {"b", "c"}
-    assert "round 4" in str(err) and "NaN" in str(err)
-    valid, rejections = screen_updates(updates, reference, round=4, min_clients=1)
-    assert list(valid) == ["a"] and len(rejections) == 2
-
-
-def test_norm_check_can_be_turned_off():
-    reference = reference_adapter()
-    updates = {"a": trained(reference, 1), "b": _scaled_100x(trained(reference, 2))}
-    valid, rejections = screen_updates(updates, reference, round=0, max_norm_ratio=None)
-    assert sorted(valid) == ["a", "b"] and rejections == []
-    valid, rejections = screen_updates(updates, reference, round=0)
-    assert list(valid) == ["a"] and rejections[0].site == "b"

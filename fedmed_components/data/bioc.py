@@ -31,10 +31,10 @@ from fedmed_components.data.brat import (
     UNKNOWN_ARGUMENT,
     BratAttribute,
     InputProblems,
-    ReadReport,
     warn_if_skipped,
 )
-from fedmed_components.data.document import Document, Entity, InputError, Relation
+from fedmed_components.data.document import Document, Entity, InputError, ReadReport, Relation
+from fedmed_components.data.files import atomic_write_text
 
 # A parse error stops the read even in lenient mode: nothing after it can be trusted.
 NOT_WELL_FORMED = "not well-formed XML"
@@ -294,9 +294,4 @@ def write_bioc(docs: Iterable[Document], path: str | os.PathLike, *, source: str
     ET.indent(root)
     body = ET.tostring(root, encoding="unicode").replace("\r", "&#13;")
     xml = "<?xml version='1.0' encoding='UTF-8'?>\n<!DOCTYPE collection SYSTEM 'BioC.dtd'>\n" + body + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8", newline="") as fh:
-        fh.write(xml)
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, xml)

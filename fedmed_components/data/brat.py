@@ -23,14 +23,15 @@ import logging
 import os
 import re
 import warnings
-from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from fedmed_components.data.document import Document, Entity, InputError, Relation
+# ReadReport lives beside InputError in document.py; still importable from here (model/site.py, commands/data.py)
+from fedmed_components.data.document import Document, Entity, InputError, ReadReport, Relation
+from fedmed_components.data.files import TEMP_SUFFIX, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -50,48 +51,6 @@ NEGATED_ATTRIBUTE = "Negated"
 _ID = re.compile(r"^(?:[TREAMN#]\S*|\*)$")
 # At most 18 digits: no text is longer, and int() refuses a few thousand digits.
 _SPAN = re.compile(r"^(\d{1,18})\s+(\d{1,18})$")
-
-
-@dataclass
-class ReadReport:
-    """What a lenient read skipped (per kind and item by item) and what it set aside."""
-
-    counts: Counter = field(default_factory=Counter)
-    problems: list[tuple[str, int | None, str]] = field(default_factory=list)
-    # Well-formed annotation the Document contract cannot carry (kept on BratFile).
-    not_carried: Counter = field(default_factory=Counter)
-    documents: int = 0
-    skipped_documents: int = 0
-
-    def add(self, path: str | os.PathLike, line: int | None, kind: str, detail: str) -> None:
-        self.counts[kind] += 1
-        self.problems.append((str(path), line, f"{kind}: {detail}"))
-
-    @property
-    def skipped(self) -> int:
-        return sum(self.counts.values())
-
-    def merge(self, other: ReadReport) -> None:
-        self.counts.update(other.counts)
-        self.problems.extend(other.problems)
-        self.not_carried.update(other.not_carried)
-        self.documents += other.documents
-        self.skipped_documents += other.skipped_documents
-
-    def summary(self) -> str:
-        if not self.skipped:
-            return "nothing skipped"
-        kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(self.counts.items()))
-        return f"skipped {self.skipped} item(s): {kinds}"
-
-    def to_dict(self) -> dict:
-        return {
-            "documents": self.documents,
-            "skipped_documents": self.skipped_documents,
-            "skipped": dict(sorted(self.counts.items())),
-            "problems": [{"file": f, "line": ln, "reason": r} for f, ln, r in self.problems],
-            "not_carried": dict(sorted(self.not_carried.items())),
-        }
 
 
 @dataclass
@@ -586,7 +545,7 @@ def _check_spans(doc: Document, entity: Entity) -> None:
 
 
 # Each name must fit NAME_MAX (255 bytes) with the longest suffix the writer adds.
-_MAX_NAME_BYTES = 255 - len(".ann.tmp")
+_MAX_NAME_BYTES = 255 - len(".ann" + TEMP_SUFFIX)
 _MAX_ID_BYTES = 1024  # deep enough for any corpus layout, far below PATH_MAX
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -631,13 +590,6 @@ def _document_stem(doc: Document, folder: Path, source: str | os.PathLike | None
     return folder / doc.id
 
 
-def _write_atomic(path: Path, content: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8", newline="") as fh:
-        fh.write(content)
-    os.replace(tmp, path)
-
-
 def write_brat_document(doc: Document, folder: str | os.PathLike, *, source: str | os.PathLike | None = None) -> Path:
     """Write `<folder>/<id>.txt` (byte-exact) and `<id>.ann`; returns the .ann path.
 
@@ -648,8 +600,8 @@ def write_brat_document(doc: Document, folder: str | os.PathLike, *, source: str
     stem.parent.mkdir(parents=True, exist_ok=True)
     lines = _ann_lines(doc)  # validate before touching the disk
     txt_path, ann_path = Path(f"{stem}.txt"), Path(f"{stem}.ann")
-    _write_atomic(txt_path, doc.text)
-    _write_atomic(ann_path, "".join(line + "\n" for line in lines))
+    atomic_write_text(txt_path, doc.text)
+    atomic_write_text(ann_path, "".join(line + "\n" for line in lines))
     return ann_path
 
 

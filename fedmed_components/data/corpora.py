@@ -27,12 +27,11 @@ from fedmed_components.data.brat import (
     UNKNOWN_ARGUMENT,
     BratAttribute,
     InputProblems,
-    ReadReport,
     read_brat_file,
     read_brat_files,
     warn_if_skipped,
 )
-from fedmed_components.data.document import DOCUMENT_PARSE_ERRORS, Document, Entity, InputError, Relation
+from fedmed_components.data.document import DOCUMENT_PARSE_ERRORS, Document, Entity, InputError, ReadReport, Relation
 from fedmed_components.data.schema import CorpusMapping, fits_schema, get_mapping
 
 logger = logging.getLogger(__name__)
@@ -281,7 +280,7 @@ def mtsamples_note_type(doc: Document, header_lines: int = 3) -> str:
     `Description: ...`) is sometimes broken over lines, so the first lines are read
     together. A mention of "discharge" there wins over "General Medicine": discharge
     summaries filed under the General Medicine specialty read as discharge notes.
-    On mtsamples_kiwi/train this gives 56 / 38 / 2, the counts in data/README.md.
+    On mtsamples_kiwi/train this gives 56 / 38 / 2 documents.
     """
     head = " ".join(doc.text.splitlines()[:header_lines])
     head = re.sub(r"\s+", " ", head).lower()

@@ -2,16 +2,19 @@
 
 One `Document` is one clinical note (or one sentence for sentence corpora such as
 PHEE). Offsets are Python string indices into `text`; discontinuous entities carry
-several spans. JSONL holds one `Document.to_dict()` per line (see DESIGN.md).
+several spans. JSONL holds one `Document.to_dict()` per line (README.md, "Data").
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from fedmed_components.data.files import atomic_open
 
 
 class InputError(ValueError):
@@ -25,6 +28,48 @@ class InputError(ValueError):
         if line is not None:
             where = f"{where}:{line}"
         super().__init__(f"{where}: {reason}")
+
+
+@dataclass
+class ReadReport:
+    """What a lenient read skipped (per kind and item by item) and what it set aside."""
+
+    counts: Counter = field(default_factory=Counter)
+    problems: list[tuple[str, int | None, str]] = field(default_factory=list)
+    # Well-formed annotation the Document contract cannot carry (kept on BratFile).
+    not_carried: Counter = field(default_factory=Counter)
+    documents: int = 0
+    skipped_documents: int = 0
+
+    def add(self, path: str | os.PathLike, line: int | None, kind: str, detail: str) -> None:
+        self.counts[kind] += 1
+        self.problems.append((str(path), line, f"{kind}: {detail}"))
+
+    @property
+    def skipped(self) -> int:
+        return sum(self.counts.values())
+
+    def merge(self, other: ReadReport) -> None:
+        self.counts.update(other.counts)
+        self.problems.extend(other.problems)
+        self.not_carried.update(other.not_carried)
+        self.documents += other.documents
+        self.skipped_documents += other.skipped_documents
+
+    def summary(self) -> str:
+        if not self.skipped:
+            return "nothing skipped"
+        kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(self.counts.items()))
+        return f"skipped {self.skipped} item(s): {kinds}"
+
+    def to_dict(self) -> dict:
+        return {
+            "documents": self.documents,
+            "skipped_documents": self.skipped_documents,
+            "skipped": dict(sorted(self.counts.items())),
+            "problems": [{"file": f, "line": ln, "reason": r} for f, ln, r in self.problems],
+            "not_carried": dict(sorted(self.not_carried.items())),
+        }
 
 
 @dataclass
@@ -124,12 +169,9 @@ DOCUMENT_PARSE_ERRORS = (json.JSONDecodeError, KeyError, TypeError, ValueError, 
 def write_jsonl(docs: Iterable[Document], path: str | os.PathLike) -> Path:
     """Write documents atomically: a reader never sees a half-written file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8", newline="") as fh:
+    with atomic_open(path, "w", encoding="utf-8", newline="") as fh:
         for doc in docs:
             fh.write(json.dumps(doc.to_dict(), ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
     return path
 
 

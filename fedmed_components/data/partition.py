@@ -25,6 +25,7 @@ import numpy as np
 
 from fedmed_components.data.corpora import corpus_stats, mtsamples_note_type
 from fedmed_components.data.document import Document, InputError, write_jsonl
+from fedmed_components.data.files import atomic_write_text
 from fedmed_components.data.schema import ENTITY_TYPES, MAIN_TYPES
 
 SiteDocs = dict[str, list[Document]]
@@ -179,9 +180,7 @@ def _check_site_name(name: str) -> None:
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
 def write_partition(

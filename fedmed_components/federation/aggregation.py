@@ -20,7 +20,7 @@ Rules
     candidate adapter until all K losses are known, so a Fed-MedLoRA+ server keeps K
     candidates (in memory or spilled to disk) for the round; that is inherent to the
     rule, unlike Fed-MedLoRA, which streams (``WeightedAverager``).
-``fedsa_lora`` / ``fedsa_final``
+``fedsa_lora`` / ``fedsa_global`` / ``fedsa_final``
     FedSA-LoRA baseline: only the A matrices are shared; B stays at the sites until the
     final round, where everything is averaged.
 ``exact_lora``
@@ -42,6 +42,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from fedmed_components.federation.lora_keys import is_factor_weight, is_lora_A, is_lora_B, is_lora_key, layer_name, lora_partner
+
 __all__ = [
     "SERVER_RULES",
     "WeightedAverager",
@@ -52,69 +54,17 @@ __all__ = [
     "fed_medlora",
     "fed_medlora_plus_weights",
     "fedsa_final",
+    "fedsa_global",
     "fedsa_lora",
+    # The key-name helpers live in lora_keys; these two are re-exported for importers not
+    # yet moved to it (model/site.py, model/modeling.py, tests/test_modeling.py, tests/fault_site.py).
     "is_lora_A",
-    "is_lora_B",
     "is_lora_key",
-    "lora_partner",
     "normalize_weights",
     "pseudo_gradient",
     "server_optimizer_step",
     "site_weights",
 ]
-
-_A_PARTS = ("lora_A", "lora_embedding_A")
-_B_PARTS = ("lora_B", "lora_embedding_B")
-_PARTNER = {"lora_A": "lora_B", "lora_B": "lora_A", "lora_embedding_A": "lora_embedding_B", "lora_embedding_B": "lora_embedding_A"}
-_OTHER_LORA_PARTS = ("lora_magnitude_vector",)  # DoRA
-
-
-# --------------------------------------------------------------------------- key names
-def _lora_part(key: str) -> tuple[int, str] | None:
-    """Index and name of the ``lora_A``/``lora_B``/``lora_embedding_*`` component of a key."""
-    parts = key.split(".")
-    for i, part in enumerate(parts):
-        if part in _PARTNER:
-            return i, part
-    return None
-
-
-def is_lora_A(key: str) -> bool:
-    """True for a LoRA down-projection (``lora_A``, ``lora_embedding_A``) tensor name."""
-    found = _lora_part(key)
-    return found is not None and found[1] in _A_PARTS
-
-
-def is_lora_B(key: str) -> bool:
-    """True for a LoRA up-projection (``lora_B``, ``lora_embedding_B``) tensor name."""
-    found = _lora_part(key)
-    return found is not None and found[1] in _B_PARTS
-
-
-def is_lora_key(key: str) -> bool:
-    """True for any tensor a LoRA/DoRA adapter legitimately carries."""
-    return _lora_part(key) is not None or any(part in _OTHER_LORA_PARTS for part in key.split("."))
-
-
-def lora_partner(key: str) -> str | None:
-    """The name of the other factor of the same layer (A -> B, B -> A), or None."""
-    found = _lora_part(key)
-    if found is None:
-        return None
-    parts = key.split(".")
-    parts[found[0]] = _PARTNER[found[1]]
-    return ".".join(parts)
-
-
-def _layer_name(key: str) -> str:
-    """``...q_proj.lora_A.weight`` -> ``...q_proj`` (used in reports)."""
-    found = _lora_part(key)
-    return key if found is None else ".".join(key.split(".")[: found[0]])
-
-
-def _is_factor_weight(key: str) -> bool:
-    """A/B factor matrices (not a ``lora_B.bias``)."""
-    return _lora_part(key) is not None and not key.endswith(".bias")
 
 
 # ----------------------------------------------------------------------------- weights
@@ -368,14 +318,32 @@ def fedsa_lora(
     updates: Sequence[Mapping[str, Tensor]],
     weights: Sequence[float],
     *,
+    previous: Mapping[str, Tensor] | None = None,
     accumulate_dtype: torch.dtype = torch.float32,
 ) -> dict[str, Tensor]:
-    """FedSA-LoRA: average only the A matrices; the result holds only A keys (B stays local)."""
+    """FedSA-LoRA: average only the A matrices (B stays at the sites).
+
+    Without ``previous`` the result holds only the A keys. Given the global adapter sent
+    out this round it is a whole adapter, ``fedsa_global(average, previous)``: the
+    averaged A matrices and ``previous``'s B unchanged (what the FLARE aggregator sends).
+    """
     _check_updates(updates, weights)
     shared = [{k: v for k, v in update.items() if is_lora_A(k)} for update in updates]
     if not shared[0]:
         raise ValueError("no lora_A tensor in the updates")
-    return fed_medlora(shared, weights, accumulate_dtype=accumulate_dtype)
+    average = fed_medlora(shared, weights, accumulate_dtype=accumulate_dtype)
+    return average if previous is None else fedsa_global(average, previous)
+
+
+def fedsa_global(average: Mapping[str, Tensor], previous: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """FedSA-LoRA's global adapter for every round but the last: the A matrices of
+    ``average`` (the weighted average of the sites' A matrices, or of their whole
+    adapters, as the streaming FLARE aggregator sums them) and every other tensor (B)
+    as ``previous``, the global adapter sent out this round, had it; a tensor that
+    ``previous`` lacks keeps ``average``'s value."""
+    out = {k: (v if is_lora_A(k) else previous.get(k, v)) for k, v in average.items()}
+    out.update((k, v) for k, v in previous.items() if k not in out and not is_lora_A(k))
+    return out
 
 
 def fedsa_final(
@@ -384,7 +352,8 @@ def fedsa_final(
     *,
     accumulate_dtype: torch.dtype = torch.float32,
 ) -> dict[str, Tensor]:
-    """FedSA-LoRA's final round: A and B both averaged, giving one global adapter."""
+    """FedSA-LoRA's final round: A and B both averaged, giving one global adapter
+    (``fed_medlora``; the FLARE aggregator streams the same sum, ``WeightedAverager``)."""
     return fed_medlora(updates, weights, accumulate_dtype=accumulate_dtype)
 
 
@@ -588,8 +557,8 @@ def exact_lora(
     for i, update in enumerate(updates[1:], start=1):
         if update.keys() != updates[0].keys():
             raise ValueError(f"update {i} has different tensor names from update 0")
-    a_keys = [k for k in keys if is_lora_A(k) and _is_factor_weight(k)]
-    b_keys = {k for k in keys if is_lora_B(k) and _is_factor_weight(k)}
+    a_keys = [k for k in keys if is_lora_A(k) and is_factor_weight(k)]
+    b_keys = {k for k in keys if is_lora_B(k) and is_factor_weight(k)}
     for key in a_keys:
         if lora_partner(key) not in b_keys:
             raise ValueError(f"{key} has no matching {lora_partner(key)}")
@@ -644,7 +613,7 @@ def exact_lora(
             naive_sq += diff * diff
         else:
             naive_defined = False
-        layers[_layer_name(a_key)] = layer
+        layers[layer_name(a_key)] = layer
 
         a0, b0 = updates[0][a_key], updates[0][b_key]
         adapter[a_key] = a_new.reshape(out_rank, *a0.shape[1:]).to(a0.dtype)

@@ -6,7 +6,7 @@ site lists in its ``local/privacy.json`` (see ``poc_setup/privacy.json``).
 
 Adapter-only
     Every tensor in an outgoing result must be a LoRA adapter tensor
-    (``aggregation.is_lora_key``); anything else (a base-model weight, an embedding, a
+    (``lora_keys.is_lora_key``); anything else (a base-model weight, an embedding, a
     tensor hidden in the metadata) stops the result.
 
 Gaussian differential privacy (site level, one release per round)
@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from fedmed_components.federation.aggregation import is_lora_key
+from fedmed_components.federation.lora_keys import is_lora_key
 from fedmed_components.federation.update_validation import update_norm
 
 __all__ = [

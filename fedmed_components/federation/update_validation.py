@@ -9,14 +9,13 @@ updates are in, updates whose norm is far above the others' (a scaled or poisone
 update) are rejected as well.
 
 Pure core, no FLARE import; ``flare/aggregators.py`` calls ``validate_update`` per
-update as it arrives and ``norm_outliers`` once the round is complete, and
-``screen_updates`` does both for a round held in memory. Every rejection is logged on
-the ``fedmed.validation`` logger with site, round and reason.
+update as it arrives and ``norm_outliers`` once the round is complete (from the norms it
+took on arrival, so a round is never held in memory), and logs every rejection with
+site, round and reason.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import statistics
 from collections.abc import Mapping
@@ -25,15 +24,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fedmed_components.federation.aggregation import is_lora_A, is_lora_B, is_lora_key, lora_partner
-
-log = logging.getLogger("fedmed.validation")
+from fedmed_components.federation.lora_keys import is_lora_A, is_lora_B, is_lora_key, lora_partner
 
 __all__ = [
-    "NotEnoughValidUpdates",
     "Rejection",
     "norm_outliers",
-    "screen_updates",
     "update_norm",
     "validate_update",
 ]
@@ -52,18 +47,6 @@ class Rejection:
     def __str__(self) -> str:
         where = f"round {self.round}" if self.round is not None else "this round"
         return f"update from {self.site} rejected in {where}: {self.reason}"
-
-
-class NotEnoughValidUpdates(RuntimeError):
-    """Fewer valid updates than the round needs; carries the rejections."""
-
-    def __init__(self, round: int | None, valid: int, min_clients: int, rejections: list[Rejection]):
-        self.round = round
-        self.valid = valid
-        self.min_clients = min_clients
-        self.rejections = rejections
-        details = "; ".join(f"{r.site}: {r.reason}" for r in rejections) or "no update received"
-        super().__init__(f"round {round}: only {valid} valid update(s), at least {min_clients} needed ({details})")
 
 
 def _listed(keys) -> str:
@@ -227,43 +210,3 @@ def norm_outliers(norms: Mapping[str, float], max_ratio: float = 10.0, *, flag_s
         elif flag_small and norm < median / max_ratio:
             flagged[site] = f"update norm {norm:.4g} is below 1/{max_ratio:g} of the median {median:.4g} of the other sites"
     return flagged
-
-
-def screen_updates(
-    updates: Mapping[str, object],
-    reference: Mapping,
-    *,
-    round: int | None = None,
-    min_clients: int = 1,
-    max_norm_ratio: float | None = 10.0,
-    allow_rank_change: bool = False,
-    head_modules: tuple[str, ...] | list[str] = (),
-) -> tuple[dict[str, dict], list[Rejection]]:
-    """Validate every site's update, then drop norm outliers among the valid ones.
-
-    Norms are of the change from ``reference`` when it holds tensors, else of the adapter
-    itself; ``max_norm_ratio=None`` turns the norm check off. Each rejection is logged
-    (warning, ``fedmed.validation``). Raises ``NotEnoughValidUpdates`` when fewer than
-    ``min_clients`` updates remain. Returns ``(valid updates by site, rejections)``.
-    """
-    rejections: list[Rejection] = []
-    valid: dict[str, dict] = {}
-    for site, update in updates.items():
-        rejection = validate_update(
-            update, reference, site=site, round=round, allow_rank_change=allow_rank_change, head_modules=head_modules
-        )
-        if rejection is None:
-            valid[site] = update
-        else:
-            rejections.append(rejection)
-    if max_norm_ratio is not None and len(valid) >= 2:
-        tensors = reference if all(isinstance(v, Tensor) for v in reference.values()) else None
-        norms = {site: update_norm(update, tensors) for site, update in valid.items()}
-        for site, reason in norm_outliers(norms, max_ratio=max_norm_ratio).items():
-            rejections.append(Rejection(site=site, round=round, reason=reason))
-            del valid[site]
-    for rejection in rejections:
-        log.warning("rejected update: site=%s round=%s reason=%s", rejection.site, rejection.round, rejection.reason)
-    if len(valid) < min_clients:
-        raise NotEnoughValidUpdates(round, len(valid), min_clients, rejections)
-    return valid, rejections

@@ -22,6 +22,7 @@ from nvflare.app_common.aggregators.model_aggregator import ModelAggregator
 from safetensors.torch import load_file, save_file
 
 from fedmed_components.federation import aggregation, robust_aggregation
+from fedmed_components.federation.lora_keys import is_lora_A
 from fedmed_components.federation.update_validation import Rejection, norm_outliers, update_norm, validate_update
 from fedmed_components.flare.wire import SERVER_OPTIMIZER_STATE
 
@@ -280,7 +281,12 @@ class FedMedLoRAPlusAggregator(AdapterAggregator):
 
 
 class FedSALoRAAggregator(AdapterAggregator):
-    """FedSA-LoRA baseline: only A is shared; B stays local until the final round."""
+    """FedSA-LoRA baseline: only A is shared; B stays local until the final round.
+
+    The streaming sum is Fed-MedLoRA's (``aggregation.fedsa_final`` in the last round);
+    before it, ``aggregation.fedsa_global`` keeps its A and the reference's B, which is
+    ``aggregation.fedsa_lora(updates, weights, previous=reference)``.
+    """
 
     def __init__(self, num_rounds: int, weighting: str = "supervised_tokens", max_norm_ratio: float = 10.0):
         super().__init__(weighting=weighting, max_norm_ratio=max_norm_ratio)
@@ -295,7 +301,7 @@ class FedSALoRAAggregator(AdapterAggregator):
         if self.round is not None and self.round >= self.num_rounds - 1:
             return full
         # Sites keep their own B: the global carries the averaged A and the previous B.
-        return {k: (v if aggregation.is_lora_A(k) else self.reference.get(k, v)) for k, v in full.items()}
+        return aggregation.fedsa_global(full, self.reference)
 
 
 class ExactLoRAAggregator(AdapterAggregator):
@@ -311,8 +317,8 @@ class ExactLoRAAggregator(AdapterAggregator):
     def combine(self) -> dict[str, torch.Tensor]:
         sites = sorted(self._accepted)
         updates = [load_file(str(self._accepted[s].path)) for s in sites]
-        rank = self.rank or max(v.shape[0] for k, v in self.reference.items() if aggregation.is_lora_A(k))
-        site_ranks = [next(v.shape[0] for k, v in u.items() if aggregation.is_lora_A(k)) for u in updates]
+        rank = self.rank or max(v.shape[0] for k, v in self.reference.items() if is_lora_A(k))
+        site_ranks = [next(v.shape[0] for k, v in u.items() if is_lora_A(k)) for u in updates]
         adapter, report = aggregation.exact_lora(
             updates,
             [self._accepted[s].weight for s in sites],

@@ -22,10 +22,10 @@ from nvflare.app_common.abstract.model_persistor import ModelPersistor
 from nvflare.app_common.app_constant import AppConstants
 from safetensors.torch import load_file, save_file
 
+from fedmed_components.data.files import atomic_write_text, fsync_path, temp_path
 from fedmed_components.flare.wire import SERVER_OPTIMIZER_STATE
 from fedmed_components.model.modeling import (
     LoraSettings,
-    fsync_path,
     initial_adapter_from_config,
     load_adapter_folder,
     resolve_model,
@@ -165,21 +165,15 @@ def _save_optimizer_state(state: dict | None, folder: Path) -> None:
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    """Temp file in the same folder, fsync, rename: a reader sees the old or the new file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        fh.write(json.dumps(data, indent=2, sort_keys=True, default=str))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fsync_path(path.parent)
+    """Temp file in the same folder, fsync, rename, fsync the folder (``data.files``)."""
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str), sync_dir=True)
 
 
 def _remove_unfinished_writes(root: Path) -> None:
     """Temp files and folders a crash left behind (never under a real round's name)."""
     import shutil
 
-    for leftover in [*root.glob(".*-*"), root / (STATE_FILE + ".tmp")]:
+    for leftover in [*root.glob(".*-*"), temp_path(root / STATE_FILE)]:
         if leftover.is_dir():
             shutil.rmtree(leftover, ignore_errors=True)
         elif leftover.exists():

@@ -39,9 +39,10 @@ from pathlib import Path
 
 import yaml
 
+from fedmed_components.data.files import atomic_write_text
 from fedmed_components.flare.processes import blas_thread_caps
 
-POC_SETUP = Path(__file__).resolve().parents[1] / "poc_setup"
+POC_SETUP = Path(__file__).resolve().parents[2] / "poc_setup"  # the repository root
 DEFAULT_PRIVACY = POC_SETUP / "privacy.json"
 STATE_NAME = "fedmed_poc.json"
 OWNER = "fedmed poc"
@@ -93,9 +94,7 @@ class PocWorkspace:
             return None
 
     def save(self, state: dict) -> None:
-        tmp = self.state_file.with_name(STATE_NAME + ".tmp")
-        tmp.write_text(json.dumps(state, indent=2, sort_keys=True))
-        os.replace(tmp, self.state_file)
+        atomic_write_text(self.state_file, json.dumps(state, indent=2, sort_keys=True))
 
     def require(self) -> dict:
         state = self.load()

@@ -7,7 +7,8 @@ import time
 
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 
-from fedmed_components.flare.wire import CANDIDATES_TASK, SUBMIT_MODEL_TASK, TRAIN_TASK, VALIDATE_TASK, unpack_candidates
+from fedmed_components.federation.lora_keys import is_lora_A
+from fedmed_components.flare.wire import CANDIDATES_TASK, TRAIN_TASK, unpack_candidates
 from fedmed_components.model.modeling import adapter_num_bytes
 
 log = logging.getLogger("fedmed.site")
@@ -16,7 +17,7 @@ log = logging.getLogger("fedmed.site")
 def train(runtime, incoming: FLModel, send: str = "full", tracker=None) -> FLModel:
     global_state = incoming.params or None
     if global_state and (incoming.meta or {}).get("load") == "lora_A":  # FedSA-LoRA: B stays local
-        global_state = {**runtime.adapter_state(), **{k: v for k, v in global_state.items() if ".lora_A." in k}}
+        global_state = {**runtime.adapter_state(), **{k: v for k, v in global_state.items() if is_lora_A(k)}}
     if incoming.current_round is not None:  # a schedule across rounds follows the server's round
         runtime.trainer.rounds_done = int(incoming.current_round)
     started = time.perf_counter()
@@ -70,13 +71,6 @@ def train(runtime, incoming: FLModel, send: str = "full", tracker=None) -> FLMod
     return FLModel(params=params, params_type=ptype, meta=meta, metrics={"val_loss": val_loss})
 
 
-def validate(runtime, incoming: FLModel) -> FLModel:
-    if incoming.params:
-        runtime.set_adapter(incoming.params)
-    val_loss, val_tokens = runtime.validation_loss()
-    return FLModel(metrics={"val_loss": val_loss}, meta={"site": runtime.site_name, "val_tokens": val_tokens})
-
-
 def score_candidates(runtime, incoming: FLModel) -> FLModel:
     names, candidates = unpack_candidates(incoming.params)
     losses = runtime.score_candidates(candidates)
@@ -85,10 +79,6 @@ def score_candidates(runtime, incoming: FLModel) -> FLModel:
         metrics={f"loss/{name}": loss for name, loss in zip(names, losses)},  # FLARE needs params or metrics
         meta={"site": runtime.site_name, "candidates": names, "losses": losses, "val_tokens": runtime.val_supervised_tokens},
     )
-
-
-def submit_model(runtime, incoming: FLModel) -> FLModel:
-    return FLModel(params=runtime.adapter_state(), params_type=ParamsType.FULL, meta={"site": runtime.site_name})
 
 
 def failed(site_name: str, error: Exception) -> FLModel:
@@ -101,10 +91,6 @@ def handle(runtime, task: str, incoming: FLModel, send: str = "full", tracker=No
     """`tracker`: a flare.tracking.SiteTracker for TensorBoard scalars (None: none)."""
     if task == TRAIN_TASK:
         return train(runtime, incoming, send, tracker)
-    if task == VALIDATE_TASK:
-        return validate(runtime, incoming)
     if task == CANDIDATES_TASK:
         return score_candidates(runtime, incoming)
-    if task == SUBMIT_MODEL_TASK:
-        return submit_model(runtime, incoming)
     raise ValueError(f"{runtime.site_name}: unknown task {task!r}")

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 TRAIN_TASK = "train"
-VALIDATE_TASK = "validate"
-SUBMIT_MODEL_TASK = "submit_model"
 CANDIDATES_TASK = "score_candidates"  # Fed-MedLoRA+ with losses measured at the sites
 
 # Round-meta key for the server optimiser's moments (tensors): the aggregator puts them in

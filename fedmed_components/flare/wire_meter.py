@@ -42,6 +42,7 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.fuel.f3.cellnet.utils import buffer_len
 from nvflare.fuel.f3.sfm.prefix import PREFIX_LEN
 
+from fedmed_components.data.files import atomic_write_text
 from fedmed_components.model.modeling import adapter_num_bytes
 
 
@@ -198,9 +199,7 @@ class WireMeter(FLComponent):
             return
         with self._lock:
             data = {**self.record, "totals": self.ledger.snapshot()}
-        tmp = self._path.with_name(self._path.name + ".tmp")
-        tmp.write_text(json.dumps(data, indent=2))
-        os.replace(tmp, self._path)
+        atomic_write_text(self._path, json.dumps(data, indent=2))
 
 
 def _peer(fl_ctx: FLContext) -> str:

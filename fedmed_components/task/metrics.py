@@ -137,7 +137,7 @@ def _score_pair(g_doc: Document, p_doc: Document, types, ent: dict, per_type: di
 
 
 def score_documents(gold: list[Document], pred: list[Document], types: set[str] | None = None, parse_failures: int = 0) -> dict:
-    """The `fedmed eval --json` object of DESIGN.md (micro-averaged over documents)."""
+    """The `fedmed eval --json` object (micro-averaged over documents; `fedmed eval` in README.md)."""
     types = set(types) if types else None
     ent = {m: Counter() for m in MODES}
     rel = {m: Counter() for m in MODES}
