@@ -64,36 +64,25 @@ def _run(args) -> int:
     notes = read_notes(Path(args.input))
     check_file_names(notes, Path(args.out) / "brat", source=args.input)
 
-    from fedmed_components.model.inference import GenerationSettings, predict_documents
-    from fedmed_components.model.modeling import apply_adapter, load_adapter_folder, load_base_model, load_tokenizer, resolve_model
+    from fedmed_components.model.inference import GenerationSettings
+    from fedmed_components.model.modeling import load_adapter_folder, resolve_model
+    from fedmed_components.model.task_model import task_model_for
 
     if args.adapter:
         load_adapter_folder(args.adapter)
     model_path = resolve_model(args.model)
-    from fedmed_components.model import token_classification as tc
-
-    if tc.is_encoder_model(model_path):  # the BERT baseline: tagging, no generation
-        from fedmed_components.model.modeling import LoraSettings
-
-        model = tc.load_model(model_path, LoraSettings(), adapter=args.adapter)
-        preds = tc.predict_documents_bert(model, tc.load_tokenizer(model_path), notes, batch_size=args.batch_size, progress=True)
-        return _write(preds, Path(args.out), f"{len(notes)} notes (BERT tagging)")
-    tokenizer = load_tokenizer(model_path)
-    model = load_base_model(model_path, quantize=args.quantize)
-    style = args.prompt_style
-    if args.adapter:
-        model, meta = apply_adapter(model, args.adapter, args.model)
-        style = style or meta.get("prompt_style")
-    preds, report = predict_documents(
+    task = task_model_for(model_path)  # an encoder runs the BERT baseline: tagging, no generation
+    model, tokenizer, meta = task.load_predictor(model_path, args.adapter, quantize=args.quantize, model_name=args.model)
+    preds, report = task.predict(
         model,
         tokenizer,
         notes,
         tasks=tuple(args.tasks.split(",")),
         settings=GenerationSettings(batch_size=args.batch_size, precision=args.precision),
         progress=True,
-        prompt_style=style or "paper",
+        prompt_style=args.prompt_style or meta.get("prompt_style") or "paper",
     )
-    return _write(preds, Path(args.out), f"{len(preds)} notes, {report.sentences} sentences, {report.parse_failures} parse failures")
+    return _write(preds, Path(args.out), report.summary(len(notes)))
 
 
 def _write(preds, out: Path, summary: str) -> int:

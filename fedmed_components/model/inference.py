@@ -185,6 +185,9 @@ class PredictionReport:
     def parse_failures(self) -> int:
         return self.ner_parse_failures + self.modifier_parse_failures
 
+    def summary(self, notes: int) -> str:
+        return f"{notes} notes, {self.sentences} sentences, {self.parse_failures} parse failures"
+
 
 def predict_documents(
     model,

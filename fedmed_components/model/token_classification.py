@@ -27,20 +27,22 @@ the model that such entities are absent.
 
 The small API other code uses: ``is_encoder_model``, ``load_tokenizer``,
 ``load_model``, ``build_examples``, ``train_documents``, ``predict_documents_bert``;
-``tagging_loss`` / ``collate_tagged`` plug into ``training.LocalTrainer``.
+``tagging_loss`` / ``collate_tagged`` plug into ``training.LocalTrainer``. The site
+runtime, the trainer and the commands reach all of it through
+``task_model.TokenClassificationTask``, never by testing the model kind themselves.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
 from fedmed_components.data.document import Document, Relation
 from fedmed_components.data.schema import MAIN_TYPES, MODIFIER_TYPES
 from fedmed_components.data.segmentation import split_sentences
-from fedmed_components.model.modeling import PAPER_TARGET_MODULES, LoraSettings
+from fedmed_components.model.modeling import PAPER_TARGET_MODULES, PEFT_TASKS, LoraSettings
 from fedmed_components.model.training import IGNORE_INDEX
 from fedmed_components.task.bio_labels import ID2LABEL, MAIN_TAGS, MODIFIER_TAGS, NUM_LABELS, NUM_MAIN
 from fedmed_components.task.metrics import bio_tags
@@ -58,7 +60,8 @@ ENCODER_MODEL_TYPES = frozenset(
 # LoRA on every attention projection and dense layer of a BertModel (query/key/value,
 # attention output, intermediate and output dense).
 ENCODER_TARGET_MODULES = ("query", "key", "value", "dense")
-HEAD_MODULES = ("classifier",)  # the head PEFT saves with a TOKEN_CLS adapter
+PEFT_TASK_TYPE = "TOKEN_CLS"
+HEAD_MODULES = PEFT_TASKS[PEFT_TASK_TYPE].heads  # the head PEFT saves with a TOKEN_CLS adapter
 
 
 # ------------------------------------------------------------------------ models
@@ -80,7 +83,7 @@ def encoder_lora(settings: LoraSettings) -> LoraSettings:
     targets = list(settings.target_modules)
     if sorted(targets) == sorted(PAPER_TARGET_MODULES):
         targets = list(ENCODER_TARGET_MODULES)
-    return replace(settings, target_modules=targets, task_type="TOKEN_CLS")
+    return replace(settings, target_modules=targets, task_type=PEFT_TASK_TYPE)
 
 
 def load_tokenizer(model_path: str):
@@ -212,6 +215,16 @@ def train_documents(
 
 
 # --------------------------------------------------------------------- prediction
+
+
+@dataclass
+class TaggingReport:
+    """What a tagging pass reports: nothing is generated, so nothing fails to parse."""
+
+    parse_failures: int = 0
+
+    def summary(self, notes: int) -> str:
+        return f"{notes} notes (BERT tagging)"
 
 
 def decode_bio(tags: list[str], offsets: list[tuple[int, int]]) -> list[tuple[str, int, int]]:

@@ -148,13 +148,29 @@ def proximal_term(params: list[torch.nn.Parameter], anchors: list[torch.Tensor],
 
 
 class LocalTrainer:
-    """Trains the LoRA parameters of one PEFT model; the base stays frozen and loaded."""
+    """Trains the LoRA parameters of one PEFT model; the base stays frozen and loaded.
 
-    def __init__(self, model, pad_token_id: int, settings: TrainSettings, device: str | None = None, *, loss_fn=None, collate_fn=None):
+    What it trains on comes from the task model (``task_model.TaskModel.trainer``): its
+    batches (`collate_fn`), its loss (`loss_fn`) and, for DP-SGD, its per-record loss
+    (`per_example_loss_fn`). The defaults are the causal LM's; a custom `loss_fn`
+    without a per-record loss cannot be trained with DP-SGD.
+    """
+
+    def __init__(
+        self,
+        model,
+        pad_token_id: int,
+        settings: TrainSettings,
+        device: str | None = None,
+        *,
+        loss_fn=None,
+        collate_fn=None,
+        per_example_loss_fn=None,
+    ):
         self.model = model
-        # The BERT baseline plugs in its tagging loss and batches (token_classification).
         self.loss_fn = loss_fn or supervised_loss
         self.collate_fn = collate_fn or collate
+        self.per_example_loss_fn = per_example_loss_fn or (per_example_loss if loss_fn is None else None)
         self.pad_token_id = pad_token_id
         self.settings = settings
         self.device = device or next(model.parameters()).device
@@ -162,8 +178,8 @@ class LocalTrainer:
         self._optimizer: torch.optim.Optimizer | None = None
         self.rounds_done = 0  # the round index; a federation sets it from the server's round
         self.dp = parse_dp_sgd(settings.dp_sgd)
-        if self.dp is not None and loss_fn is not None:
-            raise ValueError("dp-sgd is implemented for the causal LM's loss, not the BERT baseline's")
+        if self.dp is not None and self.per_example_loss_fn is None:
+            raise ValueError("dp-sgd needs a per-record loss: the causal LM's loss has one, the BERT baseline's tagging loss does not")
         self.accountant = RdpAccountant()  # DP-SGD steps of every round at this site
         self._grad_sample_model = None
 
@@ -290,7 +306,7 @@ class LocalTrainer:
             chunk = rows[start : start + size]
             batch = self._to_device(self.collate_fn([examples[r] for r in chunk], self.pad_token_id))
             with autocast(self.precision, self.device):
-                losses, n = per_example_loss(self._grad_sample_model, batch)
+                losses, n = self.per_example_loss_fn(self._grad_sample_model, batch)
             losses.sum().backward()
             for rec, grads in gradients_by_record(params, [plan.record_of[r] for r in chunk]).items():
                 per_record[rec] = grads if rec not in per_record else [a + b for a, b in zip(per_record[rec], grads)]
