@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from nvflare.app_common.abstract.fl_model import FLModel
 
-from fedmed_components.federation.aggregation import is_lora_A
+from fedmed_components.federation.lora_keys import is_lora_A
 from fedmed_components.flare import site_tasks
 
 BASE_WEIGHT = "base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"

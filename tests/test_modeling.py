@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from fedmed_components.federation.aggregation import is_lora_key
+from fedmed_components.federation.lora_keys import is_lora_key
 from fedmed_components.model import modeling
 from fedmed_components.model.modeling import LoraSettings
 

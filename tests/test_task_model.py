@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fedmed_components.data.document import Document, Entity, write_jsonl
-from fedmed_components.federation.aggregation import is_lora_key
+from fedmed_components.federation.lora_keys import is_lora_key
 from fedmed_components.model import token_classification as tc
 from fedmed_components.model.inference import GenerationSettings
 from fedmed_components.model.modeling import PAPER_TARGET_MODULES, PEFT_TASKS, LoraSettings, initial_adapter_from_config, resolve_model

@@ -42,7 +42,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from fedmed_components.federation.lora_keys import is_factor_weight, is_lora_A, is_lora_B, is_lora_key, layer_name, lora_partner
+from fedmed_components.federation.lora_keys import is_factor_weight, is_lora_A, is_lora_B, layer_name, lora_partner
 
 __all__ = [
     "SERVER_RULES",
@@ -56,10 +56,6 @@ __all__ = [
     "fedsa_final",
     "fedsa_global",
     "fedsa_lora",
-    # The key-name helpers live in lora_keys; these two are re-exported for importers not
-    # yet moved to it (model/site.py, model/modeling.py, tests/test_modeling.py, tests/fault_site.py).
-    "is_lora_A",
-    "is_lora_key",
     "normalize_weights",
     "pseudo_gradient",
     "server_optimizer_step",

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from fedmed_components.data.document import InputError
+from fedmed_components.data.files import fsync_path
 from fedmed_components.errors import ModelError
 from fedmed_components.task.bio_labels import NUM_LABELS
 
@@ -417,7 +418,7 @@ def initial_adapter_from_config(model_path: str, settings: LoraSettings, *, seed
     from peft import get_peft_model, get_peft_model_state_dict
     from transformers import AutoConfig
 
-    from fedmed_components.federation.aggregation import is_lora_key
+    from fedmed_components.federation.lora_keys import is_lora_A, is_lora_key
 
     config = AutoConfig.from_pretrained(model_path)
     task = settings.peft_task  # the BERT baseline's: encoder + its tagging head
@@ -431,7 +432,7 @@ def initial_adapter_from_config(model_path: str, settings: LoraSettings, *, seed
     state: dict[str, torch.Tensor] = {}
     for key in sorted(shapes):
         shape = shapes[key]
-        if ".lora_A." in key:
+        if is_lora_A(key):
             bound = 1.0 / math.sqrt(shape[1])  # kaiming_uniform_(a=sqrt(5)) on [r, in]
             state[key] = (torch.rand(shape, generator=generator) * 2 - 1) * bound
         elif not is_lora_key(key) and key.endswith(".weight"):
@@ -486,15 +487,6 @@ def save_adapter_folder(
         os.replace(tmp, out_dir)
     fsync_path(out_dir.parent)
     return out_dir
-
-
-def fsync_path(path: str | os.PathLike) -> None:
-    """Flush a file's or a folder's entries to disk (a crash keeps what was renamed)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def load_adapter_folder(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], LoraSettings, dict]:

@@ -57,8 +57,8 @@ def load_site_data(
 ) -> SiteData:
     """A site folder holds train.jsonl (+ val.jsonl) or a corpus that is split here.
     Bad input raises InputError naming file and line; `lenient` skips it, counted."""
-    from fedmed_components.data.brat import ReadReport
     from fedmed_components.data.corpora import load_corpus, read_jsonl_checked
+    from fedmed_components.data.document import ReadReport
 
     folder = Path(folder)
     if not folder.exists():
@@ -177,7 +177,8 @@ class SiteRuntime:
         """Load a global adapter; a rank other than the site's is projected by SVD."""
         own = self.adapter_state()
         if any(tuple(state[k].shape) != tuple(own[k].shape) for k in own if k in state):
-            from fedmed_components.federation.aggregation import exact_lora, is_lora_A
+            from fedmed_components.federation.aggregation import exact_lora
+            from fedmed_components.federation.lora_keys import is_lora_A
 
             # LoRA's scaling is alpha / r: keep the product B·A·scaling when changing rank.
             global_rank = next(v.shape[0] for k, v in state.items() if is_lora_A(k))

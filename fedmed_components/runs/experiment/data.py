@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from fedmed_components.data.document import Document, Entity, InputError, Relation, read_jsonl, write_jsonl
+from fedmed_components.data.files import atomic_write_text
 from fedmed_components.data.schema import ENTITY_TYPES, RELATION_TYPES, get_mapping
 from fedmed_components.data.segmentation import split_sentences
 
@@ -170,9 +171,8 @@ def prepare_site(source: DataSource, sampling: Sampling, root: str | os.PathLike
             },
             "recipe": recipe,
         }
-        tmp = manifest_file.with_name("manifest.json.tmp")
-        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-        os.replace(tmp, manifest_file)  # written last: a folder with a manifest is complete
+        # written last: a folder with a manifest is complete
+        atomic_write_text(manifest_file, json.dumps(manifest, indent=2) + "\n")
     return PreparedSite(source.name, folder, set(manifest["annotated_types"]), set(manifest["annotated_relations"]), manifest["counts"])
 
 

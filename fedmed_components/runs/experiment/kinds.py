@@ -21,7 +21,7 @@ from pathlib import Path
 
 from fedmed_components.data.document import InputError
 from fedmed_components.runs.experiment.communication import communication
-from fedmed_components.runs.experiment.config import FEDERATED, RUN_KINDS, kind_of, lora_settings, parse_new_site_id
+from fedmed_components.runs.experiment.config import FEDERATED, RUN_KINDS, kind_of, parse_new_site_id
 from fedmed_components.runs.experiment.context import Experiment
 from fedmed_components.runs.experiment.data import shots
 from fedmed_components.runs.experiment.resume import _start_over_if_changed
@@ -154,8 +154,9 @@ def new_site_run(exp: Experiment, run_id: str, run_dir: Path) -> dict:
 def bert_baseline(exp: Experiment) -> dict:
     """BERT token classification (LoRA + tagging head) trained on the pooled sites with the
     centralised budget by the sites' own runtime, scored with the same metrics."""
-    from fedmed_components.model import token_classification as tc
+    from fedmed_components.model.inference import GenerationSettings
     from fedmed_components.model.modeling import resolve_model
+    from fedmed_components.model.task_model import task_model_for
 
     cfg, run_dir = exp.cfg, exp.run_dir("bert")
     try:
@@ -167,13 +168,13 @@ def bert_baseline(exp: Experiment) -> dict:
     history = train_locally(
         cfg, [s.folder for s in exp.sites], run_dir, rounds=cfg.rounds, steps=steps, model=cfg.bert_model, lr=cfg.bert_lr
     )
-    tokenizer = tc.load_tokenizer(model_path)
-    model = tc.load_model(model_path, lora_settings(cfg), adapter=str(run_dir / f"round_{cfg.rounds - 1:03d}"))
+    task = task_model_for(model_path)
+    model, tokenizer, _ = task.load_predictor(model_path, str(run_dir / f"round_{cfg.rounds - 1:03d}"))
+    settings = GenerationSettings(batch_size=cfg.generation_batch_size)
 
     def predict(docs):
-        return tc.predict_documents_bert(
-            model, tokenizer, docs, max_length=cfg.max_length, batch_size=cfg.generation_batch_size, progress=True
-        ), 0
+        preds, report = task.predict(model, tokenizer, docs, settings=settings, max_length=cfg.max_length, progress=True)
+        return preds, report.parse_failures
 
     scores = exp.scorer.score_all(None, exp.sites, exp.external, run_dir / "scores", predict=predict)
     return {

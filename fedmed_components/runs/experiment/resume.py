@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 from fedmed_components.data.document import InputError
+from fedmed_components.data.files import atomic_write_text
 from fedmed_components.runs.experiment.config import ExperimentConfig
 
 # ---------------------------------------------------------------- results
@@ -21,9 +22,7 @@ from fedmed_components.runs.experiment.config import ExperimentConfig
 
 def write_json_atomic(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
 def read_results(out: str | os.PathLike, run_ids: list[str] | None = None) -> dict[str, dict]:

@@ -74,26 +74,26 @@ class Scorer:
     """One base model in memory; any adapter is scored on the prepared test sets."""
 
     def __init__(self, cfg: ExperimentConfig, model_path: str, work: Path):
+        from fedmed_components.model.task_model import task_model_for
+
         self.cfg, self.model_path, self.work = cfg, model_path, work
+        self.task = task_model_for(model_path)
         self._model = None
         self._tokenizer = None
 
     def _load(self):
         if self._model is None:
-            from fedmed_components.model.modeling import LoraSettings, attach_lora, load_base_model, load_tokenizer
-
-            self._tokenizer = load_tokenizer(self.model_path)
-            self._model = attach_lora(
-                load_base_model(self.model_path, quantize=self.cfg.quantize), LoraSettings(r=self.cfg.rank, alpha=self.cfg.alpha)
-            )
+            self._tokenizer = self.task.load_tokenizer(self.model_path)
+            lora = self.task.lora_settings(lora_settings(self.cfg))
+            self._model = self.task.load_trainable(self.model_path, lora, quantize=self.cfg.quantize)
         return self._model, self._tokenizer
 
     def release(self) -> None:
         self._model = self._tokenizer = None
         gc.collect()
 
-    def _predict_llm(self, adapter_state, docs, tasks=("ner", "modifier")):
-        from fedmed_components.model.inference import GenerationSettings, predict_documents
+    def _predict(self, adapter_state, docs, tasks=("ner", "modifier")):
+        from fedmed_components.model.inference import GenerationSettings
         from fedmed_components.model.modeling import initial_adapter_from_config, set_adapter_state
 
         model, tokenizer = self._load()
@@ -103,8 +103,15 @@ class Scorer:
         settings = GenerationSettings(
             batch_size=self.cfg.generation_batch_size, max_new_tokens=self.cfg.max_new_tokens, precision=self.cfg.precision
         )
-        preds, report = predict_documents(
-            model, tokenizer, docs, tasks=tasks, settings=settings, progress=True, prompt_style=self.cfg.prompt_style
+        preds, report = self.task.predict(
+            model,
+            tokenizer,
+            docs,
+            settings=settings,
+            max_length=self.cfg.max_length,
+            tasks=tasks,
+            progress=True,
+            prompt_style=self.cfg.prompt_style,
         )
         return preds, report.parse_failures
 
@@ -115,7 +122,7 @@ class Scorer:
         run skips them). The splits not yet scored are predicted in one call per task set
         (a cohort that links no modifiers gets no modifier prompts), so generation
         batches stay full. `predict(docs) -> (predictions, parse failures)` replaces the
-        LLM (the BERT baseline). Parse failures are counted per call, not per split.
+        base model's own prediction (the BERT baseline scores its own model). Parse failures are counted per call, not per split.
         Each score carries `per_note` counts, the units of the bootstrap intervals."""
         from fedmed_components.data.document import write_jsonl
         from fedmed_components.task.metrics import MODES, prf, score_documents
@@ -129,7 +136,7 @@ class Scorer:
             golds = {name: sets[name].read(part) for name in group}
             every = [d for name in group for d in golds[name]]
             tasks = ("ner", "modifier") if with_links else ("ner",)
-            preds, parse_failures = predict(every) if predict else self._predict_llm(adapter_state, every, tasks)
+            preds, parse_failures = predict(every) if predict else self._predict(adapter_state, every, tasks)
             start = 0
             for name in group:
                 site, gold = sets[name], golds[name]
