@@ -82,3 +82,41 @@ def test_predictions_for_unknown_documents_are_an_input_error(tmp_path, capsys):
     assert main(["eval", "--gold", str(tmp_path / "gold.jsonl"), "--pred", str(tmp_path / "pred.jsonl")]) == 2
     assert "not in gold" in capsys.readouterr().err
     assert main(["eval", "--gold", str(tmp_path / "missing"), "--pred", str(tmp_path / "pred.jsonl")]) == 2
+
+
+# ---------------------------------------------------------------- --lenient-input
+
+
+def _gold_with_a_malformed_line(tmp_path):
+    """Two gold notes; note1.ann gets a stray line `5` (as MTSamples has) as its line 3."""
+    other = Document("note2", "Cough.", entities=[Entity("T1", "problem", [(0, 5)], "Cough")])
+    write_brat_dir([_gold(), other], tmp_path / "gold")
+    ann = tmp_path / "gold" / "note1.ann"
+    lines = ann.read_text(encoding="utf-8").splitlines(keepends=True)
+    ann.write_text("".join(lines[:2] + ["5\n"] + lines[2:]), encoding="utf-8")
+    write_jsonl([_pred(), other], tmp_path / "pred.jsonl")
+    return ["eval", "--gold", str(tmp_path / "gold"), "--pred", str(tmp_path / "pred.jsonl")], ann
+
+
+def test_a_malformed_gold_line_is_refused_with_file_and_line(tmp_path, capsys):
+    argv, ann = _gold_with_a_malformed_line(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"fedmed: error: {ann}:3: malformed line" in err and "--lenient-input" in err
+
+
+def test_lenient_input_scores_the_rest_and_counts_the_skipped_line(tmp_path, capsys):
+    argv, ann = _gold_with_a_malformed_line(tmp_path)
+    assert main([*argv, "--lenient-input", "--json"]) == 0
+    out, err = capsys.readouterr()
+    result = json.loads(out)
+    skipped = result["skipped_input"]
+    assert skipped["gold"]["skipped"] == {"malformed line": 1} and skipped["pred"]["skipped"] == {}
+    assert skipped["gold"]["problems"][0]["file"] == str(ann) and skipped["gold"]["problems"][0]["line"] == 3
+    assert result["documents"] == 2
+    s = result["entities"]["strict"]  # note1 as in test_json_output_has_the_contract_keys, note2 exact
+    assert (s["tp"], s["fp"], s["fn"]) == (2, 1, 3)
+    assert abs(s["precision"] - 2 / 3) < 1e-9 and abs(s["recall"] - 0.4) < 1e-9 and abs(s["f1"] - 0.5) < 1e-9
+    assert "warning" in err and f"{ann}:3: malformed line" in err
+    assert main([*argv, "--lenient-input"]) == 0
+    assert "skipped input: gold skipped 1 item(s): 1 malformed line; predictions nothing skipped" in capsys.readouterr().out

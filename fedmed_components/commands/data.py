@@ -8,18 +8,19 @@ import sys
 import warnings
 from pathlib import Path
 
-from fedmed_components.data.schema import MAPPINGS
+from fedmed_components.data.schema import MAPPINGS, is_mapping_file
 
 FORMATS = ("brat", "bioc", "jsonl")
 SPLITS = ("note-type", "corpus", "dirichlet", "quantity", "iid")
 _MAX_LISTED_PROBLEMS = 10
 
 _INPUT_HELP = "a BRAT folder (searched recursively), a BioC XML file or a JSONL file"
-_MAPPING_HELP = (
+MAPPING_HELP = (
     "map the source types onto the Kiwi schema: kiwi (MTSamples/Kiwi BRAT), maccrobat "
-    "(MACCROBAT2020), phee (PHEE); unmapped types are dropped and counted. "
-    "Default: keep the source types"
+    "(MACCROBAT2020), phee (PHEE), or the path of your own YAML / JSON mapping file "
+    "(README.md, 'Corpus mappings'); unmapped types are dropped and counted"
 )
+_MAPPING_HELP = MAPPING_HELP + ". Default: keep the source types"
 _LENIENT_HELP = (
     "skip bad input items (malformed lines, offsets outside the text, span text that does "
     "not match, unknown relation arguments, non-UTF-8 or empty files) instead of stopping "
@@ -46,6 +47,17 @@ def register(subparsers) -> None:
     data.set_defaults(func=lambda args: _usage(data))
 
 
+def mapping_argument(value: str) -> str:
+    """A --mapping value: a built-in name or a mapping file (read, and checked, when used)."""
+    if value.lower() in MAPPINGS:
+        return value.lower()
+    if is_mapping_file(value):
+        return value
+    raise argparse.ArgumentTypeError(
+        f"unknown mapping {value!r}: give {', '.join(sorted(MAPPINGS))} or the path of a .yaml / .json mapping file"
+    )
+
+
 def _usage(parser: argparse.ArgumentParser) -> int:
     parser.print_help()
     return 2
@@ -57,12 +69,13 @@ def _add_reading_options(p: argparse.ArgumentParser, *, mapping_append: bool = F
         p.add_argument(
             "--mapping",
             action="append",
-            choices=sorted(MAPPINGS),
+            type=mapping_argument,
             default=None,
+            metavar="MAPPING",
             help=_MAPPING_HELP + "; give it once for all inputs or once per input, in order",
         )
     else:
-        p.add_argument("--mapping", choices=sorted(MAPPINGS), default=None, help=_MAPPING_HELP)
+        p.add_argument("--mapping", type=mapping_argument, default=None, metavar="MAPPING", help=_MAPPING_HELP)
     p.add_argument("--lenient-input", action="store_true", help=_LENIENT_HELP)
 
 
@@ -140,11 +153,21 @@ def _add_stats(sub) -> None:
 
 
 def _load(path: str, args, mapping: str | None, site: str | None = None):
-    from fedmed_components.data.bioc import NOT_WELL_FORMED
-    from fedmed_components.data.brat import ReadReport
-    from fedmed_components.data.corpora import MappingReport, load_corpus
-    from fedmed_components.data.document import InputError
+    return read_corpus(path, mapping, lenient=args.lenient_input, fmt=args.fmt, site=site)
 
+
+def read_corpus(path: str, mapping, *, lenient: bool, fmt: str | None = None, site: str | None = None):
+    """(documents, ReadReport, MappingReport) of one input; what was skipped is printed.
+
+    A strict read that meets a bad item says that --lenient-input would skip it. The
+    mapping (a name or a file) is read first: a bad mapping file is not an input item.
+    """
+    from fedmed_components.data.bioc import NOT_WELL_FORMED
+    from fedmed_components.data.corpora import MappingReport, load_corpus
+    from fedmed_components.data.document import InputError, ReadReport
+    from fedmed_components.data.schema import get_mapping
+
+    mapping = get_mapping(mapping) if mapping is not None else None
     report, mapped = ReadReport(), MappingReport()
     try:
         with warnings.catch_warnings():
@@ -152,22 +175,22 @@ def _load(path: str, args, mapping: str | None, site: str | None = None):
             docs = load_corpus(
                 path,
                 mapping,
-                lenient=args.lenient_input,
+                lenient=lenient,
                 site=site,
-                fmt=args.fmt,
+                fmt=fmt,
                 report=report,
                 mapping_report=mapped,
                 progress=sys.stderr.isatty(),
             )
     except InputError as exc:
-        if args.lenient_input or exc.line is None or exc.reason.startswith(NOT_WELL_FORMED):
+        if lenient or exc.line is None or exc.reason.startswith(NOT_WELL_FORMED):
             raise
         raise InputError(exc.path, exc.line, f"{exc.reason} (--lenient-input skips such items and counts them)") from exc
-    _print_skipped(path, report)
+    print_skipped(path, report)
     return docs, report, mapped
 
 
-def _print_skipped(path: str, report) -> None:
+def print_skipped(path: str, report) -> None:
     if not report.skipped:
         return
     print(f"fedmed: warning: {path}: {report.summary()} (--lenient-input)", file=sys.stderr)
@@ -225,7 +248,9 @@ def _input_site_names(args, mappings) -> list[str]:
         if len(names) != len(args.inputs):
             raise SystemExit(f"fedmed data split: --site-names needs {len(args.inputs)} names")
         return names
-    return [m or Path(p).stem for p, m in zip(args.inputs, mappings)]
+    from fedmed_components.data.schema import get_mapping
+
+    return [get_mapping(m).name if m else Path(p).stem for p, m in zip(args.inputs, mappings)]
 
 
 def _split_docs(docs, args):
@@ -259,8 +284,11 @@ def _annotated_types(site_docs, doc_mapping: dict[str, str | None]) -> dict[str,
 
 def _split(args) -> int:
     from fedmed_components.data.partition import write_partition
+    from fedmed_components.data.schema import get_mapping
 
     mappings = _input_mappings(args)
+    for mapping in {m for m in mappings if m}:  # a bad mapping file stops the split before any input is read
+        get_mapping(mapping)
     names = _input_site_names(args, mappings)
     docs, doc_mapping = [], {}
     for path, mapping, name in zip(args.inputs, mappings, names):

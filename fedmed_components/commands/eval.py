@@ -1,9 +1,16 @@
-"""`fedmed eval --gold G --pred P [--json] [--types ...]`: n2c2-style strict/lenient scores."""
+"""`fedmed eval --gold G --pred P [--json] [--types ...]`: n2c2-style strict/lenient scores.
+
+With --lenient-input a bad input item (a malformed `.ann` line, a JSONL line that is
+not a document, ...) in either file is skipped, counted and listed on stderr, and the
+rest is scored; the JSON object then carries the counts under "skipped_input".
+"""
 
 from __future__ import annotations
 
 import json
 import sys
+
+from fedmed_components.commands.data import MAPPING_HELP, mapping_argument
 
 _PATH_HELP = "a BRAT folder (searched recursively), a BioC XML file or a JSONL file of documents"
 
@@ -30,7 +37,22 @@ def register(subparsers) -> None:
         metavar="TYPE",
         help="score only these entity types, space- or comma-separated (a partial-schema site)",
     )
-    p.add_argument("--mapping", default=None, help="map both onto the Kiwi schema first: kiwi | maccrobat | phee")
+    p.add_argument(
+        "--mapping",
+        type=mapping_argument,
+        default=None,
+        metavar="MAPPING",
+        help=f"first {MAPPING_HELP}, gold and predictions alike. Default: compare the types as written",
+    )
+    p.add_argument(
+        "--lenient-input",
+        action="store_true",
+        help=(
+            "skip bad input items in gold or predictions (malformed lines, offsets outside the text, span text "
+            "that does not match, ...) instead of refusing to score; each is listed and counted (the JSON output "
+            "gets a skipped_input object)"
+        ),
+    )
     p.add_argument(
         "--parse-failures",
         type=int,
@@ -48,12 +70,14 @@ def _types(values: list[str] | None) -> set[str] | None:
 
 
 def run_eval(args) -> int:
-    from fedmed_components.data.corpora import load_corpus
+    from fedmed_components.commands.data import read_corpus
     from fedmed_components.data.document import InputError
+    from fedmed_components.data.schema import get_mapping
     from fedmed_components.task.metrics import ScoringError, format_table, score_documents
 
-    gold = load_corpus(args.gold, mapping=args.mapping)
-    pred = load_corpus(args.pred, mapping=args.mapping)
+    mapping = get_mapping(args.mapping) if args.mapping else None  # a bad mapping file is named before any input is read
+    gold, gold_report, _ = read_corpus(args.gold, mapping, lenient=args.lenient_input)
+    pred, pred_report, _ = read_corpus(args.pred, mapping, lenient=args.lenient_input)
     types = _types(args.types)
     missing = sorted((types or set()) - {e.type for doc in gold for e in doc.entities})
     if missing:
@@ -62,5 +86,12 @@ def run_eval(args) -> int:
         result = score_documents(gold, pred, types=types, parse_failures=args.parse_failures)
     except ScoringError as exc:
         raise InputError(args.pred, None, str(exc)) from exc
-    print(json.dumps(result, indent=2) if args.json else format_table(result))
+    if args.lenient_input:
+        result["skipped_input"] = {"gold": gold_report.to_dict(), "pred": pred_report.to_dict()}
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(format_table(result))
+        if args.lenient_input:
+            print(f"skipped input: gold {gold_report.summary()}; predictions {pred_report.summary()}")
     return 0

@@ -1,7 +1,8 @@
 """Load a corpus in any supported format and bring it onto the Kiwi schema.
 
 `load_corpus` takes a BRAT folder, a BioC XML file or a JSONL file, reads it with the
-source's own types, then applies a `CorpusMapping` (see `schema.py`): unmapped types
+source's own types, then applies a `CorpusMapping` (see `schema.py`: a built-in name
+such as "maccrobat", or the path of a YAML / JSON mapping file): unmapped types
 are dropped and counted, MACCROBAT's MODIFY becomes hasAttr with the arguments
 swapped, negation attributes become `negated=True`, relations whose arguments were
 dropped, that have no Kiwi counterpart, or that do not link a main entity to a
