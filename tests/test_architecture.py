@@ -13,14 +13,16 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "fedmed_components"
 
 # What each sub-package may import from fedmed_components (itself always allowed).
+# errors and settings sit at the root: every layer reads them and they import nothing.
+ROOT = {"errors", "settings"}
 ALLOWED = {
-    "data": {"errors"},
-    "task": {"data", "errors"},
-    "federation": {"errors"},
-    "model": {"data", "task", "federation", "errors"},
-    "flare": {"data", "task", "federation", "model", "errors"},
-    "runs": {"data", "task", "federation", "model", "flare", "errors"},
-    "commands": {"data", "task", "federation", "model", "flare", "runs", "errors"},
+    "data": ROOT,
+    "task": {"data"} | ROOT,
+    "federation": ROOT,
+    "model": {"data", "task", "federation"} | ROOT,
+    "flare": {"data", "task", "federation", "model"} | ROOT,
+    "runs": {"data", "task", "federation", "model", "flare"} | ROOT,
+    "commands": {"data", "task", "federation", "model", "flare", "runs"} | ROOT,
 }
 
 
@@ -58,7 +60,12 @@ def layer(module: str) -> str:
 
 def test_every_core_module_sits_in_a_sub_package():
     top = sorted(p.name for p in PACKAGE.glob("*.py"))
-    assert top == ["__init__.py", "cli.py", "errors.py"]
+    assert top == ["__init__.py", "cli.py", "errors.py", "settings.py"]
+
+
+@pytest.mark.parametrize("root_module", sorted(ROOT))
+def test_root_modules_import_nothing_from_the_package(root_module):
+    assert imported_modules(PACKAGE / f"{root_module}.py") == set()
 
 
 @pytest.mark.parametrize("sub_package", sorted(ALLOWED))

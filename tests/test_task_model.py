@@ -10,7 +10,7 @@ from fedmed_components.data.document import Document, Entity, write_jsonl
 from fedmed_components.federation.lora_keys import is_lora_key
 from fedmed_components.model import token_classification as tc
 from fedmed_components.model.inference import GenerationSettings
-from fedmed_components.model.modeling import PAPER_TARGET_MODULES, PEFT_TASKS, LoraSettings, initial_adapter_from_config, resolve_model
+from fedmed_components.model.modeling import PEFT_TASKS, LoraSettings, initial_adapter_from_config, resolve_model
 from fedmed_components.model.site import SiteConfig, SiteRuntime
 from fedmed_components.model.task_model import (
     CAUSAL_LM,
@@ -22,6 +22,7 @@ from fedmed_components.model.task_model import (
     task_model_for,
 )
 from fedmed_components.model.training import TrainSettings, collate, per_example_loss, supervised_loss
+from fedmed_components.settings import PAPER_TARGET_MODULES
 from fedmed_components.task.bio_labels import NUM_LABELS
 
 IMPLEMENTATIONS = [CausalLMTask, TokenClassificationTask]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fedmed_components.settings import BUDGET, PROMPT_STYLES, add_budget_arguments
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -15,27 +17,17 @@ def register(subparsers) -> None:
             "the spans at note offsets. Writes <out>/brat/*.ann|*.txt and <out>/predictions.jsonl."
         ),
     )
-    p.add_argument(
-        "--model", default="smollm2-135m", help="tiny | smollm2-135m | minilm | HF id | folder (an encoder runs the BERT baseline)"
-    )
+    add_budget_arguments(p, names=("model", "quantize", "precision", "tasks"))
     p.add_argument("--adapter", default=None, help="PEFT adapter folder (omit for zero-shot)")
     p.add_argument("--input", required=True, help="folder of .txt notes, or a JSONL documents file")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--quantize", default="auto", choices=["auto", "4bit", "8bit", "none"])
     # inference.GenerationSettings.batch_size (a literal: importing inference loads torch)
     p.add_argument("--batch-size", type=int, default=32, help="sentences generated at once (default: %(default)s)")
-    p.add_argument("--tasks", default="ner,modifier", help="ner or ner,modifier")
     p.add_argument(
         "--prompt-style",
         default=None,
-        choices=["paper", "compact"],
+        choices=PROMPT_STYLES,
         help="the prompt style the adapter was trained with (default: the one its metadata records, else paper)",
-    )
-    p.add_argument(
-        "--precision",
-        default="auto",
-        choices=["auto", "fp32", "bf16"],
-        help="generation compute: bf16 autocast or fp32; auto: bf16 on CUDA and on CPUs with AVX512-BF16/AMX (default: %(default)s)",
     )
     p.set_defaults(func=_run)
 
@@ -77,10 +69,10 @@ def _run(args) -> int:
         model,
         tokenizer,
         notes,
-        tasks=tuple(args.tasks.split(",")),
+        tasks=args.tasks,
         settings=GenerationSettings(batch_size=args.batch_size, precision=args.precision),
         progress=True,
-        prompt_style=args.prompt_style or meta.get("prompt_style") or "paper",
+        prompt_style=args.prompt_style or meta.get("prompt_style") or BUDGET.prompt_style,
     )
     return _write(preds, Path(args.out), report.summary(len(notes)))
 

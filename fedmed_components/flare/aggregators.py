@@ -25,6 +25,7 @@ from fedmed_components.federation import aggregation, robust_aggregation
 from fedmed_components.federation.lora_keys import is_lora_A
 from fedmed_components.federation.update_validation import Rejection, norm_outliers, update_norm, validate_update
 from fedmed_components.flare.wire import SERVER_OPTIMIZER_STATE
+from fedmed_components.settings import BUDGET
 
 
 @dataclass
@@ -309,7 +310,9 @@ class ExactLoRAAggregator(AdapterAggregator):
 
     streaming = False  # the SVD needs every site's factors
 
-    def __init__(self, rank: int | None = None, alpha: float = 64, weighting: str = "supervised_tokens", max_norm_ratio: float = 10.0):
+    def __init__(
+        self, rank: int | None = None, alpha: float = BUDGET.alpha, weighting: str = "supervised_tokens", max_norm_ratio: float = 10.0
+    ):
         super().__init__(weighting=weighting, max_norm_ratio=max_norm_ratio, allow_rank_change=True)
         self.rank = rank
         self.alpha = alpha  # every site uses the job's alpha; its scaling is alpha / own rank

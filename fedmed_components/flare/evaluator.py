@@ -11,16 +11,18 @@ import os
 
 from nvflare.apis.fl_component import FLComponent
 
+from fedmed_components.settings import BUDGET
+
 
 class ServerLossEvaluator(FLComponent):
     def __init__(
         self,
-        model: str = "tiny",
+        model: str = BUDGET.model,
         data: str = "",
-        max_length: int = 800,
-        batch_size: int = 4,
+        max_length: int = BUDGET.max_length,
+        batch_size: int = BUDGET.batch_size,
         max_examples: int = 64,
-        quantize: str = "auto",
+        quantize: str = BUDGET.quantize,
     ):
         super().__init__()
         self.model = model

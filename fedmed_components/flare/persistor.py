@@ -31,6 +31,7 @@ from fedmed_components.model.modeling import (
     resolve_model,
     save_adapter_folder,
 )
+from fedmed_components.settings import BUDGET
 
 STATE_FILE = "state.json"
 SERVER_OPTIMIZER_FILE = "server_optimizer.safetensors"
@@ -39,7 +40,7 @@ SERVER_OPTIMIZER_FILE = "server_optimizer.safetensors"
 class AdapterPersistor(ModelPersistor):
     def __init__(
         self,
-        model: str = "smollm2-135m",
+        model: str = BUDGET.model,
         lora: dict | None = None,
         output_dir: str = "fedmed_adapters",
         initial_adapter: str | None = None,

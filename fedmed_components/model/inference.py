@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from fedmed_components.data.document import Document, Entity, Relation
+from fedmed_components.settings import BUDGET
 
 log = logging.getLogger("fedmed.inference")
 
@@ -32,7 +33,7 @@ class GenerationSettings:
     length_slack: int = 32
     # share the KV cache of the prompts' common beginning when it is at least this long
     min_shared_prefix: int = 8
-    precision: str = "auto"  # auto | fp32 | bf16 autocast (precision.py)
+    precision: str = BUDGET.precision  # auto | fp32 | bf16 autocast (precision.py)
 
     def budget(self, answer_length: int) -> int:
         return min(self.max_new_tokens, int(answer_length * self.length_factor) + self.length_slack)
@@ -194,11 +195,11 @@ def predict_documents(
     tokenizer,
     docs: list[Document],
     *,
-    tasks: tuple[str, ...] = ("ner", "modifier"),
+    tasks: tuple[str, ...] = BUDGET.tasks,
     output_format: str = "html",
     settings: GenerationSettings | None = None,
     progress: bool = False,
-    prompt_style: str = "paper",
+    prompt_style: str = BUDGET.prompt_style,
 ) -> tuple[list[Document], PredictionReport]:
     """Predict main entities per sentence, then each entity's modifiers; note offsets.
     `prompt_style` must be the one the adapter was trained with (prompts.PROMPT_STYLES)."""

@@ -30,12 +30,11 @@ import torch
 from fedmed_components.data.document import InputError
 from fedmed_components.data.files import fsync_path
 from fedmed_components.errors import ModelError
+from fedmed_components.settings import BUDGET
 from fedmed_components.task.bio_labels import NUM_LABELS
 
 log = logging.getLogger("fedmed.modeling")
 
-# The paper's LoRA setting (r=16, alpha=64, dropout 0, all 7 Llama projections).
-PAPER_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 BUILTIN_MODELS = ("tiny", "smollm2-135m", "minilm")
 
 CHATML_TEMPLATE = (
@@ -74,10 +73,10 @@ PEFT_TASKS = {
 class LoraSettings:
     """LoRA hyper-parameters; defaults are the paper's (Fed-MedLoRA, Sec. Methods)."""
 
-    r: int = 16
-    alpha: int = 64
-    dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: list(PAPER_TARGET_MODULES))
+    r: int = BUDGET.rank
+    alpha: int = BUDGET.alpha
+    dropout: float = BUDGET.dropout
+    target_modules: list[str] = field(default_factory=lambda: list(BUDGET.target_modules))
     task_type: str = "CAUSAL_LM"  # a key of PEFT_TASKS (TOKEN_CLS for the BERT baseline)
 
     @property
@@ -335,7 +334,7 @@ def load_tokenizer(model_path: str):
 def load_base_model(
     model_path: str,
     *,
-    quantize: str = "auto",
+    quantize: str = BUDGET.quantize,
     device: str | None = None,
     double_quant: bool = False,
     gradient_checkpointing: bool = False,

@@ -15,7 +15,7 @@ import functools
 
 import torch
 
-PRECISIONS = ("auto", "fp32", "bf16")
+from fedmed_components.settings import PRECISIONS
 
 
 @functools.lru_cache(maxsize=1)

@@ -20,6 +20,7 @@ from fedmed_components.data.document import Document, InputError, read_jsonl
 from fedmed_components.model.modeling import LoraSettings, get_adapter_state, resolve_model, set_adapter_state
 from fedmed_components.model.task_model import TASK_MODELS, task_model_for
 from fedmed_components.model.training import RoundStats, TrainSettings
+from fedmed_components.settings import BUDGET, add_budget_arguments
 from fedmed_components.task.examples import SFTConfig
 
 log = logging.getLogger("fedmed.site")
@@ -27,10 +28,10 @@ log = logging.getLogger("fedmed.site")
 
 @dataclass
 class SiteConfig:
-    model: str = "tiny"
+    model: str = BUDGET.model
     data: str = ""
     mapping: str | None = None  # kiwi | maccrobat | phee for non-JSONL corpora
-    quantize: str = "auto"  # auto (4bit on CUDA) | 4bit | 8bit | none
+    quantize: str = BUDGET.quantize  # auto (4bit on CUDA) | 4bit | 8bit | none
     device: str | None = None
     gradient_checkpointing: bool = False
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -235,9 +236,10 @@ def _cap(items: list, limit: int | None, seed: int) -> list:
 
 
 def add_site_arguments(parser) -> None:
-    """Site options shared by the FLARE site script and `fedmed train-local`."""
-    d, t, lo = SiteConfig(), TrainSettings(), LoraSettings()
-    parser.add_argument("--model", default=d.model, help="tiny | smollm2-135m | minilm | HF id | local folder")
+    """Site options shared by the FLARE site script and `fedmed train-local`: the budget's
+    (generated from settings.Budget) and the site's own."""
+    d, t = SiteConfig(), TrainSettings()
+    add_budget_arguments(parser)
     parser.add_argument(
         "--task-model",
         default=d.task_model,
@@ -248,20 +250,8 @@ def add_site_arguments(parser) -> None:
         "--data", default=d.data, help="site data folder (default: $FEDMED_DATA); <data>/<site name> is used when it exists"
     )
     parser.add_argument("--mapping", default=None, help="corpus mapping for BRAT/BioC data: kiwi | maccrobat | phee")
-    parser.add_argument(
-        "--quantize", default=d.quantize, choices=["auto", "4bit", "8bit", "none"], help="base model quantisation (auto: NF4 on CUDA)"
-    )
     parser.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
     parser.add_argument("--gradient-checkpointing", action="store_true")
-    parser.add_argument("--rank", type=int, default=lo.r, help="LoRA rank of this site")
-    parser.add_argument("--alpha", type=int, default=lo.alpha)
-    parser.add_argument("--target-modules", default=",".join(lo.target_modules))
-    parser.add_argument("--lr", type=float, default=t.learning_rate)
-    parser.add_argument("--batch-size", type=int, default=t.batch_size)
-    parser.add_argument("--max-length", type=int, default=t.max_length)
-    parser.add_argument("--local-epochs", type=float, default=t.local_epochs)
-    parser.add_argument("--local-steps", type=int, default=None, help="steps per round (overrides --local-epochs)")
-    parser.add_argument("--warmup-ratio", type=float, default=t.warmup_ratio)
     parser.add_argument(
         "--keep-optimizer-state", action="store_true", help="do not restart AdamW each round (its moments stay at the site)"
     )
@@ -270,12 +260,6 @@ def add_site_arguments(parser) -> None:
         type=int,
         default=None,
         help="one warm-up + cosine schedule across this many rounds (the job's rounds) instead of a restart every round",
-    )
-    parser.add_argument(
-        "--precision",
-        default=t.precision,
-        choices=["auto", "fp32", "bf16"],
-        help="compute precision: bf16 autocast (LoRA weights and optimiser stay fp32) or fp32; auto: bf16 on CUDA and on CPUs with AVX512-BF16/AMX, else fp32",
     )
     parser.add_argument(
         "--prox-mu",
@@ -291,14 +275,6 @@ def add_site_arguments(parser) -> None:
         "Poisson-sampled, clipped to C, Gaussian noise S*C; epsilon at delta is reported every round",
     )
     parser.add_argument("--train-on-prompt", action="store_true", help="loss on prompt+answer (reference code)")
-    parser.add_argument("--tasks", default="ner,modifier", help="ner,modifier")
-    parser.add_argument(
-        "--prompt-style",
-        default=SFTConfig.prompt_style,
-        choices=["paper", "compact"],
-        help="paper: the paper's full instructions, HTML answers; compact: a few-token instruction, "
-        "modifiers answered as a JSON list (fewer tokens a step; predict with the same style)",
-    )
     parser.add_argument("--val-fraction", type=float, default=d.val_fraction)
     parser.add_argument("--max-train-examples", type=int, default=None)
     parser.add_argument("--max-val-examples", type=int, default=d.max_val_examples)
@@ -316,7 +292,7 @@ def site_config_from_args(args) -> SiteConfig:
         quantize=args.quantize,
         device=args.device,
         gradient_checkpointing=args.gradient_checkpointing,
-        lora=LoraSettings(r=args.rank, alpha=args.alpha, target_modules=args.target_modules.split(",")),
+        lora=LoraSettings(r=args.rank, alpha=args.alpha, dropout=args.dropout, target_modules=list(args.target_modules)),
         train=TrainSettings(
             learning_rate=args.lr,
             batch_size=args.batch_size,
@@ -332,7 +308,7 @@ def site_config_from_args(args) -> SiteConfig:
             train_on_prompt=args.train_on_prompt,
             seed=args.seed,
         ),
-        sft=SFTConfig(tasks=tuple(args.tasks.split(",")), prompt_style=args.prompt_style),
+        sft=SFTConfig(tasks=args.tasks, prompt_style=args.prompt_style),
         val_fraction=args.val_fraction,
         max_train_examples=args.max_train_examples,
         max_val_examples=args.max_val_examples,

@@ -34,6 +34,7 @@ from fedmed_components.model import token_classification as tc
 from fedmed_components.model.inference import GenerationSettings, PredictionReport
 from fedmed_components.model.modeling import PEFT_TASKS, LoraSettings, PeftTask
 from fedmed_components.model.training import LocalTrainer, TrainSettings, collate, per_example_loss, supervised_loss
+from fedmed_components.settings import BUDGET
 from fedmed_components.task.examples import SFTConfig
 
 log = logging.getLogger("fedmed.task_model")
@@ -91,7 +92,7 @@ class TaskModel(ABC):
         model_path: str,
         settings: LoraSettings,
         *,
-        quantize: str = "auto",
+        quantize: str = BUDGET.quantize,
         device: str | None = None,
         gradient_checkpointing: bool = False,
         name: str = "site",
@@ -100,7 +101,7 @@ class TaskModel(ABC):
 
     @abstractmethod
     def load_predictor(
-        self, model_path: str, adapter: str | None = None, *, quantize: str = "auto", model_name: str | None = None
+        self, model_path: str, adapter: str | None = None, *, quantize: str = BUDGET.quantize, model_name: str | None = None
     ) -> tuple[object, object, dict]:
         """(model, tokenizer, adapter metadata) for prediction, with a saved adapter folder
         loaded when one is given; `model_name` is how error messages name the base."""
@@ -135,9 +136,9 @@ class TaskModel(ABC):
         docs: list[Document],
         *,
         settings: GenerationSettings | None = None,
-        max_length: int = 256,
-        tasks: tuple[str, ...] = ("ner", "modifier"),
-        prompt_style: str = "paper",
+        max_length: int = tc.ENCODER_WINDOW,
+        tasks: tuple[str, ...] = BUDGET.tasks,
+        prompt_style: str = BUDGET.prompt_style,
         progress: bool = False,
     ) -> tuple[list[Document], PredictionReport | tc.TaggingReport]:
         """Predicted documents (entities, hasAttr relations, note offsets) and a report
@@ -159,13 +160,13 @@ class CausalLMTask(TaskModel):
 
         return load_tokenizer(model_path)
 
-    def load_trainable(self, model_path, settings, *, quantize="auto", device=None, gradient_checkpointing=False, name="site"):
+    def load_trainable(self, model_path, settings, *, quantize=BUDGET.quantize, device=None, gradient_checkpointing=False, name="site"):
         from fedmed_components.model.modeling import attach_lora, load_base_model
 
         base = load_base_model(model_path, quantize=quantize, device=device, gradient_checkpointing=gradient_checkpointing)
         return attach_lora(base, settings)
 
-    def load_predictor(self, model_path, adapter=None, *, quantize="auto", model_name=None):
+    def load_predictor(self, model_path, adapter=None, *, quantize=BUDGET.quantize, model_name=None):
         from fedmed_components.model.modeling import apply_adapter, load_base_model
 
         tokenizer = self.load_tokenizer(model_path)
@@ -182,7 +183,16 @@ class CausalLMTask(TaskModel):
         return build_sft_dataset(docs, tokenizer, replace(sft or SFTConfig(), max_length=max_length), types)
 
     def predict(
-        self, model, tokenizer, docs, *, settings=None, max_length=256, tasks=("ner", "modifier"), prompt_style="paper", progress=False
+        self,
+        model,
+        tokenizer,
+        docs,
+        *,
+        settings=None,
+        max_length=tc.ENCODER_WINDOW,
+        tasks=BUDGET.tasks,
+        prompt_style=BUDGET.prompt_style,
+        progress=False,
     ):
         from fedmed_components.model.inference import predict_documents
 
@@ -205,13 +215,13 @@ class TokenClassificationTask(TaskModel):
     def load_tokenizer(self, model_path: str):
         return tc.load_tokenizer(model_path)
 
-    def load_trainable(self, model_path, settings, *, quantize="auto", device=None, gradient_checkpointing=False, name="site"):
+    def load_trainable(self, model_path, settings, *, quantize=BUDGET.quantize, device=None, gradient_checkpointing=False, name="site"):
         """An unquantised encoder tagger (small); its LoRA and head train."""
         if quantize not in ("auto", "none"):
             log.warning("%s: --quantize %s ignored: the BERT baseline trains an unquantised encoder", name, quantize)
         return tc.load_model(model_path, settings, device=device)
 
-    def load_predictor(self, model_path, adapter=None, *, quantize="auto", model_name=None):
+    def load_predictor(self, model_path, adapter=None, *, quantize=BUDGET.quantize, model_name=None):
         # Without an adapter: fresh LoRA and an untrained head (as `load_model` gives).
         return tc.load_model(model_path, LoraSettings(), adapter=adapter), self.load_tokenizer(model_path), {}
 
@@ -219,7 +229,16 @@ class TokenClassificationTask(TaskModel):
         return tc.build_examples(docs, tokenizer, max_length, types)
 
     def predict(
-        self, model, tokenizer, docs, *, settings=None, max_length=256, tasks=("ner", "modifier"), prompt_style="paper", progress=False
+        self,
+        model,
+        tokenizer,
+        docs,
+        *,
+        settings=None,
+        max_length=tc.ENCODER_WINDOW,
+        tasks=BUDGET.tasks,
+        prompt_style=BUDGET.prompt_style,
+        progress=False,
     ):
         # Both layers are always tagged; `tasks` and `prompt_style` are the LLM's.
         batch = {"batch_size": settings.batch_size} if settings is not None else {}

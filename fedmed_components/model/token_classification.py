@@ -42,8 +42,9 @@ import torch
 from fedmed_components.data.document import Document, Relation
 from fedmed_components.data.schema import MAIN_TYPES, MODIFIER_TYPES
 from fedmed_components.data.segmentation import split_sentences
-from fedmed_components.model.modeling import PAPER_TARGET_MODULES, PEFT_TASKS, LoraSettings
+from fedmed_components.model.modeling import PEFT_TASKS, LoraSettings
 from fedmed_components.model.training import IGNORE_INDEX
+from fedmed_components.settings import PAPER_TARGET_MODULES
 from fedmed_components.task.bio_labels import ID2LABEL, MAIN_TAGS, MODIFIER_TAGS, NUM_LABELS, NUM_MAIN
 from fedmed_components.task.metrics import bio_tags
 
@@ -61,6 +62,10 @@ ENCODER_MODEL_TYPES = frozenset(
 # attention output, intermediate and output dense).
 ENCODER_TARGET_MODULES = ("query", "key", "value", "dense")
 PEFT_TASK_TYPE = "TOKEN_CLS"
+# The encoder's own sizes, not the LLM budget's: a tagging window (BERT-sized encoders
+# take at most 512 positions) and how many windows are tagged at once.
+ENCODER_WINDOW = 256
+TAGGING_BATCH = 16
 HEAD_MODULES = PEFT_TASKS[PEFT_TASK_TYPE].heads  # the head PEFT saves with a TOKEN_CLS adapter
 
 
@@ -139,7 +144,7 @@ def _allowed(vocabulary: list[str], types: set[str] | None) -> list[bool]:
     return [t == "O" or types is None or t[2:] in types for t in vocabulary]
 
 
-def build_examples(docs: list[Document], tokenizer, max_length: int = 256, types: set[str] | None = None) -> list[dict]:
+def build_examples(docs: list[Document], tokenizer, max_length: int = ENCODER_WINDOW, types: set[str] | None = None) -> list[dict]:
     """Training windows with both tag layers; `types`: the types the documents annotate."""
     main_types = set(MAIN_TYPES) & types if types is not None else set(MAIN_TYPES)
     mod_types = set(MODIFIER_TYPES) & types if types is not None else set(MODIFIER_TYPES)
@@ -256,7 +261,7 @@ def nearest_main(modifier: tuple[int, int], mains: list[tuple[tuple[int, int], s
 
 @torch.no_grad()
 def predict_documents_bert(
-    model, tokenizer, docs: list[Document], *, max_length: int = 256, batch_size: int = 16, progress: bool = False
+    model, tokenizer, docs: list[Document], *, max_length: int = ENCODER_WINDOW, batch_size: int = TAGGING_BATCH, progress: bool = False
 ) -> list[Document]:
     """Predicted entities (both layers) and nearest-main hasAttr relations, note offsets."""
     from tqdm.auto import tqdm

@@ -23,6 +23,7 @@ import torch
 from fedmed_components.federation.privacy import RdpAccountant
 from fedmed_components.model.dp_sgd import gradients_by_record, noisy_clipped_gradient, parse_dp_sgd, poisson_sample, record_ids
 from fedmed_components.model.precision import autocast, resolve_precision
+from fedmed_components.settings import BUDGET
 
 log = logging.getLogger("fedmed.training")
 
@@ -31,19 +32,19 @@ IGNORE_INDEX = -100
 
 @dataclass
 class TrainSettings:
-    learning_rate: float = 2e-4
-    batch_size: int = 4
-    max_length: int = 800
-    local_epochs: float = 1.0
-    max_steps: int | None = None  # when set, overrides local_epochs
-    warmup_ratio: float = 0.05
+    learning_rate: float = BUDGET.lr
+    batch_size: int = BUDGET.batch_size
+    max_length: int = BUDGET.max_length
+    local_epochs: float = BUDGET.local_epochs
+    max_steps: int | None = BUDGET.local_steps  # when set, overrides local_epochs
+    warmup_ratio: float = BUDGET.warmup_ratio
     scheduler: str = "cosine"  # cosine | constant
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     train_on_prompt: bool = False  # the reference code trains on prompt+answer
     keep_optimizer_state: bool = False
     schedule_rounds: int | None = None  # one schedule across this many rounds; None: restart every round
-    precision: str = "auto"  # auto | fp32 | bf16 (autocast; LoRA weights and AdamW state stay fp32), see precision.py
+    precision: str = BUDGET.precision  # auto | fp32 | bf16 (autocast; LoRA weights and AdamW state stay fp32), see precision.py
     prox_mu: float = 0.0  # FedProx: + mu/2 ||theta - theta_global||^2 over the trainable (LoRA) parameters
     dp_sgd: str = ""  # record-level DP-SGD, "noise=..,clip=..[,delta=..][,record=example|note]" (dp_sgd.py)
     seed: int = 0

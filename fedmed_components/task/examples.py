@@ -5,16 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fedmed_components.data.document import Document
+from fedmed_components.settings import BUDGET
 
 
 @dataclass
 class SFTConfig:
-    tasks: tuple[str, ...] = ("ner", "modifier")
+    tasks: tuple[str, ...] = BUDGET.tasks
     output_format: str = "html"
-    max_length: int = 800
+    max_length: int = BUDGET.max_length
     train_on_prompt: bool = False
     include_empty_modifier_examples: bool = True
-    prompt_style: str = "paper"  # prompts.PROMPT_STYLES; inference must use the same
+    prompt_style: str = BUDGET.prompt_style  # prompts.PROMPT_STYLES; inference must use the same
 
 
 def build_examples(docs: list[Document], config: SFTConfig, types: set[str] | None = None):

@@ -43,6 +43,8 @@ from dataclasses import dataclass
 from fedmed_components.data.document import Document, Entity
 from fedmed_components.data.schema import MAIN_TYPES, MODIFIER_TYPES
 from fedmed_components.data.segmentation import split_sentences
+from fedmed_components.settings import BUDGET
+from fedmed_components.settings import PROMPT_STYLES as STYLE_NAMES
 
 SYSTEM_PROMPT = "You are a clinical information extraction assistant."
 IGNORE_INDEX = -100
@@ -67,6 +69,7 @@ PROMPT_STYLES = {
     "paper": PromptStyle("paper", SYSTEM_PROMPT, compact=False),
     "compact": PromptStyle("compact", "Clinical information extraction.", compact=True),
 }
+assert tuple(PROMPT_STYLES) == STYLE_NAMES, "settings.PROMPT_STYLES names the styles defined here"
 
 
 def prompt_style(name: str | PromptStyle) -> PromptStyle:
@@ -255,7 +258,7 @@ def _mains_by_sentence(doc: Document, main_types: list[str], sentences: list[tup
 
 def document_examples(
     doc: Document,
-    tasks=("ner", "modifier"),
+    tasks=BUDGET.tasks,
     output_format: str = "html",
     types: set[str] | None = None,
     include_empty_modifier_examples: bool = True,

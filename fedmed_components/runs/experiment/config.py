@@ -13,6 +13,7 @@ from pathlib import Path
 
 from fedmed_components.data.document import InputError
 from fedmed_components.runs.experiment.data import DataSource, Sampling
+from fedmed_components.settings import BUDGET
 
 FEDERATED = {  # run name -> (job algorithm, Fed-MedLoRA+ loss source)
     "fed_medlora": ("fed_medlora", "sites"),
@@ -28,25 +29,25 @@ RUN_KINDS = ("zero_shot", "single", "centralised", *FEDERATED, "bert", "new_site
 @dataclass
 class ExperimentConfig:
     name: str = "experiment"
-    model: str = "smollm2-135m"
-    quantize: str = "auto"  # auto: NF4 on CUDA (8B on GPUs), unquantised on CPU
+    model: str = BUDGET.model
+    quantize: str = BUDGET.quantize  # auto: NF4 on CUDA (8B on GPUs), unquantised on CPU
     seed: int = 0
-    rank: int = 16
-    alpha: int = 64
+    rank: int = BUDGET.rank
+    alpha: int = BUDGET.alpha
     rounds: int = 3
-    local_steps: int | None = 20  # per site per round; None: local_epochs
-    local_epochs: float = 1.0
-    batch_size: int = 4
-    max_length: int = 800
-    lr: float = 2e-4
+    local_steps: int | None = BUDGET.local_steps  # per site per round; None: local_epochs
+    local_epochs: float = BUDGET.local_epochs
+    batch_size: int = BUDGET.batch_size
+    max_length: int = BUDGET.max_length
+    lr: float = BUDGET.lr
     max_val_examples: int = 64
     generation_batch_size: int = 16
     max_new_tokens: int = 256  # cap on an answer (the input sentence with tags)
     # "run": one warm-up + cosine across all rounds, AdamW kept between rounds (at every
     # site); "round": the paper's restart of both every round
     schedule: str = "run"
-    precision: str = "auto"  # training and generation: auto | fp32 | bf16 (precision.py)
-    prompt_style: str = "paper"  # paper | compact (prompts.PROMPT_STYLES): training and scoring alike
+    precision: str = BUDGET.precision  # training and generation: auto | fp32 | bf16 (precision.py)
+    prompt_style: str = BUDGET.prompt_style  # paper | compact (prompts.PROMPT_STYLES): training and scoring alike
     f1_every_round: bool = False  # score every round's adapter on the sites' pooled VALIDATION split (learning curves)
     checkpoints_per_round: int = 1  # centralised: a learning-curve point this many times per round
     simulator_timeout: float = 7200

@@ -14,6 +14,7 @@ from pathlib import Path
 from fedmed_components.runs.experiment.config import ExperimentConfig, lora_settings
 from fedmed_components.runs.experiment.data import PreparedSite
 from fedmed_components.runs.experiment.resume import write_json_atomic
+from fedmed_components.settings import BUDGET
 
 # ---------------------------------------------------------------- pooling and intervals
 
@@ -92,7 +93,7 @@ class Scorer:
         self._model = self._tokenizer = None
         gc.collect()
 
-    def _predict(self, adapter_state, docs, tasks=("ner", "modifier")):
+    def _predict(self, adapter_state, docs, tasks=BUDGET.tasks):
         from fedmed_components.model.inference import GenerationSettings
         from fedmed_components.model.modeling import initial_adapter_from_config, set_adapter_state
 

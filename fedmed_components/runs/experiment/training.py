@@ -14,12 +14,13 @@ from pathlib import Path
 from fedmed_components.runs.experiment.config import FEDERATED, ExperimentConfig, lora_settings
 from fedmed_components.runs.experiment.data import PreparedSite
 from fedmed_components.runs.experiment.resume import write_json_atomic
+from fedmed_components.settings import BUDGET
 
 
 def _site_config(
     cfg: ExperimentConfig,
     steps: int | None,
-    tasks=("ner", "modifier"),
+    tasks=BUDGET.tasks,
     batch_size: int | None = None,
     model: str | None = None,
     lr: float | None = None,
@@ -59,7 +60,7 @@ def train_locally(
     rounds: int,
     steps: int | None,
     initial_state=None,
-    tasks=("ner", "modifier"),
+    tasks=BUDGET.tasks,
     batch_size: int | None = None,
     model: str | None = None,
     lr: float | None = None,
