@@ -76,6 +76,18 @@ def test_config_errors_name_file_and_line(tmp_path):
         load_config(bad)
 
 
+def test_relative_paths_and_mapping_files_resolve_from_the_config_folder(tmp_path):
+    folder = tmp_path / "study"
+    folder.mkdir()
+    (folder / "mine.yaml").write_text("entities: {Disease: problem}\n")
+    config = folder / "exp.yaml"
+    config.write_text("sites:\n  - {name: a, path: notes_a, mapping: mine.yaml}\n  - {name: b, path: notes_b, mapping: kiwi}\n")
+    cfg = load_config(config)
+    assert cfg.sites[0].path == str((folder / "notes_a").resolve())
+    assert cfg.sites[0].mapping == str((folder / "mine.yaml").resolve())
+    assert cfg.sites[1].mapping == "kiwi"  # a built-in name stays a name
+
+
 def test_default_config_names_the_real_corpora():
     cfg = load_config(ROOT / "experiments" / "default.yaml")
     assert [s.name for s in cfg.sites] == ["general_medicine", "discharge_summary", "maccrobat"]

@@ -249,7 +249,9 @@ def add_site_arguments(parser) -> None:
     parser.add_argument(
         "--data", default=d.data, help="site data folder (default: $FEDMED_DATA); <data>/<site name> is used when it exists"
     )
-    parser.add_argument("--mapping", default=None, help="corpus mapping for BRAT/BioC data: kiwi | maccrobat | phee")
+    parser.add_argument(
+        "--mapping", default=None, help="corpus mapping for BRAT/BioC data: kiwi | maccrobat | phee, or a mapping file (YAML/JSON)"
+    )
     parser.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument(

@@ -139,8 +139,12 @@ def load_config(path: str | os.PathLike) -> ExperimentConfig:
 
     def source(data, where):
         src = DataSource(**build(DataSource, data, where))
-        for attr in ("path", "test_path"):
+        from fedmed_components.data.schema import is_mapping_file
+
+        for attr in ("path", "test_path", "mapping"):
             value = getattr(src, attr)
+            if attr == "mapping" and not (isinstance(value, str) and is_mapping_file(value)):
+                continue  # a built-in mapping's name, not a file
             if value and not Path(value).is_absolute():
                 setattr(src, attr, str((path.parent / value).resolve()))
         return src
