@@ -18,12 +18,17 @@ def _run_demo(tmp_path, *args):
     return result
 
 
-def test_tiny_demo_runs_end_to_end(tmp_path):
+def test_tiny_demo_runs_end_to_end(tmp_path, capsys):
     result = _run_demo(tmp_path, "--model", "tiny")
     assert result["sites"] == ["site-1", "site-2", "site-3"]
     assert result["last_round"]["current_round"] == result["rounds"] - 1
     for key in ("before", "after"):
         assert set(result[key]) == {"documents", "entities", "relations", "parse_failures"}
+    # the simulator's progress as it runs: each round's start and each site's losses
+    printed = capsys.readouterr().out
+    for rnd in range(1, result["rounds"] + 1):
+        assert f"round {rnd}/{result['rounds']} started" in printed, printed
+        assert all(f"round {rnd}/{result['rounds']} {site}: train loss " in printed for site in result["sites"]), printed
 
 
 def test_smollm2_demo_trained_adapter_beats_untrained(tmp_path):

@@ -7,12 +7,16 @@ data); `build_job` turns it into a FLARE `FedJob`; `export_job` writes the folde
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import shlex
 import shutil
 import signal
 import subprocess
 import sys
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +30,9 @@ PROX_MU_DEFAULT = 0.01
 # FedAvgM's usual server lr is 1 (lr 1 without momentum is FedAvg); the adaptive rules
 # divide by sqrt(v), so each coordinate moves about lr per round: far smaller.
 SERVER_LR_DEFAULTS = {"fedavgm": 1.0, "fedadam": 1e-2, "fedyogi": 1e-2}
-SITE_SCRIPT = Path(__file__).resolve().parents[2] / "custom" / "fedmed_site.py"
+# The site script FLARE copies into each app's custom/ folder: package data, so an installed
+# (non-editable) package exports jobs too.
+SITE_SCRIPT = Path(__file__).resolve().parent / "site_script" / "fedmed_site.py"
 
 
 @dataclass
@@ -247,8 +253,12 @@ def run_simulator(
     timeout: float = 600,
     threads: int | None = None,
     log_file: str | os.PathLike | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> Path:
     """Run the FLARE simulator bounded by `timeout`; every process it started is stopped.
+
+    ``progress``, if given, is called with each line of the simulator's log as it is
+    written (`round_progress` turns that into one line per round and per site result).
 
     The simulator's site workers start sessions of their own, so killing its process
     group is not enough: the whole process tree is collected and stopped, and any
@@ -271,7 +281,7 @@ def run_simulator(
         "-t",
         str(threads or len(sites)),
     ]
-    with open(log_path, "w") as log, _terminate_raises():
+    with open(log_path, "w") as log, _terminate_raises(), follow_log(log_path, progress):
         env = {**os.environ, **blas_thread_caps(threads or len(sites))}
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, env=env)
         try:
@@ -304,6 +314,90 @@ class _terminate_raises:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
         return False
+
+
+@contextlib.contextmanager
+def follow_log(path: str | os.PathLike, on_line: Callable[[str], None] | None, interval: float = 0.5) -> Iterator[None]:
+    """While the block runs, a thread reads the lines appended to `path` and hands each to
+    `on_line`; on exit it reads what is left and stops. None: nothing is followed."""
+    if on_line is None:
+        yield
+        return
+    done = threading.Event()
+
+    def follow():
+        with open(path, errors="replace", newline="") as log:  # newline="": progress bars' \r stay as written
+            pending = ""
+            while True:
+                chunk = log.read()
+                if not chunk:
+                    if done.is_set():
+                        break
+                    done.wait(interval)
+                    continue
+                *lines, pending = (pending + chunk).split("\n")
+                pending = pending[pending.rfind("\r") + 1 :]  # a progress bar redraws itself: keep its last state
+                for line in lines:
+                    on_line(line)
+            if pending:
+                on_line(pending)
+
+    thread = threading.Thread(target=follow, name="simulator-log", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join(timeout=10)
+
+
+# What the simulator's log says about progress: the controller's round start and end
+# (flare/controller.py), each site's training result (flare/site_tasks.py `train`) and
+# the controller's warnings about a round (a site dropped).
+_ROUND_STARTED = re.compile(r"INFO - round (?P<round>\d+) started")
+_ROUND_DONE = re.compile(r"INFO - round (?P<round>\d+) done in (?P<seconds>[\d.]+) s")
+_ROUND_WARNING = re.compile(r"WARNING - round (?P<round>\d+): (?P<message>.*)$")
+_SITE_TRAINED = re.compile(
+    r"INFO - (?P<site>\S+) round (?P<round>\d+): (?P<steps>\d+) steps, .*?train loss (?P<train>[^\s,]+), "
+    r"val loss (?P<val>[^\s,]+), .*, (?P<seconds>[\d.]+) s\s*$"
+)
+
+
+def progress_message(line: str, num_rounds: int | None = None) -> str | None:
+    """The progress a simulator log line reports, as one line for a person (rounds counted
+    from 1), or None for every other line."""
+
+    def rnd(match) -> str:
+        number = int(match["round"]) + 1
+        return f"round {number}/{num_rounds}" if num_rounds else f"round {number}"
+
+    if match := _ROUND_STARTED.search(line):
+        return f"{rnd(match)} started"
+    if match := _SITE_TRAINED.search(line):
+        return (
+            f"{rnd(match)} {match['site']}: train loss {match['train']}, val loss {match['val']} "
+            f"({match['steps']} steps, {float(match['seconds']):.0f} s)"
+        )
+    if match := _ROUND_DONE.search(line):
+        return f"{rnd(match)} done in {float(match['seconds']):.0f} s"
+    if match := _ROUND_WARNING.search(line):
+        return f"{rnd(match)} warning: {match['message'].strip()}"
+    return None
+
+
+def round_progress(
+    num_rounds: int | None = None, write: Callable[[str], None] | None = None, indent: str = "      "
+) -> Callable[[str], None]:
+    """A `run_simulator(progress=...)` callback writing (default: printing at once) one line
+    per round start and end, per site result and per dropped site."""
+
+    emit = write or (lambda text: print(text, flush=True))
+
+    def on_line(line: str) -> None:
+        if message := progress_message(line, num_rounds):
+            emit(indent + message)
+
+    return on_line
 
 
 def tail(path: Path, lines: int = 40) -> str:

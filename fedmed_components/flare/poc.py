@@ -42,7 +42,7 @@ import yaml
 from fedmed_components.data.files import atomic_write_text
 from fedmed_components.flare.processes import blas_thread_caps
 
-POC_SETUP = Path(__file__).resolve().parents[2] / "poc_setup"  # the repository root
+POC_SETUP = Path(__file__).resolve().parent / "poc_setup"  # package data (the repository's poc_setup/ links here)
 DEFAULT_PRIVACY = POC_SETUP / "privacy.json"
 STATE_NAME = "fedmed_poc.json"
 OWNER = "fedmed poc"

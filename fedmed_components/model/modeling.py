@@ -22,6 +22,7 @@ import math
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,15 @@ from fedmed_components.settings import BUDGET
 from fedmed_components.task.bio_labels import NUM_LABELS
 
 log = logging.getLogger("fedmed.modeling")
+
+# Messages no user can act on: peft reads transformers' deprecated is_gradient_checkpointing,
+# and bitsandbytes (imported by peft) reports a CPU 4-bit kernel it could not fetch offline;
+# FedMed never runs 4-bit on CPU (quantize auto = none there).
+warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda r: not r.getMessage().startswith("Failed to load CPU gemm_4bit_forward")
+)
+logging.getLogger("kernels._internals.hf_hub").addFilter(lambda r: "Skipping publisher trust check" not in r.getMessage())
 
 BUILTIN_MODELS = ("tiny", "smollm2-135m", "minilm")
 

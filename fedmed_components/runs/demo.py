@@ -87,7 +87,7 @@ def evaluate_adapter(model_path: str, adapter_state, test: list[Document], lora,
 
 
 def run_demo(cfg: DemoConfig) -> dict:
-    from fedmed_components.flare.job import JobSpec, export_job, run_simulator
+    from fedmed_components.flare.job import JobSpec, export_job, round_progress, run_simulator
     from fedmed_components.model.modeling import LoraSettings, load_adapter_folder, resolve_model
 
     started = time.perf_counter()
@@ -127,7 +127,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         f"[3/4] FLARE simulator: {cfg.algorithm}, {cfg.rounds} rounds x {cfg.local_steps} local steps, {len(sites)} sites (log: {out / 'simulator.log'})"
     )
     sim_started = time.perf_counter()
-    run_simulator(job_dir, out / "simulator", sites, timeout=cfg.timeout)
+    run_simulator(job_dir, out / "simulator", sites, timeout=cfg.timeout, progress=round_progress(cfg.rounds))
     sim_seconds = time.perf_counter() - sim_started
     adapter_dir = out / "global_adapter_store" / "global"
     state, _, meta = load_adapter_folder(adapter_dir)
