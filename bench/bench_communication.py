@@ -101,7 +101,7 @@ def f1_runs(model: str, work: Path, timeout: float, **overrides) -> dict:
     import torch
     from flare_bench import metered_job
 
-    from fedmed_components.flare.job import JobSpec, run_simulator
+    from fedmed_components.flare.job import run_simulator
     from fedmed_components.model.modeling import LoraSettings, load_adapter_folder, resolve_model
     from fedmed_components.runs.demo import DemoConfig, evaluate_adapter, write_demo_data
 
@@ -111,24 +111,7 @@ def f1_runs(model: str, work: Path, timeout: float, **overrides) -> dict:
     scores, states = {}, {}
     for mode in ("fp32", "int8"):
         run = work / mode
-        spec = JobSpec(
-            name=f"demo_{mode}",
-            algorithm=cfg.algorithm,
-            model=cfg.model,
-            sites=sites,
-            num_rounds=cfg.rounds,
-            min_clients=len(sites),
-            local_steps=cfg.local_steps,
-            batch_size=cfg.batch_size,
-            max_length=cfg.max_length,
-            learning_rate=cfg.lr,
-            rank=cfg.rank,
-            alpha=cfg.alpha,
-            data=str(work / "data"),
-            quantize="none",
-            output_dir=str(run / "adapters"),
-            extra_site_args="--val-fraction 0 --max-val-examples 16",
-        )
+        spec = cfg.job_spec(sites, work / "data", run / "adapters", name=f"demo_{mode}")
         job = metered_job(spec, run / "jobs", run / "wire_meter.json", int8=(mode == "int8"))
         run_simulator(job, run / "simulator", sites, timeout=timeout, log_file=run / "simulator.log")
         arrived = json.loads((run / "wire_meter.json").read_text())["results"]

@@ -1,5 +1,6 @@
 import contextlib
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -83,3 +84,33 @@ def no_leftovers(tmp_path):
     while flare_processes_naming(str(tmp_path)) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert flare_processes_naming(str(tmp_path)) == []
+
+
+@pytest.fixture
+def sigterm_raises():
+    """A SIGTERM to pytest (a CI timeout) still runs the tests' finally blocks."""
+
+    def _raise(signum, frame):
+        raise KeyboardInterrupt(f"terminated by signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, _raise)
+    yield
+    signal.signal(signal.SIGTERM, previous)
+
+
+@pytest.fixture
+def write_site_data(tmp_path):
+    """Synthetic train/val JSONL for the named sites under tmp_path/data (4 + 1 notes each)."""
+
+    def write(sites: list[str]) -> Path:
+        from fedmed_components.data.document import write_jsonl
+        from fedmed_components.data.synth import demo_corpus
+
+        root = tmp_path / "data"
+        corpus = demo_corpus(n_sites=len(sites), docs_per_site=5, seed=1)
+        for site, (_, docs) in zip(sites, sorted(corpus.items())):
+            write_jsonl(docs[:4], root / site / "train.jsonl")
+            write_jsonl(docs[4:], root / site / "val.jsonl")
+        return root
+
+    return write

@@ -6,7 +6,6 @@ import json
 import math
 import os
 import re
-import signal
 import socket
 import subprocess
 from dataclasses import replace
@@ -14,7 +13,6 @@ from dataclasses import replace
 import psutil
 import pytest
 
-from fedmed_components.data.document import write_jsonl
 from fedmed_components.flare import poc
 from fedmed_components.flare.job import JobSpec, export_job
 from fedmed_components.flare.processes import blas_thread_caps
@@ -24,27 +22,8 @@ PORTS = [8002, 8003]
 
 
 @pytest.fixture
-def sigterm_raises():
-    """A SIGTERM to pytest (a CI timeout) still runs the tests' finally blocks."""
-
-    def _raise(signum, frame):
-        raise KeyboardInterrupt(f"terminated by signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, _raise)
-    yield
-    signal.signal(signal.SIGTERM, previous)
-
-
-@pytest.fixture
-def site_data(tmp_path):
-    from fedmed_components.data.synth import demo_corpus
-
-    root = tmp_path / "data"
-    corpus = demo_corpus(n_sites=2, docs_per_site=5, seed=1)
-    for site, (_, docs) in zip(SITES, sorted(corpus.items())):
-        write_jsonl(docs[:4], root / site / "train.jsonl")
-        write_jsonl(docs[4:], root / site / "val.jsonl")
-    return root
+def site_data(write_site_data):
+    return write_site_data(SITES)
 
 
 def processes_naming(marker: str) -> list[str]:

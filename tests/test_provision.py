@@ -3,7 +3,6 @@ and two hospitals from their startup kits, submit as the lead over a secure admi
 session, and show that a site with a certificate from another provisioning cannot join."""
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -12,7 +11,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedmed_components.data.document import write_jsonl
 from fedmed_components.flare import poc
 from fedmed_components.flare.job import JobSpec, export_job
 
@@ -26,25 +24,8 @@ PORTS = [8002, 8003]
 
 
 @pytest.fixture
-def sigterm_raises():
-    def _raise(signum, frame):
-        raise KeyboardInterrupt(f"terminated by signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, _raise)
-    yield
-    signal.signal(signal.SIGTERM, previous)
-
-
-@pytest.fixture
-def site_data(tmp_path):
-    from fedmed_components.data.synth import demo_corpus
-
-    root = tmp_path / "data"
-    corpus = demo_corpus(n_sites=2, docs_per_site=5, seed=1)
-    for site, (_, docs) in zip(SITES, sorted(corpus.items())):
-        write_jsonl(docs[:4], root / site / "train.jsonl")
-        write_jsonl(docs[4:], root / site / "val.jsonl")
-    return root
+def site_data(write_site_data):
+    return write_site_data(SITES)
 
 
 def _localhost_project(tmp_path: Path) -> Path:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from fedmed_components.settings import BUDGET
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -14,7 +16,7 @@ def register(subparsers) -> None:
             "SmolLM2-135M-Instruct ~10 min."
         ),
     )
-    p.add_argument("--model", default="smollm2-135m", help="smollm2-135m (default) | tiny | HF id | folder")
+    p.add_argument("--model", default=BUDGET.model, help=f"{BUDGET.model} (default) | tiny | HF id | folder")
     p.add_argument("--out", default="demo_output", help="output folder (data, job, simulator workspace, adapter)")
     p.add_argument("--algorithm", default="fed_medlora", choices=["fed_medlora", "fed_medlora_plus", "fedsa_lora", "fed_exact_lora"])
     p.add_argument("--rounds", type=int, default=None, help="federated rounds (default: per-model preset)")

@@ -110,7 +110,12 @@ def site_weights(metas: Sequence[Mapping], by: str = "supervised_tokens") -> lis
     return weights
 
 
-def fed_medlora_plus_weights(losses: Sequence[float], sizes: Sequence[float] | None = None, temperature: float = 1.0) -> list[float]:
+FED_PLUS_TEMPERATURE = 1.0  # the paper's exp(1 - L_k): no temperature
+
+
+def fed_medlora_plus_weights(
+    losses: Sequence[float], sizes: Sequence[float] | None = None, temperature: float = FED_PLUS_TEMPERATURE
+) -> list[float]:
     """Fed-MedLoRA+ weights ``exp(1 - L_k / T) / sum_j exp(1 - L_j / T)``.
 
     This is ``softmax(-L / T)`` (the constant 1 cancels), computed stably by subtracting

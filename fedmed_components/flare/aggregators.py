@@ -236,7 +236,7 @@ class FedMedLoRAPlusAggregator(AdapterAggregator):
 
     def __init__(
         self,
-        temperature: float = 1.0,
+        temperature: float = aggregation.FED_PLUS_TEMPERATURE,
         use_sizes: bool = False,
         max_norm_ratio: float = 10.0,
         allow_rank_change: bool = False,
@@ -424,7 +424,7 @@ class ServerOptimizerPlusAggregator(_ServerOptimizerStep, FedMedLoRAPlusAggregat
         beta1: float = 0.9,
         beta2: float = 0.99,
         tau: float = 1e-3,
-        temperature: float = 1.0,
+        temperature: float = aggregation.FED_PLUS_TEMPERATURE,
         use_sizes: bool = False,
         max_norm_ratio: float = 10.0,
         head_modules: list[str] | None = None,

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedmed_components.data.document import Document, write_jsonl
+from fedmed_components.settings import BUDGET
 
 log = logging.getLogger("fedmed.demo")
 
@@ -26,25 +27,50 @@ PRESETS = {
 
 @dataclass
 class DemoConfig:
-    model: str = "smollm2-135m"
+    """A demo run: a model's preset (PRESETS) and the run's own options."""
+
+    model: str
+    rounds: int
+    local_steps: int
+    batch_size: int
+    lr: float
+    rank: int
+    alpha: int
+    max_length: int
+    docs_per_site: int
+    test_docs: int
     out: str = "demo_output"
     algorithm: str = "fed_medlora"
     sites: int = 3
-    rounds: int = 3
-    local_steps: int = 14
-    batch_size: int = 4
-    lr: float = 1e-3
-    rank: int = 8
-    alpha: int = 16
-    max_length: int = 256
-    docs_per_site: int = 10
-    test_docs: int = 4
     seed: int = 0
     timeout: float = 900
 
+    def job_spec(self, sites: list[str], data: Path, output_dir: Path, name: str | None = None):
+        """The demo's FLARE job: every site trains the preset's budget, unquantised."""
+        from fedmed_components.flare.job import JobSpec
+
+        return JobSpec(
+            name=name or f"demo_{self.algorithm}",
+            algorithm=self.algorithm,
+            model=self.model,
+            sites=sites,
+            num_rounds=self.rounds,
+            min_clients=len(sites),
+            local_steps=self.local_steps,
+            batch_size=self.batch_size,
+            max_length=self.max_length,
+            learning_rate=self.lr,
+            rank=self.rank,
+            alpha=self.alpha,
+            data=str(data),
+            quantize="none",
+            output_dir=str(output_dir),
+            extra_site_args="--val-fraction 0 --max-val-examples 16",
+        )
+
     @classmethod
     def for_model(cls, model: str, **overrides) -> DemoConfig:
-        preset = dict(PRESETS.get(model, PRESETS["smollm2-135m"]))
+        preset = dict(PRESETS.get(model, PRESETS[BUDGET.model]))
         preset.update({k: v for k, v in overrides.items() if v is not None})
         return cls(model=model, **preset)
 
@@ -87,7 +113,7 @@ def evaluate_adapter(model_path: str, adapter_state, test: list[Document], lora,
 
 
 def run_demo(cfg: DemoConfig) -> dict:
-    from fedmed_components.flare.job import JobSpec, export_job, round_progress, run_simulator
+    from fedmed_components.flare.job import export_job, round_progress, run_simulator
     from fedmed_components.model.modeling import LoraSettings, load_adapter_folder, resolve_model
 
     started = time.perf_counter()
@@ -103,24 +129,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         f"[2/4] untrained model: strict F1 {before['entities']['strict']['f1']:.3f}, lenient F1 {before['entities']['lenient']['f1']:.3f}"
     )
 
-    spec = JobSpec(
-        name=f"demo_{cfg.algorithm}",
-        algorithm=cfg.algorithm,
-        model=cfg.model,
-        sites=sites,
-        num_rounds=cfg.rounds,
-        min_clients=len(sites),
-        local_steps=cfg.local_steps,
-        batch_size=cfg.batch_size,
-        max_length=cfg.max_length,
-        learning_rate=cfg.lr,
-        rank=cfg.rank,
-        alpha=cfg.alpha,
-        data=str(out / "data"),
-        quantize="none",
-        output_dir=str(out / "global_adapter_store"),
-        extra_site_args="--val-fraction 0 --max-val-examples 16",
-    )
+    spec = cfg.job_spec(sites, out / "data", out / "global_adapter_store")
     _reset_store(out / "global_adapter_store")
     job_dir = export_job(spec, out / "jobs")
     print(

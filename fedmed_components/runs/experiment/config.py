@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from fedmed_components.data.document import InputError
+from fedmed_components.federation.aggregation import FED_PLUS_TEMPERATURE
 from fedmed_components.runs.experiment.data import DataSource, Sampling
 from fedmed_components.settings import BUDGET
 
@@ -46,6 +47,10 @@ class ExperimentConfig:
     # "run": one warm-up + cosine across all rounds, AdamW kept between rounds (at every
     # site); "round": the paper's restart of both every round
     schedule: str = "run"
+    # Fed-MedLoRA+'s weights exp((1 - L_k) / temperature), times each site's supervised
+    # tokens when use_sizes (the federated Fed-MedLoRA+ runs; nothing else reads them)
+    temperature: float = FED_PLUS_TEMPERATURE
+    use_sizes: bool = False
     precision: str = BUDGET.precision  # training and generation: auto | fp32 | bf16 (precision.py)
     prompt_style: str = BUDGET.prompt_style  # paper | compact (prompts.PROMPT_STYLES): training and scoring alike
     f1_every_round: bool = False  # score every round's adapter on the sites' pooled VALIDATION split (learning curves)

@@ -137,15 +137,17 @@ def train_federated(cfg: ExperimentConfig, run_id: str, sites: list[PreparedSite
             alpha=cfg.alpha,
             data=str(data_root),
             quantize=cfg.quantize,
+            precision=cfg.precision,
+            prompt_style=cfg.prompt_style,
+            temperature=cfg.temperature,
+            use_sizes=cfg.use_sizes,
             loss_source=loss_source,
             server_val_data=str(data_root / "server_val.jsonl") if loss_source == "server" else None,
             output_dir=str(store),
             train_timeout=int(cfg.simulator_timeout),
             eval_timeout=int(cfg.simulator_timeout),
             extra_site_args=f"--val-fraction 0 --max-val-examples {cfg.max_val_examples} --seed {cfg.seed}"
-            + (f" --keep-optimizer-state --schedule-rounds {cfg.rounds}" if cfg.schedule == "run" else "")
-            + (f" --precision {cfg.precision}" if cfg.precision != "auto" else "")
-            + (f" --prompt-style {cfg.prompt_style}" if cfg.prompt_style != "paper" else ""),
+            + (f" --keep-optimizer-state --schedule-rounds {cfg.rounds}" if cfg.schedule == "run" else ""),
         )
         job_dir = export_job(spec, run_dir / "job")
         print(f"  {run_id}: FLARE simulator, {len(sites)} sites x {cfg.rounds} rounds (log: {run_dir / 'simulator.log'})", flush=True)
