@@ -37,6 +37,7 @@ COMMITTED_JOBS = {
 def register(subparsers) -> None:
     from fedmed_components.federation.robust_aggregation import ROBUST_RULES
     from fedmed_components.flare.job import ALGORITHMS, JobSpec
+    from fedmed_components.settings import Budget, add_budget_arguments
 
     d = JobSpec()
     job = subparsers.add_parser("job", help="export FLARE job folders (nvflare job submit takes them as is) or simulate one")
@@ -53,7 +54,6 @@ def register(subparsers) -> None:
         "--loss-source", default=d.loss_source, choices=["sites", "server"], help="Fed-MedLoRA+: who measures candidate losses"
     )
     export.add_argument("--server-val-data", default=None, help="Fed-MedLoRA+ with --loss-source server: the server's validation JSONL")
-    export.add_argument("--model", default=d.model, help="tiny | smollm2-135m | minilm | HF id | folder (same name at every site)")
     export.add_argument(
         "--task-model",
         default=d.task_model,
@@ -63,15 +63,16 @@ def register(subparsers) -> None:
     export.add_argument("--sites", default=",".join(d.sites), help="comma-separated site names (simulator)")
     export.add_argument("--rounds", type=int, default=d.num_rounds)
     export.add_argument("--min-clients", type=int, default=d.min_clients)
-    export.add_argument("--local-steps", type=int, default=d.local_steps, help="local steps per round (0: use --local-epochs)")
-    export.add_argument("--local-epochs", type=float, default=d.local_epochs)
-    export.add_argument("--batch-size", type=int, default=d.batch_size)
-    export.add_argument("--max-length", type=int, default=d.max_length)
-    export.add_argument("--lr", type=float, default=d.learning_rate)
-    export.add_argument("--rank", type=int, default=d.rank)
-    export.add_argument("--alpha", type=int, default=d.alpha)
+    # the training and LoRA budget every site gets: options, defaults and help from settings.Budget
+    add_budget_arguments(export, names=tuple(n for n in Budget.names() if n not in ("dropout", "target_modules", "tasks", "warmup_ratio")))
     export.add_argument("--data", default=d.data, help="site data root (default: each site's $FEDMED_DATA)")
-    export.add_argument("--quantize", default=d.quantize, choices=["auto", "4bit", "8bit", "none"])
+    export.add_argument(
+        "--temperature",
+        type=float,
+        default=d.temperature,
+        help="Fed-MedLoRA+: temperature T of the weights exp((1 - L_k) / T) (default: %(default)s, the paper's)",
+    )
+    export.add_argument("--use-sizes", action="store_true", help="Fed-MedLoRA+: multiply each site's weight by its supervised tokens")
     export.add_argument(
         "--server-lr",
         type=float,
@@ -111,6 +112,26 @@ def register(subparsers) -> None:
     export.add_argument("--train-timeout", type=int, default=d.train_timeout, help="seconds a site has for a round before it is dropped")
     export.add_argument("--output-dir", default=d.output_dir, help="where the server keeps adapters (absolute: survives restarts)")
     export.add_argument("--site-args", default="", help="extra arguments for the site script")
+    export.add_argument(
+        "--site",
+        action="append",
+        default=[],
+        metavar="NAME:key=value[,key=value...]",
+        help="one site's own settings (repeatable), e.g. site-1:batch_size=2,rank=4,device=cpu: the site script's options "
+        "by dest name (data, mapping, batch_size, rank, alpha, lr, max_length, local_steps, local_epochs, quantize, "
+        "precision, device, prompt_style, ...), each replacing the job's; switches take true/false. The job then "
+        "deploys one app per site, to the sites in --sites only. A per-site rank needs --algorithm fed_exact_lora "
+        "(mixed ranks); the other algorithms' screening rejects an update whose rank is not the job's. Keep alpha "
+        "the job's: the server scales every site by the job's alpha",
+    )
+    export.add_argument(
+        "--mlflow-uri",
+        default=d.mlflow_uri,
+        help="also log every site's scalars to MLflow at this tracking URI (sqlite:////abs/mlflow.db, http://host:5000, ...)",
+    )
+    export.add_argument(
+        "--mlflow-experiment", default=d.mlflow_experiment, help="MLflow experiment of the site runs (default: %(default)s)"
+    )
     export.set_defaults(func=_export)
 
     sim = sub.add_parser(
@@ -138,7 +159,7 @@ def spec_from_args(args, **overrides):
         sites=args.sites.split(","),
         num_rounds=args.rounds,
         min_clients=args.min_clients,
-        local_steps=args.local_steps or None,
+        local_steps=args.local_steps or None,  # 0: use --local-epochs
         local_epochs=args.local_epochs,
         batch_size=args.batch_size,
         max_length=args.max_length,
@@ -147,9 +168,14 @@ def spec_from_args(args, **overrides):
         alpha=args.alpha,
         data=args.data,
         quantize=args.quantize,
+        precision=args.precision,
+        prompt_style=args.prompt_style,
+        temperature=args.temperature,
+        use_sizes=args.use_sizes,
         train_timeout=args.train_timeout,
         output_dir=args.output_dir,
         extra_site_args=args.site_args,
+        site_overrides=parse_site_options(getattr(args, "site", None) or [], args.sites.split(",")),
         task_model=args.task_model,
         server_lr=args.server_lr,
         server_beta1=args.server_momentum,
@@ -162,16 +188,79 @@ def spec_from_args(args, **overrides):
         robust_rule=args.robust_rule,
         trim_beta=args.trim_beta,
         robust_clip=args.robust_clip,
+        mlflow_uri=args.mlflow_uri,
+        mlflow_experiment=args.mlflow_experiment,
     )
     values.update(overrides)
     return JobSpec(**values)
 
 
+# Site options whose value holds commas (a --site value continues past them).
+COMMA_VALUES = ("tasks", "dp_sgd")
+
+
+def parse_site_options(options: list[str], sites: list[str]) -> dict[str, dict[str, str]]:
+    """`--site NAME:key=value[,key=value...]` options -> {site: {key: value}}, each key and
+    value checked against the site script's parser. After a key whose value is a comma
+    list (`tasks=ner,modifier`, `dp_sgd=noise=1.0,clip=1.0`), a piece that is not a key of
+    its own continues that value.
+    Raises SiteOptionError("--site <option>: <what is wrong>")."""
+    from fedmed_components.flare.job import SiteOptionError, check_site_override, site_options
+
+    known = site_options()
+    overrides: dict[str, dict[str, str]] = {}
+    for option in options:
+        try:
+            name, sep, body = option.partition(":")
+            name = name.strip()
+            if not sep or not name or not body.strip():
+                raise SiteOptionError("expected NAME:key=value[,key=value...]")
+            if name not in sites:
+                raise SiteOptionError(f"site {name!r} is not in --sites ({','.join(sites)})")
+            pairs: list[list[str]] = []
+            for piece in body.split(","):
+                key, eq, value = piece.partition("=")
+                key = key.strip()
+                if pairs and pairs[-1][0] in COMMA_VALUES and (not eq or key not in known):  # its value goes on
+                    pairs[-1][1] += "," + piece
+                elif not eq or not key:
+                    raise SiteOptionError(f"{piece!r} is not key=value")
+                else:
+                    pairs.append([key, value.strip()])
+            for key, value in pairs:
+                check_site_override(key, value)
+                overrides.setdefault(name, {})[key] = value
+        except SiteOptionError as exc:
+            raise SiteOptionError(f"--site {option}: {exc}") from None
+    return overrides
+
+
+def site_override_warnings(spec) -> list[str]:
+    """What a per-site job will do that its author may not expect: a site rank other than
+    the job's (only fed_exact_lora aggregates mixed ranks) or its own alpha."""
+    found = []
+    for site, overrides in spec.site_overrides.items():
+        if "rank" in overrides and int(overrides["rank"]) != spec.rank and spec.algorithm != "fed_exact_lora":
+            found.append(
+                f"{site} trains rank {overrides['rank']}, the job {spec.rank}: {spec.algorithm}'s screening rejects "
+                "its updates (only fed_exact_lora aggregates mixed ranks)"
+            )
+        if "alpha" in overrides and int(overrides["alpha"]) != spec.alpha:
+            found.append(f"{site} trains alpha {overrides['alpha']}, the job {spec.alpha}: the server scales every site by the job's")
+    return found
+
+
 def _export(args) -> int:
     from fedmed_components.flare.job import export_job
 
-    specs = [spec_from_args(args, name=name, **extra) for name, extra in COMMITTED_JOBS.items()] if args.all else [spec_from_args(args)]
+    try:  # a bad --site fails here, before anything is written
+        specs = [spec_from_args(args, name=n, **extra) for n, extra in COMMITTED_JOBS.items()] if args.all else [spec_from_args(args)]
+    except ValueError as exc:
+        print(f"fedmed job export: error: {exc}", file=sys.stderr)
+        return 2
     for spec in specs:
+        for warning in site_override_warnings(spec):
+            print(f"fedmed job export: warning: {warning}", file=sys.stderr)
         try:
             folder = export_job(spec, Path(args.out))
         except ValueError as exc:  # a bad setting (sampling, server optimiser, ...): the components refuse it

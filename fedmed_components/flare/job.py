@@ -20,7 +20,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fedmed_components.federation.aggregation import FED_PLUS_TEMPERATURE
 from fedmed_components.flare.processes import blas_thread_caps, stop_process_trees
+from fedmed_components.settings import BUDGET
 
 # Server optimisers (Reddi et al. 2021) on Fed-MedLoRA's token-weighted average: job algorithm -> rule.
 SERVER_OPTIMIZERS = {"fed_avgm": "fedavgm", "fed_adam": "fedadam", "fed_yogi": "fedyogi"}
@@ -39,22 +41,28 @@ SITE_SCRIPT = Path(__file__).resolve().parent / "site_script" / "fedmed_site.py"
 class JobSpec:
     name: str = "fed_medlora"
     algorithm: str = "fed_medlora"
-    model: str = "smollm2-135m"  # the embedded default; any HF id or folder in production
+    model: str = BUDGET.model  # the embedded default; any HF id or folder in production
     sites: list[str] = field(default_factory=lambda: ["site-1", "site-2"])
     num_rounds: int = 3
     min_clients: int = 1
-    local_steps: int | None = 20
-    local_epochs: float = 1.0
-    batch_size: int = 4
-    max_length: int = 800
-    learning_rate: float = 2e-4
-    rank: int = 16
-    alpha: int = 64
+    local_steps: int | None = BUDGET.local_steps
+    local_epochs: float = BUDGET.local_epochs
+    batch_size: int = BUDGET.batch_size
+    max_length: int = BUDGET.max_length
+    learning_rate: float = BUDGET.lr
+    rank: int = BUDGET.rank
+    alpha: int = BUDGET.alpha
+    precision: str = BUDGET.precision
+    prompt_style: str = BUDGET.prompt_style
     data: str = ""  # site folder root (<data>/<site name>); empty: each site's $FEDMED_DATA
-    quantize: str = "auto"
+    quantize: str = BUDGET.quantize
     loss_source: str = "sites"  # Fed-MedLoRA+: sites | server
     server_val_data: str | None = None
     weighting: str = "supervised_tokens"
+    # Fed-MedLoRA+: softmax temperature of the weights exp((1 - L_k) / T), and whether
+    # each weight is also multiplied by the site's supervised tokens
+    temperature: float = FED_PLUS_TEMPERATURE
+    use_sizes: bool = False
     max_norm_ratio: float = 10.0
     # fed_avgm / fed_adam / fed_yogi: server lr (None: SERVER_LR_DEFAULTS), momentum
     # beta1, second-moment beta2 and tau (adaptive rules)
@@ -78,11 +86,20 @@ class JobSpec:
     eval_timeout: int = 1800
     output_dir: str = "fedmed_adapters"
     extra_site_args: str = ""
+    # Per-site settings (`fedmed job export --site NAME:key=value,...`): site name -> the site
+    # script's options by dest name (rank, batch_size, device, data, ...), each replacing the
+    # same option of site_args(). Non-empty: one client app per site in `sites` (FLARE names
+    # them app_<site>; meta.json deploys each to its site alone); empty: one app for all sites.
+    site_overrides: dict[str, dict[str, str]] = field(default_factory=dict)
     scope: str = "clinical"
     # causal-lm: the paper's generative IE; token-classification: the BERT BIO baseline
     # (fed_bert), whose trained classifier head travels with the LoRA tensors.
     task_model: str = "causal-lm"
     tensorboard: bool = True  # sites' scalars -> <server run dir>/tb_events/<site>/
+    # The same scalars in MLflow as well (flare/tracking.py add_mlflow): a tracking URI the
+    # server reaches (sqlite:////abs/mlflow.db, http://host:5000, ...); None: off.
+    mlflow_uri: str | None = None
+    mlflow_experiment: str = "fedmed"
     # How long a site waits after a task before asking for the next one (FLARE's
     # default is 2 s, which every round paid in full: bench/bench_overhead.py).
     task_request_interval: float = 0.5
@@ -98,7 +115,8 @@ class JobSpec:
     def head_modules(self) -> list[str] | None:
         return ["classifier"] if self.task_model == "token-classification" else None
 
-    def site_args(self) -> str:
+    def site_args(self, site: str | None = None) -> str:
+        """The site script's arguments; for a `site` with overrides, its own."""
         args = [
             "--model",
             self.model,
@@ -116,6 +134,10 @@ class JobSpec:
             str(self.max_length),
             "--local-epochs",
             str(self.local_epochs),
+            "--precision",
+            self.precision,
+            "--prompt-style",
+            self.prompt_style,
         ]
         if self.local_steps:
             args += ["--local-steps", str(self.local_steps)]
@@ -127,7 +149,122 @@ class JobSpec:
             args += ["--no-tensorboard"]
         if self.algorithm == "fed_prox":
             args += ["--prox-mu", str(PROX_MU_DEFAULT if self.prox_mu is None else self.prox_mu)]
-        return shlex.join(args) + (" " + self.extra_site_args if self.extra_site_args else "")
+        common = shlex.join(args) + (" " + self.extra_site_args if self.extra_site_args else "")
+        overrides = self.site_overrides.get(site) if site else None
+        return shlex.join(with_site_overrides(shlex.split(common), overrides)) if overrides else common
+
+
+# Site script options a --site override may not change: the server builds one adapter on
+# one base model, one task model and one set of LoRA modules for every site.
+JOB_WIDE_SITE_OPTIONS = ("model", "task_model", "target_modules")
+_SWITCH_VALUES = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+
+
+class SiteOptionError(ValueError):
+    pass
+
+
+def site_parser():
+    """The site script's command line (site_script/fedmed_site.py): what per-site overrides
+    are checked against. Its error() raises SiteOptionError instead of exiting."""
+    import argparse
+
+    from fedmed_components.model.site import add_site_arguments
+
+    class _Parser(argparse.ArgumentParser):
+        def error(self, message):
+            raise SiteOptionError(message)
+
+    parser = _Parser(prog=SITE_SCRIPT.name, add_help=False)
+    add_site_arguments(parser)
+    # the site script's own two options, as it declares them
+    parser.add_argument("--send", choices=["full", "diff"], default="full")
+    parser.add_argument("--no-tensorboard", action="store_true")
+    return parser
+
+
+def site_options() -> dict:
+    """dest name -> argparse action of every site script option."""
+    return {a.dest: a for a in site_parser()._actions if a.option_strings}
+
+
+def check_site_override(key: str, value: str) -> None:
+    """Raise SiteOptionError saying what is wrong unless the site script takes `key=value`."""
+    options = site_options()
+    if key in JOB_WIDE_SITE_OPTIONS:
+        raise SiteOptionError(f"{key} is the same at every site: set it for the whole job")
+    action = options.get(key)
+    if action is None:
+        keys = ", ".join(sorted(k for k in options if k not in JOB_WIDE_SITE_OPTIONS))
+        raise SiteOptionError(f"unknown key {key!r}; the keys are the site script's options: {keys}")
+    if action.nargs == 0:
+        _switch(key, value)
+    else:
+        site_parser().parse_args([f"{_flag(action)}={value}"])
+
+
+def check_site_overrides(spec: JobSpec) -> None:
+    for site, overrides in spec.site_overrides.items():
+        if site not in spec.sites:
+            raise SiteOptionError(f"site {site!r} is not one of the job's sites ({', '.join(spec.sites)})")
+        for key, value in overrides.items():
+            check_site_override(key, value)
+
+
+def with_site_overrides(args: list[str], overrides: dict[str, str]) -> list[str]:
+    """`args` with each override replacing the same option (its first occurrence; later
+    ones dropped) or appended; a switch (store_true) is added for true, removed for false."""
+    options = site_options()
+    takes_value = {flag for a in options.values() if a.nargs != 0 for flag in a.option_strings}
+    out = list(args)
+    for key, value in overrides.items():
+        action = options[key]
+        flags, flag = set(action.option_strings), _flag(action)
+        if action.nargs == 0:
+            out = [token for token in out if token not in flags] + ([flag] if _switch(key, value) else [])
+            continue
+        kept, i, replaced = [], 0, False
+        while i < len(out):
+            token = out[i]
+            if token.split("=", 1)[0] in flags:
+                if not replaced:
+                    kept += [flag, value]
+                    replaced = True
+                i += 1 if "=" in token else 2
+                continue
+            step = 2 if token in takes_value else 1  # an option's value is never taken for an option
+            kept += out[i : i + step]
+            i += step
+        out = kept if replaced else kept + [flag, value]
+    return out
+
+
+def _flag(action) -> str:
+    return max(action.option_strings, key=len)
+
+
+def _switch(key: str, value: str) -> bool:
+    try:
+        return _SWITCH_VALUES[value.strip().lower()]
+    except KeyError:
+        raise SiteOptionError(f"{key} is a switch: give true or false, not {value!r}") from None
+
+
+def _per_site_job(sites: list[str], **kwargs):
+    """A FedJob whose `to_clients` puts a component into each named site's own app. FLARE
+    writes either one app for every site ("@ALL") or per-site apps, and beside an "@ALL"
+    app it would silently drop the per-site ones: so what tracking (the event relay) or a
+    benchmark's filter sends `to_clients` has to go to every site's app."""
+    from nvflare.job_config.api import FedJob
+
+    class PerSiteFedJob(FedJob):
+        def to_clients(self, obj, id=None, **kw):
+            result = None
+            for site in sites:
+                result = self.to(obj, site, id=id, **kw)
+            return result
+
+    return PerSiteFedJob(**kwargs)
 
 
 def build_aggregator(spec: JobSpec):
@@ -147,7 +284,9 @@ def build_aggregator(spec: JobSpec):
     if spec.algorithm in ("fed_medlora", "fed_prox"):
         return agg.FedMedLoRAAggregator(weighting=spec.weighting, max_norm_ratio=spec.max_norm_ratio, head_modules=spec.head_modules())
     if spec.algorithm == "fed_medlora_plus":
-        return agg.FedMedLoRAPlusAggregator(max_norm_ratio=spec.max_norm_ratio, head_modules=spec.head_modules())
+        return agg.FedMedLoRAPlusAggregator(
+            temperature=spec.temperature, use_sizes=spec.use_sizes, max_norm_ratio=spec.max_norm_ratio, head_modules=spec.head_modules()
+        )
     if spec.algorithm == "fedsa_lora":
         return agg.FedSALoRAAggregator(num_rounds=spec.num_rounds, weighting=spec.weighting, max_norm_ratio=spec.max_norm_ratio)
     if spec.algorithm == "fed_exact_lora":
@@ -179,7 +318,9 @@ def build_job(spec: JobSpec):
         raise ValueError(
             "the BERT baseline runs with fed_medlora or fed_medlora_plus (site losses): its head is not a LoRA factor and the server evaluator is generative"
         )
-    job = FedJob(name=spec.name, min_clients=spec.min_clients, meta_props={"scope": spec.scope})
+    check_site_overrides(spec)
+    job_args = dict(name=spec.name, min_clients=spec.min_clients, meta_props={"scope": spec.scope})
+    job = _per_site_job(spec.sites, **job_args) if spec.site_overrides else FedJob(**job_args)
     job.to_server({"server": {"task_request_interval": spec.task_request_interval}})
     job.to_server(
         AdapterPersistor(model=spec.model, lora=spec.lora(), output_dir=spec.output_dir),
@@ -207,17 +348,28 @@ def build_job(spec: JobSpec):
         ),
         id="controller",
     )
-    runner = ScriptRunner(
-        script=SITE_SCRIPT.name,  # relative: FLARE runs it from the app's custom/ folder
-        script_args=spec.site_args(),
-        framework=FrameworkType.PYTORCH,
-        server_expected_format=ExchangeFormat.PYTORCH,
-    )
-    job.to_clients(runner)
+
+    def runner(site: str | None = None):
+        return ScriptRunner(
+            script=SITE_SCRIPT.name,  # relative: FLARE runs it from the app's custom/ folder
+            script_args=spec.site_args(site),
+            framework=FrameworkType.PYTORCH,
+            server_expected_format=ExchangeFormat.PYTORCH,
+        )
+
+    if spec.site_overrides:  # one app per site (app_<site>), each with its own arguments
+        for site in spec.sites:
+            job.to(runner(site), site)
+    else:
+        job.to_clients(runner())
     if spec.tensorboard:
         from fedmed_components.flare.tracking import add_tensorboard
 
         add_tensorboard(job)
+    if spec.mlflow_uri:
+        from fedmed_components.flare.tracking import add_mlflow
+
+        add_mlflow(job, spec)
     return job
 
 

@@ -6,6 +6,11 @@ client forwards it to the server, and `TBAnalyticsReceiver` writes one TensorBoa
 per site under ``<server run dir>/tb_events/<site>/``: ``tensorboard --logdir`` on that
 folder shows every site side by side. The trainer only sees a plain ``on_step``
 callback, so the pure core stays free of FLARE.
+
+With ``JobSpec(mlflow_uri=...)`` the server also gets FLARE's `MLflowReceiver` on the
+same forwarded events: FLARE turns each TensorBoard scalar into an MLflow metric (same
+key, same step) and keeps one MLflow run per site, named ``<site>-<job id[:6]>-<job
+name>-<job name>``, in one experiment.
 """
 
 from __future__ import annotations
@@ -50,3 +55,38 @@ def add_tensorboard(job) -> None:
 
     job.to_server(TBAnalyticsReceiver(tb_folder=TB_FOLDER), id="tb_receiver")
     job.to_clients(ConvertToFedEvent(events_to_convert=[ANALYTIC_EVENT_TYPE]), id="event_to_fed")
+
+
+def add_mlflow(job, spec) -> None:
+    """Give the server FLARE's MLflowReceiver on the sites' forwarded analytics events
+    (the ones the TensorBoard receiver gets): every site scalar lands in MLflow too.
+
+    ``spec.mlflow_uri``: any MLflow tracking URI the server can reach, e.g.
+    ``sqlite:////abs/path/mlflow.db`` (a local store), ``http://host:5000``, or
+    ``file:///abs/path/mlruns`` (MLflow 3 keeps the file store in maintenance mode and
+    refuses it unless the server runs with ``MLFLOW_ALLOW_FILE_STORE=true``).
+    """
+    from urllib.parse import urlparse
+
+    from nvflare.apis.analytix import ANALYTIC_EVENT_TYPE
+
+    if not spec.tensorboard:
+        raise ValueError("MLflow receives the sites' TensorBoard scalars: keep tensorboard on to use mlflow_uri")
+    if not urlparse(spec.mlflow_uri).scheme:
+        raise ValueError(
+            f"mlflow_uri {spec.mlflow_uri!r} is not a URI: give e.g. sqlite:////abs/path/mlflow.db, http://host:5000 or file:///abs/path/mlruns"
+        )
+    try:
+        from nvflare.app_opt.tracking.mlflow.mlflow_receiver import MLflowReceiver
+    except ImportError as exc:  # the server needs it as well
+        raise ValueError(f"mlflow_uri needs MLflow here and on the server: pip install 'fedmed_components[mlflow]' ({exc})") from None
+
+    kw_args = {
+        "experiment_name": spec.mlflow_experiment,
+        "run_name": spec.name,
+        "experiment_tags": {"mlflow.note.content": "FedMed federated LoRA jobs: one run per site and job"},
+        "run_tags": {"algorithm": spec.algorithm, "model": spec.model},
+    }
+    # Only the forwarded site events: the receiver keeps one run per site and has none for the server.
+    receiver = MLflowReceiver(tracking_uri=spec.mlflow_uri, kw_args=kw_args, events=[f"fed.{ANALYTIC_EVENT_TYPE}"])
+    job.to_server(receiver, id="mlflow_receiver")

@@ -129,6 +129,27 @@ class SiteRuntime:
         self.val_examples: list[dict] = []
         self.val_docs: list[Document] = []  # scored by span F1 each round where the task model does (BERT baseline)
         self.input_skipped = ""
+        log.info("%s", self.settings_line())
+
+    def settings_line(self) -> str:
+        """What this site trains with, after the defaults and `auto`s are resolved: the one
+        line a site logs at start (a per-site job's overrides show here)."""
+        cfg, train = self.config, self.config.train
+        device = str(self.device)
+        quantize = cfg.quantize
+        if quantize == "auto":
+            from fedmed_components.model.modeling import default_quantization
+
+            quantize = f"auto ({'none' if self.task_model == 'token-classification' else default_quantization(device)})"
+        precision = getattr(self.trainer, "precision", train.precision)
+        if train.precision == "auto":
+            precision = f"auto ({precision})"
+        data = cfg.data or (f"$FEDMED_DATA ({os.environ['FEDMED_DATA']})" if os.environ.get("FEDMED_DATA") else "-")
+        return (
+            f"{self.site_name} settings: model {cfg.model}, rank {cfg.lora.r}, alpha {cfg.lora.alpha}, lr {train.learning_rate:g}, "
+            f"batch_size {train.batch_size}, max_length {train.max_length}, local_steps {train.max_steps or '-'}, "
+            f"local_epochs {train.local_epochs:g}, quantize {quantize}, precision {precision}, device {device}, data {data}"
+        )
 
     def build_examples(self, docs: list[Document], types: set[str] | None = None) -> list[dict]:
         """Examples for the site's task model: SFT prompts (LLM) or BIO windows (BERT)."""
