@@ -13,7 +13,7 @@ alpha 64 / dropout 0 on all seven Llama projections, lr 2e-4, 800 tokens.
 from __future__ import annotations
 
 import argparse
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 
 PAPER_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -21,9 +21,9 @@ QUANTIZATIONS = ("auto", "4bit", "8bit", "none")
 PROMPT_STYLES = ("paper", "compact")  # task/prompts.py defines each
 
 
-def setting(default, help: str, *, choices: tuple | None = None, flag: str | None = None, metavar: str | None = None):
+def setting(default, help: str, *, choices: tuple | None = None):
     """A budget field: its default and the help text every command shows for it."""
-    meta = {"help": help, "choices": choices, "flag": flag, "metavar": metavar}
+    meta = {"help": help, "choices": choices}
     if isinstance(default, (list, dict, set)):
         raise TypeError("budget defaults are immutable (use a tuple)")
     return field(default=default, metadata=meta)
@@ -68,25 +68,18 @@ BUDGET = Budget()
 
 
 def flag_of(name: str) -> str:
-    meta = Budget.__dataclass_fields__[name].metadata
-    return meta["flag"] or "--" + name.replace("_", "-")
+    return "--" + name.replace("_", "-")
 
 
-def add_budget_arguments(parser: argparse.ArgumentParser, names: tuple[str, ...] | None = None, **overrides) -> None:
-    """Add the budget's options to a parser, with the budget's defaults and help.
-
-    `overrides` replaces a default for this command only (e.g. the job builder's
-    `local_steps=20`), and the help says so; the help text itself is never rewritten.
-    """
+def add_budget_arguments(parser: argparse.ArgumentParser, names: tuple[str, ...] | None = None) -> None:
+    """Add the budget's options (all, or `names`) to a parser, with its defaults and help."""
     for f in fields(Budget):
         if names is not None and f.name not in names:
             continue
-        default = overrides.get(f.name, f.default if f.default is not MISSING else None)
+        default = f.default
         kwargs = {"dest": f.name, "help": f.metadata["help"] + f" (default: {_shown(default)})"}
         if f.metadata["choices"]:
             kwargs["choices"] = f.metadata["choices"]
-        if f.metadata["metavar"]:
-            kwargs["metavar"] = f.metadata["metavar"]
         if f.type.startswith("tuple"):
             kwargs.update(type=_comma_list, default=tuple(default))
         else:

@@ -118,8 +118,10 @@ def test_the_scan_finds_each_way_of_writing_a_default(tmp_path):
 
 def test_generated_options_parse_into_a_budget():
     parser = argparse.ArgumentParser()
-    add_budget_arguments(parser, local_steps=20)
-    budget = budget_from_args(parser.parse_args(["--rank", "8", "--target-modules", "q_proj,v_proj", "--lr", "1e-3"]))
+    add_budget_arguments(parser)
+    budget = budget_from_args(
+        parser.parse_args(["--rank", "8", "--target-modules", "q_proj,v_proj", "--lr", "1e-3", "--local-steps", "20"])
+    )
     assert (budget.rank, budget.target_modules, budget.lr, budget.local_steps) == (8, ("q_proj", "v_proj"), 1e-3, 20)
     assert budget.alpha == BUDGET.alpha and budget.max_length == BUDGET.max_length
     with pytest.raises(SystemExit):
