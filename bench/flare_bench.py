@@ -24,7 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fedmed_components.flare.job import JobSpec, export_job, run_simulator  # noqa: E402
+from fedmed_components.flare.job import JobSpec, run_simulator  # noqa: E402
+from fedmed_components.flare.recipe import export_job  # noqa: E402
 
 SITE_ROUND_LINE = re.compile(r"(\S+) round (\d+): \d+ steps, .* payload [\d.]+ MB, ([\d.]+) s")
 

@@ -109,7 +109,8 @@ def test_a_whole_simulator_round_is_bit_identical_when_run_twice(tmp_path, tiny_
     one BLAS thread, seeded; the server sums in site order)."""
     from fedmed_components.data.document import write_jsonl
     from fedmed_components.data.synth import demo_corpus
-    from fedmed_components.flare.job import JobSpec, export_job, run_simulator
+    from fedmed_components.flare.job import JobSpec, run_simulator
+    from fedmed_components.flare.recipe import export_job
     from fedmed_components.model.modeling import load_adapter_folder
 
     sites = ["site-1", "site-2"]

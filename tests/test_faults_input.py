@@ -91,7 +91,8 @@ def test_server_rejects_a_failed_site_naming_site_and_file(sites):
 
 
 def _job(tmp_path, root, sites, **spec):
-    from fedmed_components.flare.job import JobSpec, export_job
+    from fedmed_components.flare.job import JobSpec
+    from fedmed_components.flare.recipe import export_job
 
     spec = JobSpec(
         **{

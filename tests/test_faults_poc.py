@@ -25,7 +25,8 @@ from conftest import flare_processes_naming, hold_poc_lock
 
 from fedmed_components.data.document import write_jsonl
 from fedmed_components.flare import poc
-from fedmed_components.flare.job import JobSpec, export_job
+from fedmed_components.flare.job import JobSpec
+from fedmed_components.flare.recipe import export_job
 from fedmed_components.model.modeling import load_adapter_folder
 
 pytestmark = pytest.mark.slow

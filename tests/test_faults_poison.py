@@ -15,7 +15,8 @@ import torch
 
 from fedmed_components.data.document import write_jsonl
 from fedmed_components.federation.update_validation import update_norm
-from fedmed_components.flare.job import JobSpec, export_job, run_simulator
+from fedmed_components.flare.job import JobSpec, run_simulator
+from fedmed_components.flare.recipe import export_job
 from fedmed_components.model.modeling import LoraSettings, initial_adapter_from_config, load_adapter_folder
 
 pytestmark = pytest.mark.slow

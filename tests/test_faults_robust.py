@@ -29,7 +29,8 @@ from safetensors.torch import load_file
 from fedmed_components.data.document import write_jsonl
 from fedmed_components.federation import aggregation, robust_aggregation
 from fedmed_components.federation.update_validation import update_norm
-from fedmed_components.flare.job import JobSpec, export_job, run_simulator
+from fedmed_components.flare.job import JobSpec, run_simulator
+from fedmed_components.flare.recipe import export_job
 from fedmed_components.model.modeling import load_adapter_folder
 
 pytestmark = pytest.mark.slow

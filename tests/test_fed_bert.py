@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from fedmed_components.data.document import write_jsonl
-from fedmed_components.flare.job import JobSpec, export_job, run_simulator
+from fedmed_components.flare.job import JobSpec, run_simulator
+from fedmed_components.flare.recipe import export_job
 from fedmed_components.model.modeling import initial_adapter_from_config, load_adapter_folder, resolve_model
 
 pytestmark = pytest.mark.slow

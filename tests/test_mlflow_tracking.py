@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from fedmed_components.cli import main
-from fedmed_components.flare.job import JobSpec, export_job, run_simulator
+from fedmed_components.flare.job import JobSpec, run_simulator
+from fedmed_components.flare.recipe import export_job
 
 REPO = Path(__file__).resolve().parents[1]
 SITES = ["site-1", "site-2"]

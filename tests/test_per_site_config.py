@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from fedmed_components.cli import main
-from fedmed_components.flare.job import SITE_SCRIPT, JobSpec, export_job, run_simulator, site_options, with_site_overrides
+from fedmed_components.flare.job import SITE_SCRIPT, JobSpec, run_simulator, site_options, with_site_overrides
+from fedmed_components.flare.recipe import export_job
 
 SITES = ["site-1", "site-2"]
 

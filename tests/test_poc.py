@@ -14,8 +14,9 @@ import psutil
 import pytest
 
 from fedmed_components.flare import poc
-from fedmed_components.flare.job import JobSpec, export_job
+from fedmed_components.flare.job import JobSpec
 from fedmed_components.flare.processes import blas_thread_caps
+from fedmed_components.flare.recipe import export_job
 
 SITES = ["site-1", "site-2"]
 PORTS = [8002, 8003]

@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 from fedmed_components.flare import poc
-from fedmed_components.flare.job import JobSpec, export_job
+from fedmed_components.flare.job import JobSpec
+from fedmed_components.flare.recipe import export_job
 
 pytestmark = pytest.mark.slow
 

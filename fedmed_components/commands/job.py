@@ -251,7 +251,7 @@ def site_override_warnings(spec) -> list[str]:
 
 
 def _export(args) -> int:
-    from fedmed_components.flare.job import export_job
+    from fedmed_components.flare.recipe import export_job
 
     try:  # a bad --site fails here, before anything is written
         specs = [spec_from_args(args, name=n, **extra) for n, extra in COMMITTED_JOBS.items()] if args.all else [spec_from_args(args)]
@@ -273,6 +273,7 @@ def _export(args) -> int:
 def _simulate(args) -> int:
     import os
 
+    from fedmed_components.commands.results import print_tables_under
     from fedmed_components.flare.job import run_simulator
     from fedmed_components.flare.job_check import check_job_folder
 
@@ -281,4 +282,5 @@ def _simulate(args) -> int:
         os.environ["FEDMED_DATA"] = str(Path(args.data).resolve())
     workspace = run_simulator(args.job_folder, args.workspace, args.sites.split(","), timeout=args.timeout)
     print(f"simulator finished; workspace {workspace}")
+    print_tables_under(workspace)
     return 0

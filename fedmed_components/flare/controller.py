@@ -4,18 +4,30 @@ FLARE's FedAvg waits forever for a sampled site and has no step for Fed-MedLoRA+
 candidate scoring, so this controller runs the round itself, with a timeout on every
 task: a site that does not answer in time is dropped for that round, not awaited.
 Optionally each round trains a seeded sample of the sites (`sampling.sample_sites`);
-the others get no task that round.
+the others get no task that round. After the last round every connected site scores the
+final global adapter on its own test notes (cross-site evaluation); the server writes the
+table beside the global adapter (docs/cross_site_evaluation.md).
 """
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.workflows.model_controller import ModelController
 
+from fedmed_components.data.files import atomic_write_text
 from fedmed_components.federation import aggregation, sampling
-from fedmed_components.flare.wire import CANDIDATES_TASK, TRAIN_TASK, pack_candidates
+from fedmed_components.flare.wire import (
+    CANDIDATES_TASK,
+    CROSS_SITE_EVAL_FILE,
+    EVAL_RESULT,
+    EVALUATE_TASK,
+    TRAIN_TASK,
+    pack_candidates,
+)
 
 LOSS_SOURCES = ("none", "server", "sites")
 
@@ -35,6 +47,7 @@ class FedMedController(ModelController):
         sample_fraction: float | None = None,
         sample_clients: int | None = None,
         sample_seed: int = 0,
+        cross_site_eval: bool = True,
     ):
         super().__init__(
             persistor_id=persistor_id, task_check_period=task_check_period
@@ -53,8 +66,10 @@ class FedMedController(ModelController):
         self.sample_fraction = sample_fraction
         self._sample_clients = sample_clients  # underscore: ModelController has a sample_clients method
         self.sample_seed = sample_seed
+        self.cross_site_eval = cross_site_eval  # after the last round, each site scores the final global adapter
         self.aggregator = None
         self.evaluator = None
+        self._silent: dict[str, int] = {}  # site -> the round it was sent a task and never answered
 
     def run(self) -> None:
         self.aggregator = self.get_component(self.aggregator_id)
@@ -63,7 +78,11 @@ class FedMedController(ModelController):
         model = self.load_model()
         start = int((model.meta or {}).get("next_round", 0))
         if start >= self.num_rounds:
-            self.info(f"all {self.num_rounds} rounds already done; nothing to run")
+            self.info(f"all {self.num_rounds} rounds already done; nothing to train")
+            # a job that finished its rounds but not its table (cut during it, or run
+            # before cross-site evaluation existed) evaluates its final adapter now
+            if self.cross_site_eval and not self._table_exists(start - 1):
+                self.evaluate_global(model.params, start - 1)
             return
         if start:
             self.info(f"resuming at round {start} of {self.num_rounds}")
@@ -79,6 +98,8 @@ class FedMedController(ModelController):
             if global_params is None:
                 return
         self.info(f"finished {self.num_rounds} rounds")
+        if self.cross_site_eval and not self.abort_signal.triggered:
+            self.evaluate_global(global_params, self.num_rounds - 1)
 
     def run_round(self, rnd: int, global_params: dict):
         started = time.perf_counter()
@@ -114,6 +135,7 @@ class FedMedController(ModelController):
             time.sleep(self.task_check_period)
         answered = self.aggregator.accepted_sites
         missing = sorted(set(clients) - answered_set(answered, self.aggregator.rejections))
+        self._silent = {site: r for site, r in self._silent.items() if site not in clients} | {site: rnd for site in missing}
         if missing:
             self.warning(f"round {rnd}: no update from {missing} (timed out or failed); continuing without them")
         if len(answered) < self.min_clients:
@@ -167,6 +189,99 @@ class FedMedController(ModelController):
         losses = aggregation.combine_site_losses(matrix, sizes)
         self.info(f"round {rnd}: candidate losses from {len(matrix)} sites: " + ", ".join(f"{n}={v:.4f}" for n, v in zip(names, losses)))
         return dict(zip(names, losses))
+
+    # ------------------------------------------------------------------ cross-site evaluation
+
+    def evaluate_global(self, global_params: dict, rnd: int) -> dict | None:
+        """Send the final global adapter to every connected site (sampled or not) to score
+        on its own test notes; write the table. A site silent the last time it was sent a
+        task is not asked (presumed gone: waiting out eval_timeout on it helps nobody); a
+        site that fails, has no notes or does not answer within eval_timeout is listed
+        under "missing" with the reason. Never fatal: the adapter is already saved."""
+        connected = sorted(client.name for client in self.engine.get_clients())
+        gone = {site: f"no answer to round {r}'s task; not asked" for site, r in self._silent.items() if site in connected}
+        targets = [site for site in connected if site not in gone]
+        answers: dict[str, dict] = {}
+        if targets:
+            self.info(f"cross-site evaluation of round {rnd}'s global adapter at {targets}")
+            outgoing = FLModel(params=global_params, params_type=ParamsType.FULL, current_round=rnd, total_rounds=self.num_rounds)
+            # A site's error reply must not end the job: FLARE's dynamic policy would panic
+            # once too few sites are left; here each is only listed as missing.
+            policy, self._ignore_result_error = getattr(self, "_ignore_result_error", None), True
+            try:
+                results = self.broadcast_model(
+                    task_name=EVALUATE_TASK, data=outgoing, targets=targets, timeout=self.eval_timeout, blocking=True
+                )
+            finally:
+                self._ignore_result_error = policy
+            for res in results or []:
+                meta = res.meta or {}
+                answers[meta.get("client_name") or meta.get("site")] = meta
+        else:
+            self.warning(f"cross-site evaluation: no site to ask ({gone or 'none connected'})")
+        adapter = None
+        root = self._store_root()
+        if root is not None:
+            adapter = str(root / "global")
+        table = cross_site_table(rnd, adapter, targets, answers, gone, self.eval_timeout)
+        for line in table_lines(table):
+            self.info(line)
+        if root is None:
+            self.warning("cross-site evaluation: the persistor has no output folder; table not written")
+            return table
+        path = atomic_write_text(root / CROSS_SITE_EVAL_FILE, json.dumps(table, indent=2, sort_keys=True), sync_dir=True)
+        self.info(f"cross-site evaluation table written to {path}")
+        return table
+
+    def _store_root(self) -> Path | None:
+        """The persistor's output folder (AdapterPersistor.root: where global/ lives)."""
+        persistor = self.persistor or self.get_component(self._persistor_id)
+        root = getattr(persistor, "root", None)
+        return Path(root(self.fl_ctx)) if callable(root) else None
+
+    def _table_exists(self, rnd: int) -> bool:
+        root = self._store_root()
+        path = root / CROSS_SITE_EVAL_FILE if root is not None else None
+        if path is None or not path.exists():
+            return False
+        try:
+            return json.loads(path.read_text()).get("round") == rnd
+        except (OSError, ValueError):
+            return False
+
+
+def cross_site_table(
+    rnd: int, adapter: str | None, asked: list[str], answers: dict[str, dict], not_asked: dict[str, str], timeout: int
+) -> dict:
+    """The table the server writes: one entry per site that scored the adapter (the site's
+    `SiteRuntime.evaluate_adapter` object), and every other site with its reason."""
+    sites, missing = {}, dict(not_asked)
+    for site in asked:
+        meta = answers.get(site)
+        entry = (meta or {}).get(EVAL_RESULT)
+        if meta is None:
+            missing[site] = f"no scores within eval_timeout ({timeout} s): timed out or failed"
+        elif meta.get("site_error"):
+            missing[site] = str(meta["site_error"])
+        elif not entry or entry.get("error") or not entry.get("entities"):
+            missing[site] = str((entry or {}).get("error") or "answer without scores")
+        else:
+            sites[site] = entry
+    return {"round": rnd, "adapter": adapter, "sites": sites, "missing": dict(sorted(missing.items()))}
+
+
+def table_lines(table: dict) -> list[str]:
+    """One log line per site: what scored and how, or why not."""
+
+    def f1(entry: dict, group: str) -> str:
+        scores = entry.get(group)
+        return f"strict {scores['strict']['f1']:.3f} lenient {scores['lenient']['f1']:.3f}" if scores else "-"
+
+    lines = [
+        f"cross-site eval {site}: {e['num_docs']} {e['split']} docs, entity F1 {f1(e, 'entities')}, modifier F1 {f1(e, 'modifiers')}"
+        for site, e in sorted(table["sites"].items())
+    ]
+    return lines + [f"cross-site eval {site}: missing ({why})" for site, why in table["missing"].items()]
 
 
 def answered_set(accepted: list[str], rejections) -> set[str]:

@@ -1,8 +1,8 @@
 """One builder for every FedMed job folder, and a bounded simulator run.
 
 `JobSpec` says what a federation runs (algorithm, model, sites, rounds, local steps,
-data); `build_job` turns it into a FLARE `FedJob`; `export_job` writes the folder that
-`nvflare job submit` / the admin console take as is.
+data); `build_job` turns it into a FLARE `FedJob`; `flare/recipe.py` wraps it as a FLARE
+recipe whose `export` writes the folder `nvflare job submit` / the admin console take as is.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import contextlib
 import os
 import re
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -84,6 +83,9 @@ class JobSpec:
     robust_clip: float | None = None
     train_timeout: int = 3600
     eval_timeout: int = 1800
+    # After the last round each site scores the final global adapter on its test notes and
+    # the server writes cross_site_eval.json beside it (docs/cross_site_evaluation.md).
+    cross_site_eval: bool = True
     output_dir: str = "fedmed_adapters"
     extra_site_args: str = ""
     # Per-site settings (`fedmed job export --site NAME:key=value,...`): site name -> the site
@@ -321,6 +323,7 @@ def build_job(spec: JobSpec):
     check_site_overrides(spec)
     job_args = dict(name=spec.name, min_clients=spec.min_clients, meta_props={"scope": spec.scope})
     job = _per_site_job(spec.sites, **job_args) if spec.site_overrides else FedJob(**job_args)
+    job.set_app_packages(["fedmed_components"])  # installed at every site and server: FLARE copies none of it into custom/
     job.to_server({"server": {"task_request_interval": spec.task_request_interval}})
     job.to_server(
         AdapterPersistor(model=spec.model, lora=spec.lora(), output_dir=spec.output_dir),
@@ -345,6 +348,7 @@ def build_job(spec: JobSpec):
             sample_fraction=spec.sample_fraction,
             sample_clients=spec.sample_clients,
             sample_seed=spec.sample_seed,
+            cross_site_eval=spec.cross_site_eval,
         ),
         id="controller",
     )
@@ -371,26 +375,6 @@ def build_job(spec: JobSpec):
 
         add_mlflow(job, spec)
     return job
-
-
-def export_job(spec: JobSpec, job_root: str | os.PathLike, customize=None) -> Path:
-    """Write the job folder. Sites and server run the installed fedmed_components, so
-    the copy of the package that FLARE adds to app/custom is removed (one source).
-    ``customize(job)`` may add components (benchmarks add a wire meter) before export."""
-    job_root = Path(job_root).resolve()
-    cwd = os.getcwd()
-    os.chdir(SITE_SCRIPT.parent)  # FLARE resolves the script relative to the cwd
-    try:
-        job = build_job(spec)
-        if customize is not None:
-            customize(job)
-        job.export_job(str(job_root))
-    finally:
-        os.chdir(cwd)
-    job_dir = job_root / spec.name
-    for copied in job_dir.glob("app*/custom/fedmed_components"):
-        shutil.rmtree(copied)
-    return job_dir
 
 
 class SimulatorTimeout(RuntimeError):

@@ -8,7 +8,7 @@ import time
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 
 from fedmed_components.federation.lora_keys import is_lora_A
-from fedmed_components.flare.wire import CANDIDATES_TASK, TRAIN_TASK, unpack_candidates
+from fedmed_components.flare.wire import CANDIDATES_TASK, EVAL_RESULT, EVALUATE_TASK, TRAIN_TASK, unpack_candidates
 from fedmed_components.model.modeling import adapter_num_bytes
 
 log = logging.getLogger("fedmed.site")
@@ -81,6 +81,38 @@ def score_candidates(runtime, incoming: FLModel) -> FLModel:
     )
 
 
+def evaluate(runtime, incoming: FLModel) -> FLModel:
+    """Cross-site evaluation: the final global adapter scored on this site's test notes
+    (`SiteRuntime.evaluate_adapter`); metrics only, never an adapter. The score object
+    goes in meta[EVAL_RESULT]; `metrics` holds its F1s flat (FLARE needs params or metrics).
+    A failure here is answered, not raised: the server lists the site as missing."""
+    started = time.perf_counter()
+    try:
+        entry = runtime.evaluate_adapter(incoming.params or None)
+    except Exception as exc:  # the job has finished training: one site's failure must not end it
+        log.exception("%s: cross-site evaluation failed", runtime.site_name)
+        return failed(runtime.site_name, RuntimeError(f"evaluation failed: {type(exc).__name__}: {exc}"))
+    metrics = {"num_docs": float(entry["num_docs"])}
+    for group in ("entities", "modifiers"):
+        for mode, scores in (entry.get(group) or {}).items():
+            if mode in ("strict", "lenient"):
+                metrics.update({f"{group}/{mode}/{k}": float(scores[k]) for k in ("precision", "recall", "f1")})
+    if entry.get("error"):
+        log.warning("%s cross-site evaluation: %s", runtime.site_name, entry["error"])
+    else:
+        log.info(
+            "%s cross-site evaluation of round %s on %d %s docs: entity F1 strict %.3f lenient %.3f, %.1f s",
+            runtime.site_name,
+            incoming.current_round,
+            entry["num_docs"],
+            entry["split"],
+            entry["entities"]["strict"]["f1"],
+            entry["entities"]["lenient"]["f1"],
+            time.perf_counter() - started,
+        )
+    return FLModel(metrics=metrics, meta={"site": runtime.site_name, EVAL_RESULT: entry})
+
+
 def failed(site_name: str, error: Exception) -> FLModel:
     """The answer of a site that cannot take part (bad data): the reason, no adapter.
     The server rejects it at once, naming site and reason, instead of waiting out a timeout."""
@@ -93,4 +125,6 @@ def handle(runtime, task: str, incoming: FLModel, send: str = "full", tracker=No
         return train(runtime, incoming, send, tracker)
     if task == CANDIDATES_TASK:
         return score_candidates(runtime, incoming)
+    if task == EVALUATE_TASK:
+        return evaluate(runtime, incoming)
     raise ValueError(f"{runtime.site_name}: unknown task {task!r}")

@@ -4,6 +4,13 @@ from __future__ import annotations
 
 TRAIN_TASK = "train"
 CANDIDATES_TASK = "score_candidates"  # Fed-MedLoRA+ with losses measured at the sites
+# After the last round: each site scores the final global adapter on its own test notes
+# and answers metrics only (docs/cross_site_evaluation.md). Its score object travels in
+# the answer's meta under EVAL_RESULT; the server's table of them is CROSS_SITE_EVAL_FILE,
+# beside the persistor's global/ adapter.
+EVALUATE_TASK = "evaluate_global"
+EVAL_RESULT = "cross_site_eval"
+CROSS_SITE_EVAL_FILE = "cross_site_eval.json"
 
 # Round-meta key for the server optimiser's moments (tensors): the aggregator puts them in
 # the round's result, the persistor writes them beside the adapter and returns them with

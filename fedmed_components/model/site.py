@@ -1,9 +1,11 @@
 """What one hospital does each round, without FLARE: the pure site runtime.
 
-`SiteRuntime` loads the base model once, keeps it across rounds, and answers the three
-things the federation asks of a site: train from a global adapter, report a validation
-loss, and score candidate adapters on its own validation split (Fed-MedLoRA+ without
-central data). The FLARE client script in ``custom/`` only moves these in and out.
+`SiteRuntime` loads the base model once, keeps it across rounds, and answers what the
+federation asks of a site: train from a global adapter, report a validation loss, score
+candidate adapters on its own validation split (Fed-MedLoRA+ without central data), and,
+after the last round, score the final global adapter on its own test notes (cross-site
+evaluation, docs/cross_site_evaluation.md). The FLARE client script in ``custom/`` only
+moves these in and out.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 
 from fedmed_components.data.document import Document, InputError, read_jsonl
 from fedmed_components.model.modeling import LoraSettings, get_adapter_state, resolve_model, set_adapter_state
-from fedmed_components.model.task_model import TASK_MODELS, task_model_for
+from fedmed_components.model.task_model import CAUSAL_LM, TASK_MODELS, task_model_for
 from fedmed_components.model.training import RoundStats, TrainSettings
 from fedmed_components.settings import BUDGET, add_budget_arguments
 from fedmed_components.task.examples import SFTConfig
@@ -51,13 +53,15 @@ class SiteData:
     val: list[Document]
     types: set[str] | None  # the types this site annotates (None: full schema)
     skipped: str = ""  # what a lenient read skipped ("" when nothing)
+    test: list[Document] = field(default_factory=list)  # test.jsonl: the held-out notes cross-site evaluation scores
 
 
 def load_site_data(
     folder: str | os.PathLike, *, mapping: str | None = None, val_fraction: float = 0.1, seed: int = 0, lenient: bool = False
 ) -> SiteData:
-    """A site folder holds train.jsonl (+ val.jsonl) or a corpus that is split here.
-    Bad input raises InputError naming file and line; `lenient` skips it, counted."""
+    """A site folder holds train.jsonl (+ val.jsonl, + test.jsonl) or a corpus that is split
+    here (a corpus has no test part). Bad input raises InputError naming file and line;
+    `lenient` skips it, counted."""
     from fedmed_components.data.corpora import load_corpus, read_jsonl_checked
     from fedmed_components.data.document import ReadReport
 
@@ -66,10 +70,12 @@ def load_site_data(
         raise InputError(folder, None, "site data folder does not exist")
     report = ReadReport()
     read = (lambda f: read_jsonl_checked(f, lenient=True, report=report)) if lenient else read_jsonl
-    train_file, val_file = folder / "train.jsonl", folder / "val.jsonl"
+    train_file, val_file, test_file = folder / "train.jsonl", folder / "val.jsonl", folder / "test.jsonl"
+    test = []
     if train_file.exists():
         train = read(train_file)
         val = read(val_file) if val_file.exists() else []
+        test = read(test_file) if test_file.exists() else []
     else:
         train, val = load_corpus(folder, mapping=mapping, lenient=lenient, report=report), []
     if not train:
@@ -84,7 +90,7 @@ def load_site_data(
         random.Random(seed).shuffle(shuffled)
         n_val = max(1, int(round(len(shuffled) * val_fraction)))
         val, train = shuffled[:n_val], shuffled[n_val:]
-    return SiteData(train=train, val=val, types=_annotated_types(folder, mapping), skipped=skipped)
+    return SiteData(train=train, val=val, types=_annotated_types(folder, mapping), skipped=skipped, test=test)
 
 
 def _annotated_types(folder: Path, mapping: str | None) -> set[str] | None:
@@ -128,6 +134,8 @@ class SiteRuntime:
         self.train_examples: list[dict] = []
         self.val_examples: list[dict] = []
         self.val_docs: list[Document] = []  # scored by span F1 each round where the task model does (BERT baseline)
+        self.test_docs: list[Document] = []  # scored once, with the final global adapter (`evaluate_adapter`)
+        self.test_types: set[str] | None = None  # the types the test notes annotate (None: full schema)
         self.input_skipped = ""
         log.info("%s", self.settings_line())
 
@@ -169,18 +177,23 @@ class SiteRuntime:
             val += self.build_examples(data.val, data.types)
             loaded.append(data)
         self.val_docs = _cap([doc for data in loaded for doc in data.val], cfg.max_val_examples, cfg.seed)
+        self.test_docs = [doc for data in loaded for doc in data.test]
+        # pooled folders (the centralised baseline) share a type restriction only when they agree
+        kinds = {frozenset(d.types) if d.types else None for d in loaded}
+        self.test_types = set(next(iter(kinds))) if len(kinds) == 1 and None not in kinds else None
         self.input_skipped = "; ".join(d.skipped for d in loaded if d.skipped)
         self.train_examples = _cap(train, cfg.max_train_examples, cfg.seed)
         self.val_examples = _cap(val, cfg.max_val_examples, cfg.seed)
         if not self.train_examples:
             raise InputError(folders[0], None, "no training example could be built from the site's documents")
         log.info(
-            "%s: %d train docs -> %d examples, %d val docs -> %d examples",
+            "%s: %d train docs -> %d examples, %d val docs -> %d examples, %d test docs",
             self.site_name,
             sum(len(d.train) for d in loaded),
             len(self.train_examples),
             sum(len(d.val) for d in loaded),
             len(self.val_examples),
+            len(self.test_docs),
         )
         return loaded
 
@@ -236,6 +249,51 @@ class SiteRuntime:
         preds, _ = self.task.predict(self.model, self.tokenizer, self.val_docs, max_length=self.config.train.max_length)
         self.model.train()
         return score_documents(self.val_docs, preds)["entities"]["lenient"]["f1"]
+
+    def evaluate_adapter(self, state: dict[str, torch.Tensor] | None) -> dict:
+        """n2c2 strict/lenient scores of an adapter (the federation's final global one) on
+        this site's test notes; the site's own adapter and train/eval mode are restored.
+
+        The notes: test.jsonl, else the validation notes (``split`` "val", capped like
+        every validation set by max_val_examples). No notes at all: an entry with
+        ``num_docs`` 0 and ``error``, not an exception. ``entities`` and ``modifiers`` are
+        `score_documents`' entities (all types, with per_type) and relations (a modifier
+        linked to its main entity: right type and span, right head); ``modifiers`` is
+        None when this site does not predict them or its notes link none. `state` None:
+        the adapter the model holds."""
+        docs, split = (self.test_docs, "test") if self.test_docs else (self.val_docs, "val")
+        if not docs:
+            return {"split": None, "num_docs": 0, "error": "no test documents (no test.jsonl and no validation notes)"}
+        from fedmed_components.model.inference import GenerationSettings
+        from fedmed_components.task.metrics import score_documents
+
+        tasks = tuple(self.config.sft.tasks)
+        own, was_training = self.adapter_state(), self.model.training
+        try:
+            if state:
+                self.set_adapter(state)
+            preds, report = self.task.predict(
+                self.model,
+                self.tokenizer,
+                docs,
+                settings=GenerationSettings(precision=self.config.train.precision),
+                max_length=self.config.train.max_length,
+                tasks=tasks,
+                prompt_style=self.config.sft.prompt_style,
+            )
+        finally:
+            set_adapter_state(self.model, own)
+            self.model.train(was_training)
+        result = score_documents(docs, preds, types=self.test_types, parse_failures=report.parse_failures)
+        links = "modifier" in tasks or self.task.kind != CAUSAL_LM  # the BERT tagger always tags both layers
+        return {
+            "split": split,
+            "num_docs": len(docs),
+            "entities": result["entities"],
+            "modifiers": result["relations"] if links and any(doc.relations for doc in docs) else None,
+            "parse_failures": result["parse_failures"],
+            "types": sorted(self.test_types) if self.test_types else None,
+        }
 
     def score_candidates(self, candidates: list[dict[str, torch.Tensor]]) -> list[float]:
         """Validation loss of each candidate adapter; the site's own adapter is restored."""

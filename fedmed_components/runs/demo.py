@@ -113,7 +113,8 @@ def evaluate_adapter(model_path: str, adapter_state, test: list[Document], lora,
 
 
 def run_demo(cfg: DemoConfig) -> dict:
-    from fedmed_components.flare.job import export_job, round_progress, run_simulator
+    from fedmed_components.flare.job import round_progress, run_simulator
+    from fedmed_components.flare.recipe import export_job
     from fedmed_components.model.modeling import LoraSettings, load_adapter_folder, resolve_model
 
     started = time.perf_counter()

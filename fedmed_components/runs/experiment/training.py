@@ -114,7 +114,8 @@ def train_locally(
 
 def train_federated(cfg: ExperimentConfig, run_id: str, sites: list[PreparedSite], data_root: Path, run_dir: Path) -> list[dict]:
     """The exported FLARE job in the simulator; the persistor's store resumes a cut run."""
-    from fedmed_components.flare.job import JobSpec, export_job, run_simulator
+    from fedmed_components.flare.job import JobSpec, run_simulator
+    from fedmed_components.flare.recipe import export_job
 
     algorithm, loss_source = FEDERATED[run_id]
     store = run_dir / "store"
@@ -146,6 +147,7 @@ def train_federated(cfg: ExperimentConfig, run_id: str, sites: list[PreparedSite
             output_dir=str(store),
             train_timeout=int(cfg.simulator_timeout),
             eval_timeout=int(cfg.simulator_timeout),
+            cross_site_eval=False,  # the experiment scores every run's test notes itself (scoring.py)
             extra_site_args=f"--val-fraction 0 --max-val-examples {cfg.max_val_examples} --seed {cfg.seed}"
             + (f" --keep-optimizer-state --schedule-rounds {cfg.rounds}" if cfg.schedule == "run" else ""),
         )
