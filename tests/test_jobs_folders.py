@@ -37,7 +37,8 @@ def test_jobs_declare_the_clinical_scope_and_carry_no_package_copy():
         # clinical; the BERT baseline's clinical_bert also lets its classifier head travel
         assert meta["scope"] == ("clinical_bert" if name == "fed_bert" else "clinical") and meta["scope"] in scopes
         assert not list((REPO / "jobs" / name).rglob("fedmed_components"))
-        assert (REPO / "jobs" / name / "app" / "custom" / "fedmed_site.py").is_file()
+        apps = [p for p in (REPO / "jobs" / name).glob("app*") if p.name != "app_server"]
+        assert apps and all((app / "custom" / "fedmed_site.py").is_file() for app in apps), name
 
 
 def _server_config(job: Path) -> dict:

@@ -58,7 +58,8 @@ def test_per_site_config_gives_each_site_its_own_app_and_arguments(tmp_path):
     assert "--rank 4" in site1 and "--batch-size 2" in site1
     assert "--data /data/c" in site3 and "--gradient-checkpointing" in site3
     assert "--rank 16" in site2 and "--gradient-checkpointing" not in site2
-    assert "set_per_site_config" in (folder / "job.py").read_text()
+    # job.py holds the per-site settings (its --site options merge into them)
+    assert "site_overrides={'site-1': {'rank': '4', 'batch_size': '2'}, 'site-3'" in (folder / "job.py").read_text()
 
 
 def test_per_site_config_errors_name_the_key():
@@ -130,14 +131,18 @@ def _job_py(name: str, tmp_path: Path, data: Path, *extra: str, timeout: float =
 @pytest.mark.parametrize("name", sorted(COMMITTED_JOBS))
 def test_committed_job_py_runs_in_simenv(name, no_leftovers, write_site_data):
     tmp_path = no_leftovers
-    data = write_site_data(["site-1", "site-2"])
+    sites = JobSpec(**COMMITTED_JOBS[name]).sites
+    data = write_site_data(sites)
     extra = ["--server-val-data", str(data / "site-1" / "val.jsonl")] if name == "fed_medlora_plus_server" else []
+    if name == "fed_flexlora":  # its sites train ranks 4, 8 and the job's 16 (job.py's)
+        extra += ["--rank", "16", "--alpha", "32"]
     proc = _job_py(name, tmp_path, data, *extra)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     run_dir = tmp_path / "ws" / name
     assert f"simulator finished; workspace {run_dir}" in proc.stdout
-    server_log = (run_dir / "server" / "simulate_job" / "log.txt").read_text()
+    server_log = (run_dir / "server" / "log.txt").read_text()
     assert "round 0 done" in server_log
+    assert "cross-site evaluation of round 0's global adapter" in proc.stdout  # job.py prints the table
     adapter = run_dir / "server" / "simulate_job" / "fedmed_adapters" / "global" / "adapter_model.safetensors"
     assert adapter.is_file()
     output = proc.stdout + proc.stderr  # SimEnv shows every site's log; site-1 has its own batch size
@@ -153,3 +158,79 @@ def test_job_py_timeout_stops_every_process(no_leftovers, write_site_data):
     assert proc.returncode != 0
     assert "timed out after 25 s" in proc.stderr
     assert flare_processes_naming(str(tmp_path)) == []
+
+
+@pytest.mark.slow
+def test_fedmed_job_simulate_shows_rounds_and_the_cross_site_table(no_leftovers, write_site_data, capsys):
+    from fedmed_components.cli import main
+
+    tmp_path = no_leftovers
+    data = write_site_data(["site-1", "site-2"])
+    export = ["job", "export", "--model", "tiny", "--quantize", "none", "--rounds", "2", "--local-steps", "1", "--batch-size", "2"]
+    assert main([*export, "--rank", "4", "--alpha", "8", "--max-length", "160", "--out", str(tmp_path / "jobs")]) == 0
+    argv = ["job", "simulate", str(tmp_path / "jobs" / "fed_medlora"), "--workspace", str(tmp_path / "ws"), "--data", str(data)]
+    assert main([*argv, "--sites", "site-1,site-2", "--timeout", "400"]) == 0
+    out = capsys.readouterr().out
+    for line in ("round 1/2 started", "round 1/2 site-1: train loss", "round 2/2 site-2: train loss", "round 2/2 done in"):
+        assert line in out, out[-2000:]
+    assert "cross-site evaluation of round 1's global adapter" in out  # rounds count from 0 on the server
+    assert re.search(r"^site-1 +val +1 ", out, re.M) and re.search(r"^site-2 +val +1 ", out, re.M)
+
+
+class _FakeRun:
+    def __init__(self, calls):
+        self.calls = calls
+
+    def get_job_id(self):
+        return "job-1"
+
+    def get_result(self, timeout=0.0, clean_up=True):
+        self.calls.append(("get_result", clean_up))
+        return None
+
+
+class _FakeRecipe:
+    def __init__(self, calls, fail=False):
+        self.calls, self.fail = calls, fail
+        self.spec = JobSpec(sites=["a", "b"])
+        self.name = "job"
+
+    def execute(self, env):
+        self.calls.append(("execute", env))
+        if self.fail:
+            raise RuntimeError("submission refused")
+        return _FakeRun(self.calls)
+
+
+def test_prod_logs_in_as_the_kits_admin_and_poc_keeps_its_result_and_stops(monkeypatch, tmp_path):
+    """job.py's wiring of FLARE's ProdEnv and PocEnv (the environments themselves are FLARE's)."""
+    import nvflare.recipe
+
+    from fedmed_components.commands.recipe_job import run_recipe
+
+    calls = []
+
+    class Env:
+        def __init__(self, **kwargs):
+            calls.append(("env", kwargs))
+
+        def stop(self, clean_up=False):
+            calls.append(("stop", clean_up))
+
+    monkeypatch.setattr(nvflare.recipe, "ProdEnv", Env)
+    monkeypatch.setattr(nvflare.recipe, "PocEnv", Env)
+    kit = tmp_path / "lead@hospital.example.org"
+    assert run_recipe(_FakeRecipe(calls), parse_job_args(argv=["--env", "prod", "--startup-kit", str(kit), "--wait"])) == 0
+    assert calls[0] == ("env", {"startup_kit_location": str(kit), "username": "lead@hospital.example.org"})
+    assert ("get_result", False) in calls
+    calls.clear()
+    argv = ["--env", "prod", "--startup-kit", str(kit), "--username", "ops@hospital.example.org"]
+    run_recipe(_FakeRecipe(calls), parse_job_args(argv=argv))
+    assert calls[0][1]["username"] == "ops@hospital.example.org"
+    calls.clear()
+    with pytest.raises(RuntimeError, match="submission refused"):  # POC services stopped even when submission fails
+        run_recipe(_FakeRecipe(calls, fail=True), parse_job_args(argv=["--env", "poc"]))
+    assert calls[-1] == ("stop", False)
+    calls.clear()
+    run_recipe(_FakeRecipe(calls), parse_job_args(argv=["--env", "poc"]))
+    assert ("get_result", False) in calls and calls[-1] == ("stop", False)  # the result is not deleted

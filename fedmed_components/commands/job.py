@@ -17,6 +17,14 @@ COMMITTED_JOBS = {
     "fed_adam": dict(algorithm="fed_adam"),
     "fed_yogi": dict(algorithm="fed_yogi"),
     "fed_prox": dict(algorithm="fed_prox"),
+    # Per-site LoRA ranks (FlexLoRA): hospitals with smaller GPUs train rank 4 or 8, the
+    # global adapter keeps the job's 16; the server averages the products B_k·A_k and each
+    # site takes the global update cut to its rank by SVD (the residual is in its log).
+    "fed_flexlora": dict(
+        algorithm="fed_exact_lora",
+        sites=["site-1", "site-2", "site-3"],
+        site_overrides={"site-1": {"rank": "4"}, "site-2": {"rank": "8"}},
+    ),
     # The BERT baseline (BIO tagging) aggregated with Fed-MedLoRA; MiniLM is the embedded
     # encoder, production passes --model emilyalsentzer/Bio_ClinicalBERT (BERT: <= 512 tokens).
     # Its sites' privacy scope clinical_bert lets the classifier head leave with the adapter.
@@ -274,13 +282,29 @@ def _simulate(args) -> int:
     import os
 
     from fedmed_components.commands.results import print_tables_under
-    from fedmed_components.flare.job import run_simulator
+    from fedmed_components.flare.job import round_progress, run_simulator
     from fedmed_components.flare.job_check import check_job_folder
 
     check_job_folder(args.job_folder)  # a bad config fails here, not in the simulator's log
     if args.data:
         os.environ["FEDMED_DATA"] = str(Path(args.data).resolve())
-    workspace = run_simulator(args.job_folder, args.workspace, args.sites.split(","), timeout=args.timeout)
+    progress = round_progress(_num_rounds(Path(args.job_folder)), indent="  ")
+    workspace = run_simulator(args.job_folder, args.workspace, args.sites.split(","), timeout=args.timeout, progress=progress)
     print(f"simulator finished; workspace {workspace}")
     print_tables_under(workspace)
     return 0
+
+
+def _num_rounds(job_folder: Path) -> int | None:
+    """The rounds the job's controller runs (for "round r/n" progress); None if unknown."""
+    import inspect
+    import json
+
+    from fedmed_components.flare.controller import FedMedController
+
+    for config in sorted(job_folder.glob("app*/config/config_fed_server.json")):
+        for entry in json.loads(config.read_text()).get("workflows", []):
+            if entry.get("path", "").endswith("FedMedController"):
+                default = inspect.signature(FedMedController).parameters["num_rounds"].default
+                return int(entry.get("args", {}).get("num_rounds", default))
+    return None

@@ -34,6 +34,7 @@ class JobArgs:
     threads: int | None = None
     timeout: float = 7200
     startup_kit: str | None = None
+    username: str | None = None
     poc_workspace: str | None = None
     wait: bool = False
 
@@ -61,6 +62,7 @@ def job_parser(doc: str | None = None) -> argparse.ArgumentParser:
     run.add_argument("--timeout", type=float, default=7200, help="sim: seconds before every process is stopped (default: 7200)")
     run.add_argument("--poc-workspace", default=None, help="poc: FLARE's POC workspace (default: $NVFLARE_POC_WORKSPACE or FLARE's)")
     run.add_argument("--startup-kit", default=None, help="prod: the admin startup kit folder (from provisioning)")
+    run.add_argument("--username", default=None, help="prod: the admin's name in its certificate (default: the kit folder's name)")
     run.add_argument("--wait", action="store_true", help="prod: wait for the job to finish and print where its result is")
     job = parser.add_argument_group("the job (each option given replaces the value in job.py)")
     job.add_argument("--sites", default=argparse.SUPPRESS, help="comma-separated site names")
@@ -84,7 +86,7 @@ def job_parser(doc: str | None = None) -> argparse.ArgumentParser:
 
 def parse_job_args(doc: str | None = None, argv: list[str] | None = None) -> JobArgs:
     args = vars(job_parser(doc).parse_args(argv))
-    run_keys = ("env", "workspace", "threads", "timeout", "poc_workspace", "startup_kit", "wait")
+    run_keys = ("env", "workspace", "threads", "timeout", "poc_workspace", "startup_kit", "username", "wait")
     run = {k: args.pop(k) for k in run_keys}
     site_options = args.pop("site")
     given = {_SPEC_FIELD.get(k, k): v for k, v in args.items()}
@@ -123,15 +125,25 @@ def run_recipe(recipe, args: JobArgs) -> int:
         env = PocEnv(clients=sites)
         try:
             run = recipe.execute(env)
-            print(f"job {run.get_job_id()} finished; result {run.get_result()}")
+            # clean_up=False: FLARE's default deletes the POC workspace, the downloaded result with it
+            result = run.get_result(clean_up=False)
+            print(f"job {run.get_job_id()} finished; result {result}")
+            if result:
+                print_tables_under(result)
         finally:
             env.stop(clean_up=False)  # PocEnv leaves its services running otherwise
         return 0
-    env = ProdEnv(startup_kit_location=str(Path(args.startup_kit).resolve()))
+    kit = Path(args.startup_kit).resolve()
+    # A provisioned admin logs in under the name its certificate holds: the kit folder's
+    # name (FLARE's ProdEnv would use admin@nvidia.com, which such a server refuses).
+    env = ProdEnv(startup_kit_location=str(kit), username=args.username or kit.name)
     run = recipe.execute(env)
     print(f"submitted job {run.get_job_id()}")
     if args.wait:
-        print(f"job {run.get_job_id()} finished; result {run.get_result()}")
+        result = run.get_result(clean_up=False)
+        print(f"job {run.get_job_id()} finished; result {result}")
+        if result:
+            print_tables_under(result)
     return 0
 
 

@@ -89,10 +89,9 @@ def job_py_source(spec: JobSpec) -> str:
     JobSpec's default written out; what its command line names replaces them
     (fedmed_components/commands/recipe_job.py)."""
     defaults = JobSpec()
-    fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(JobSpec) if f.name != "site_overrides"}
+    fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(JobSpec)}
     written = {name: value for name, value in fields.items() if value != getattr(defaults, name) or name in ("name", "algorithm")}
     settings = "".join(f"    {name}={_literal(value)},\n" for name, value in written.items())
-    per_site = f"recipe.set_per_site_config({spec.site_overrides!r})\n" if spec.site_overrides else ""
     return f'''"""{spec.name}: a FedMed federation ({spec.algorithm}) as a FLARE recipe.
 
 Run it in FLARE's simulator, POC mode or a provisioned production system:
@@ -115,7 +114,7 @@ recipe = FedMedRecipe(
     **args.settings(
 {"".join("    " + line for line in settings.splitlines(keepends=True))}    )
 )
-{per_site}raise SystemExit(run_recipe(recipe, args))
+raise SystemExit(run_recipe(recipe, args))
 '''
 
 

@@ -56,6 +56,17 @@ def train(runtime, incoming: FLModel, send: str = "full", tracker=None) -> FLMod
         )
     if runtime.input_skipped:
         meta["input_skipped"] = runtime.input_skipped
+    truncation = getattr(runtime, "last_truncation", None) if global_state else None
+    if truncation:  # FlexLoRA: the global adapter cut to this site's rank
+        meta["truncation"] = truncation
+        log.info(
+            "%s round %s: global adapter rank %d truncated to rank %d by SVD, relative residual %.4f",
+            runtime.site_name,
+            incoming.current_round,
+            truncation["global_rank"],
+            truncation["rank"],
+            truncation["residual"],
+        )
     log.info(
         "%s round %s: %d steps, %d supervised tokens, train loss %.4f, val loss %.4f, %.0f tok/s, payload %.2f MB, %.1f s",
         runtime.site_name,

@@ -137,6 +137,7 @@ class SiteRuntime:
         self.test_docs: list[Document] = []  # scored once, with the final global adapter (`evaluate_adapter`)
         self.test_types: set[str] | None = None  # the types the test notes annotate (None: full schema)
         self.input_skipped = ""
+        self.last_truncation: dict | None = None  # set_adapter's SVD truncation of a higher-rank global adapter
         log.info("%s", self.settings_line())
 
     def settings_line(self) -> str:
@@ -209,7 +210,8 @@ class SiteRuntime:
         return get_adapter_state(self.model)
 
     def set_adapter(self, state: dict[str, torch.Tensor]) -> None:
-        """Load a global adapter; a rank other than the site's is projected by SVD."""
+        """Load a global adapter; a rank other than the site's is projected by SVD (the
+        best rank-r approximation of each layer's B·A; `last_truncation` says what it lost)."""
         own = self.adapter_state()
         if any(tuple(state[k].shape) != tuple(own[k].shape) for k in own if k in state):
             from fedmed_components.federation.aggregation import exact_lora
@@ -218,9 +220,13 @@ class SiteRuntime:
             # LoRA's scaling is alpha / r: keep the product B·A·scaling when changing rank.
             global_rank = next(v.shape[0] for k, v in state.items() if is_lora_A(k))
             alpha = self.config.lora.alpha
-            state, _ = exact_lora(
+            state, report = exact_lora(
                 [state], [1.0], rank=self.config.lora.r, scalings=[alpha / global_rank], target_scaling=alpha / self.config.lora.r
             )
+            # FlexLoRA: what the site's rank cannot hold of the global update, ||M - B A|| / ||M||
+            self.last_truncation = {"global_rank": int(global_rank), "rank": self.config.lora.r, "residual": report["total_residual"]}
+        else:
+            self.last_truncation = None
         set_adapter_state(self.model, {k: v.to(own[k].dtype) for k, v in state.items()})
 
     def train(
