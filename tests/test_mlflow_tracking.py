@@ -38,7 +38,8 @@ def test_no_receiver_without_mlflow_uri(tmp_path):
     assert main(["job", "export", "--out", str(tmp_path)]) == 0
     assert "mlflow_receiver" not in _server_components(tmp_path / "fed_medlora")
     for job in (REPO / "jobs").iterdir():
-        assert "mlflow" not in (job / "app" / "config" / "config_fed_server.json").read_text(), job.name
+        (server_config,) = job.glob("app*/config/config_fed_server.json")  # app/ or, per-site jobs, app_server/
+        assert "mlflow" not in server_config.read_text(), job.name
 
 
 def test_mlflow_uri_must_be_a_uri_and_needs_the_sites_scalars(tmp_path, capsys):

@@ -121,7 +121,7 @@ def test_a_per_site_job_has_one_client_app_per_site(tmp_path, capsys):
     meta = json.loads((job / "meta.json").read_text())
     assert meta["deploy_map"] == {"app_server": ["server"], "app_site-1": ["site-1"], "app_site-2": ["site-2"]}
     assert meta["scope"] == "clinical"
-    assert sorted(p.name for p in job.iterdir()) == ["app_server", "app_site-1", "app_site-2", "meta.json"]
+    assert sorted(p.name for p in job.iterdir()) == ["app_server", "app_site-1", "app_site-2", "job.py", "meta.json"]
     one, two = _client_args(job, "app_site-1"), _client_args(job, "app_site-2")
     assert one != two
     assert (_value(one, "--batch-size"), _value(one, "--rank"), _value(one, "--device")) == ("2", "4", "cpu")

@@ -67,8 +67,10 @@ def test_the_installed_package_exports_the_committed_jobs(installed, tmp_path):
     jobs = tmp_path / "jobs"
     _run([sys.executable, "-m", "fedmed_components.cli", "job", "export", "--all", "--out", str(jobs)], cwd=tmp_path, env=_env(installed))
     for name in COMMITTED_JOBS:
-        site = Path("app") / "custom" / "fedmed_site.py"
-        assert filecmp.cmp(jobs / name / site, REPO / "jobs" / name / site, shallow=False), name
+        written = sorted(p.relative_to(jobs / name) for p in (jobs / name).rglob("*") if p.is_file())
+        assert written == sorted(p.relative_to(REPO / "jobs" / name) for p in (REPO / "jobs" / name).rglob("*") if p.is_file()), name
+        for rel in written:  # the site script(s), configs and job.py, as committed
+            assert filecmp.cmp(jobs / name / rel, REPO / "jobs" / name / rel, shallow=False), f"{name}/{rel}"
         assert not list((jobs / name).rglob("fedmed_components")), name
 
 
