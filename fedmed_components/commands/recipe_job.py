@@ -106,7 +106,6 @@ def run_recipe(recipe, args: JobArgs) -> int:
     """Run (or, with FLARE's --export, export) `recipe` in the environment `args` names."""
     from nvflare.recipe import PocEnv, ProdEnv, SimEnv
 
-    from fedmed_components.commands.results import print_tables_under
     from fedmed_components.flare.processes import blas_thread_caps
 
     sites = recipe.spec.sites
@@ -116,8 +115,7 @@ def run_recipe(recipe, args: JobArgs) -> int:
         env = SimEnv(clients=sites, num_threads=args.threads, workspace_root=workspace_root)
         with _bounded(args.timeout, marker=os.path.join(workspace_root, recipe.name)):
             run = recipe.execute(env)
-        print(f"simulator finished; workspace {run.get_result()}")
-        print_tables_under(run.get_result())  # the cross-site evaluation of the final adapter
+        _report(run, "simulator finished; workspace")
         return 0
     if args.env == "poc":
         if args.poc_workspace:
@@ -125,11 +123,7 @@ def run_recipe(recipe, args: JobArgs) -> int:
         env = PocEnv(clients=sites)
         try:
             run = recipe.execute(env)
-            # clean_up=False: FLARE's default deletes the POC workspace, the downloaded result with it
-            result = run.get_result(clean_up=False)
-            print(f"job {run.get_job_id()} finished; result {result}")
-            if result:
-                print_tables_under(result)
+            _report(run, f"job {run.get_job_id()} finished; result")
         finally:
             env.stop(clean_up=False)  # PocEnv leaves its services running otherwise
         return 0
@@ -140,11 +134,19 @@ def run_recipe(recipe, args: JobArgs) -> int:
     run = recipe.execute(env)
     print(f"submitted job {run.get_job_id()}")
     if args.wait:
-        result = run.get_result(clean_up=False)
-        print(f"job {run.get_job_id()} finished; result {result}")
-        if result:
-            print_tables_under(result)
+        _report(run, f"job {run.get_job_id()} finished; result")
     return 0
+
+
+def _report(run, label: str) -> None:
+    """Wait for the job, print where its result is and its cross-site evaluation table.
+    clean_up=False: FLARE's default deletes a POC workspace, the downloaded result with it."""
+    from fedmed_components.commands.results import print_tables_under
+
+    result = run.get_result(clean_up=False)
+    print(f"{label} {result}")
+    if result:
+        print_tables_under(result)
 
 
 class _bounded:
