@@ -107,6 +107,42 @@ def test_default_config_names_the_real_corpora():
         assert required in ids
 
 
+def test_fed_avgm_makes_a_run_per_server_lr_and_its_job_steps_at_that_lr(tmp_path, monkeypatch):
+    from fedmed_components.runs.experiment import config as config_module
+    from fedmed_components.runs.experiment import training
+
+    config = tmp_path / "exp.yaml"
+    config.write_text(
+        "model: tiny\nserver_lrs: [2, 0.5]\nserver_momentum: 0.3\nruns: [fed_medlora, fed_avgm]\n"
+        "sites: [{name: a, synthetic_style: case_report}, {name: b, synthetic_style: case_report}]\n"
+    )
+    cfg = load_config(config)
+    assert cfg.run_ids() == ["fed_medlora", "fed_avgm_lr2", "fed_avgm_lr0p5"]
+    assert [config_module.kind_of(r) for r in cfg.run_ids()] == ["fed_medlora", "fed_avgm", "fed_avgm"]
+    assert config_module.federated_job(cfg, "fed_avgm_lr0p5") == ("fed_avgm", "sites", 0.5)
+    assert config_module.federated_job(cfg, "fed_medlora") == ("fed_medlora", "sites", None)
+    with pytest.raises(ValueError, match="fed_avgm_lr3"):
+        config_module.federated_job(cfg, "fed_avgm_lr3")  # not one of this config's server lrs
+
+    class Exported(Exception):
+        pass
+
+    def stop_after_export(job_dir, *args, **kwargs):
+        raise Exported(job_dir)
+
+    monkeypatch.setattr("fedmed_components.flare.job.run_simulator", stop_after_export)
+    sites = [type("Site", (), {"name": n})() for n in ("a", "b")]
+    with pytest.raises(Exported) as exported:
+        training.train_federated(cfg, "fed_avgm_lr2", sites, tmp_path / "data", tmp_path / "run")
+    server = json.loads((Path(str(exported.value)) / "app" / "config" / "config_fed_server.json").read_text())
+    optimiser = next(c["args"] for c in server["components"] if c.get("args", {}).get("rule") == "fedavgm")
+    assert optimiser["lr"] == 2 and optimiser["beta1"] == 0.3
+
+    config.write_text(config.read_text().replace("[2, 0.5]", "[0]"))
+    with pytest.raises(InputError, match=r"exp.yaml:2: server_lrs"):
+        load_config(config)
+
+
 # ------------------------------------------------------------------ the whole harness
 
 

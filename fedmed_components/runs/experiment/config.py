@@ -23,8 +23,12 @@ FEDERATED = {  # run name -> (job algorithm, Fed-MedLoRA+ loss source)
     "fedsa_lora": ("fedsa_lora", "sites"),
     "fed_exact_lora": ("fed_exact_lora", "sites"),
 }
+# FedAvgM over Fed-MedLoRA's token-weighted mean, one run per server lr (`server_lrs`):
+# x += lr * m, m = momentum * m + mean update. A federation of K sites moves its global
+# adapter about one site's steps a round; lr > 1 is how it can go as far as centralised.
+SERVER_LR_KIND = "fed_avgm"
 # The kinds a config may name, in the order they are made; kinds.KINDS makes each one.
-RUN_KINDS = ("zero_shot", "single", "centralised", *FEDERATED, "bert", "new_site")
+RUN_KINDS = ("zero_shot", "single", "centralised", *FEDERATED, SERVER_LR_KIND, "bert", "new_site")
 
 
 @dataclass
@@ -51,6 +55,8 @@ class ExperimentConfig:
     # tokens when use_sizes (the federated Fed-MedLoRA+ runs; nothing else reads them)
     temperature: float = FED_PLUS_TEMPERATURE
     use_sizes: bool = False
+    server_lrs: list[float] = field(default_factory=lambda: [1.0])  # fed_avgm: a run per server lr
+    server_momentum: float = 0.0  # fed_avgm's beta1 (0: the mean update scaled by lr)
     precision: str = BUDGET.precision  # training and generation: auto | fp32 | bf16 (precision.py)
     prompt_style: str = BUDGET.prompt_style  # paper | compact (prompts.PROMPT_STYLES): training and scoring alike
     f1_every_round: bool = False  # score every round's adapter on the sites' pooled VALIDATION split (learning curves)
@@ -74,6 +80,8 @@ class ExperimentConfig:
         for kind in self.runs:
             if kind == "single":
                 ids += [f"single_{s.name}" for s in self.sites]
+            elif kind == SERVER_LR_KIND:
+                ids += [server_lr_id(lr) for lr in self.server_lrs]
             elif kind == "new_site":
                 if self.external is None:
                     raise ValueError("run new_site needs an external cohort")
@@ -93,13 +101,28 @@ class ExperimentConfig:
 
 def kind_of(run_id: str) -> str:
     """The run kind a run id was expanded from (the inverse of `run_ids`)."""
-    expanded = ("new_site", "single")  # their ids are `<kind>_...`, never the bare kind
+    expanded = ("new_site", "single", SERVER_LR_KIND)  # their ids are `<kind>_...`, never the bare kind
     if run_id in RUN_KINDS and run_id not in expanded:
         return run_id
     for kind in expanded:
         if run_id.startswith(f"{kind}_"):
             return kind
     raise ValueError(f"unknown run {run_id!r}")
+
+
+def server_lr_id(lr: float) -> str:
+    """fed_avgm_lr2, fed_avgm_lr0p5: the run of one server lr."""
+    return f"{SERVER_LR_KIND}_lr" + f"{lr:g}".replace(".", "p")
+
+
+def federated_job(cfg: ExperimentConfig, run_id: str) -> tuple[str, str, float | None]:
+    """(job algorithm, Fed-MedLoRA+ loss source, server lr) of a federated run id."""
+    if run_id in FEDERATED:
+        return (*FEDERATED[run_id], None)
+    lr = next((lr for lr in cfg.server_lrs if server_lr_id(lr) == run_id), None)
+    if kind_of(run_id) != SERVER_LR_KIND or lr is None:
+        raise ValueError(f"{run_id!r} is not a federated run of this config")
+    return "fed_avgm", "sites", lr
 
 
 def new_site_id(start: str, shots: int, seed: int, with_seed: bool) -> str:
@@ -170,6 +193,8 @@ def load_config(path: str | os.PathLike) -> ExperimentConfig:
         raise InputError(
             path, _line_of(path, "prompt_style"), f"prompt_style must be one of {sorted(PROMPT_STYLES)}, not {cfg.prompt_style!r}"
         )
+    if not cfg.server_lrs or any(not isinstance(lr, (int, float)) or lr <= 0 for lr in cfg.server_lrs):
+        raise InputError(path, _line_of(path, "server_lrs"), f"server_lrs must be a list of positive numbers, not {cfg.server_lrs!r}")
     bad = [r for r in cfg.runs if r not in RUN_KINDS]
     if bad:
         raise InputError(path, _line_of(path, bad[0]), f"unknown run(s) {bad}; known: {list(RUN_KINDS)}")

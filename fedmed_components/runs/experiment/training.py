@@ -11,7 +11,7 @@ import json
 import math
 from pathlib import Path
 
-from fedmed_components.runs.experiment.config import FEDERATED, ExperimentConfig, lora_settings
+from fedmed_components.runs.experiment.config import ExperimentConfig, federated_job, lora_settings
 from fedmed_components.runs.experiment.data import PreparedSite
 from fedmed_components.runs.experiment.resume import write_json_atomic
 from fedmed_components.settings import BUDGET
@@ -117,7 +117,7 @@ def train_federated(cfg: ExperimentConfig, run_id: str, sites: list[PreparedSite
     from fedmed_components.flare.job import JobSpec, run_simulator
     from fedmed_components.flare.recipe import export_job
 
-    algorithm, loss_source = FEDERATED[run_id]
+    algorithm, loss_source, server_lr = federated_job(cfg, run_id)
     store = run_dir / "store"
     state_file = store / "state.json"
     state = json.loads(state_file.read_text()) if state_file.exists() else {}
@@ -144,6 +144,8 @@ def train_federated(cfg: ExperimentConfig, run_id: str, sites: list[PreparedSite
             use_sizes=cfg.use_sizes,
             loss_source=loss_source,
             server_val_data=str(data_root / "server_val.jsonl") if loss_source == "server" else None,
+            server_lr=server_lr,
+            server_beta1=cfg.server_momentum,
             output_dir=str(store),
             train_timeout=int(cfg.simulator_timeout),
             eval_timeout=int(cfg.simulator_timeout),
