@@ -34,6 +34,15 @@ def test_progress_lines_from_the_simulator_log():
     assert progress_message("2026-12-03 17:49:51,354 - INFO - round 4 started") == "round 5 started"
 
 
+def test_progress_lines_from_a_poc_job_log_with_flares_context():
+    context = "[identity=site-1, run=8f2c, peer=server, task_name=train, task_id=1a2b]"
+    site = f"2026-12-04 05:20:01,000 - site_tasks - INFO - {context} - site-1 round 2: 45 steps, 6547 supervised tokens, "
+    site += "train loss 0.2031, val loss 0.2210, 41 tok/s, payload 19.54 MB, 180.4 s"
+    server = "2026-12-04 05:20:02,500 - FedMedController - INFO - [identity=server, run=8f2c, wf=controller] - round 2 done in 190.2 s"
+    assert progress_message(site, num_rounds=3) == "round 3/3 site-1: train loss 0.2031, val loss 0.2210 (45 steps, 180 s)"
+    assert progress_message(server, num_rounds=3) == "round 3/3 done in 190 s"
+
+
 def test_follow_log_reads_a_growing_file_to_its_end(tmp_path):
     log = tmp_path / "simulator.log"
     seen = []

@@ -490,11 +490,13 @@ def follow_log(path: str | os.PathLike, on_line: Callable[[str], None] | None, i
 # What the simulator's log says about progress: the controller's round start and end
 # (flare/controller.py), each site's training result (flare/site_tasks.py `train`) and
 # the controller's warnings about a round (a site dropped).
-_ROUND_STARTED = re.compile(r"INFO - round (?P<round>\d+) started")
-_ROUND_DONE = re.compile(r"INFO - round (?P<round>\d+) done in (?P<seconds>[\d.]+) s")
-_ROUND_WARNING = re.compile(r"WARNING - round (?P<round>\d+): (?P<message>.*)$")
+# POC and production logs put FLARE's "[identity=..., run=..., wf=...] - " before the message.
+_CONTEXT = r"(?:\[[^\]]*\] - )?"
+_ROUND_STARTED = re.compile(rf"INFO - {_CONTEXT}round (?P<round>\d+) started")
+_ROUND_DONE = re.compile(rf"INFO - {_CONTEXT}round (?P<round>\d+) done in (?P<seconds>[\d.]+) s")
+_ROUND_WARNING = re.compile(rf"WARNING - {_CONTEXT}round (?P<round>\d+): (?P<message>.*)$")
 _SITE_TRAINED = re.compile(
-    r"INFO - (?P<site>\S+) round (?P<round>\d+): (?P<steps>\d+) steps, .*?train loss (?P<train>[^\s,]+), "
+    rf"INFO - {_CONTEXT}(?P<site>\S+) round (?P<round>\d+): (?P<steps>\d+) steps, .*?train loss (?P<train>[^\s,]+), "
     r"val loss (?P<val>[^\s,]+), .*, (?P<seconds>[\d.]+) s\s*$"
 )
 
