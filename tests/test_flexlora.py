@@ -35,7 +35,7 @@ def test_truncation_is_the_best_low_rank_product_and_its_residual_shrinks_with_t
     residuals = {}
     for rank in (2, 4, 8):
         site = _runtime(rank)
-        site.set_adapter(global_state)
+        truncation = site.set_adapter(global_state)
         got = _products(site.adapter_state(), 32 / rank)
         # independent: numpy's SVD of each layer, keep the top `rank` singular values
         kept_sq = lost_sq = 0.0
@@ -45,14 +45,12 @@ def test_truncation_is_the_best_low_rank_product_and_its_residual_shrinks_with_t
             np.testing.assert_allclose(got[layer], best, rtol=1e-4, atol=1e-5 * np.abs(m).max())
             kept_sq += float((s**2).sum())
             lost_sq += float((s[rank:] ** 2).sum())
-        truncation = site.last_truncation
         assert truncation["global_rank"] == 16 and truncation["rank"] == rank
         assert truncation["residual"] == pytest.approx((lost_sq / kept_sq) ** 0.5, rel=1e-6)
         residuals[rank] = truncation["residual"]
     assert residuals[2] > residuals[4] > residuals[8] > 0
     same = _runtime(16)
-    same.set_adapter(global_state)  # the site's own rank: loaded as is, nothing truncated
-    assert same.last_truncation is None
+    assert same.set_adapter(global_state) is None  # the site's own rank: loaded as is, nothing truncated
     assert all(torch.equal(same.adapter_state()[k], global_state[k]) for k in global_state)
 
 

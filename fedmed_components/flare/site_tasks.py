@@ -56,7 +56,7 @@ def train(runtime, incoming: FLModel, send: str = "full", tracker=None) -> FLMod
         )
     if runtime.input_skipped:
         meta["input_skipped"] = runtime.input_skipped
-    truncation = getattr(runtime, "last_truncation", None) if global_state else None
+    truncation = stats.truncation
     if truncation:  # FlexLoRA: the global adapter cut to this site's rank
         meta["truncation"] = truncation
         log.info(

@@ -137,7 +137,6 @@ class SiteRuntime:
         self.test_docs: list[Document] = []  # scored once, with the final global adapter (`evaluate_adapter`)
         self.test_types: set[str] | None = None  # the types the test notes annotate (None: full schema)
         self.input_skipped = ""
-        self.last_truncation: dict | None = None  # set_adapter's SVD truncation of a higher-rank global adapter
         log.info("%s", self.settings_line())
 
     def settings_line(self) -> str:
@@ -209,10 +208,12 @@ class SiteRuntime:
     def adapter_state(self) -> dict[str, torch.Tensor]:
         return get_adapter_state(self.model)
 
-    def set_adapter(self, state: dict[str, torch.Tensor]) -> None:
+    def set_adapter(self, state: dict[str, torch.Tensor]) -> dict | None:
         """Load a global adapter; a rank other than the site's is projected by SVD (the
-        best rank-r approximation of each layer's B·A; `last_truncation` says what it lost)."""
+        best rank-r approximation of each layer's B·A). Returns what that cut lost
+        ({global_rank, rank, residual}), None when the ranks match."""
         own = self.adapter_state()
+        truncation = None
         if any(tuple(state[k].shape) != tuple(own[k].shape) for k in own if k in state):
             from fedmed_components.federation.aggregation import exact_lora
             from fedmed_components.federation.lora_keys import is_lora_A
@@ -224,17 +225,16 @@ class SiteRuntime:
                 [state], [1.0], rank=self.config.lora.r, scalings=[alpha / global_rank], target_scaling=alpha / self.config.lora.r
             )
             # FlexLoRA: what the site's rank cannot hold of the global update, ||M - B A|| / ||M||
-            self.last_truncation = {"global_rank": int(global_rank), "rank": self.config.lora.r, "residual": report["total_residual"]}
-        else:
-            self.last_truncation = None
+            truncation = {"global_rank": int(global_rank), "rank": self.config.lora.r, "residual": report["total_residual"]}
         set_adapter_state(self.model, {k: v.to(own[k].dtype) for k, v in state.items()})
+        return truncation
 
     def train(
         self, global_state: dict[str, torch.Tensor] | None, *, progress: bool = False, on_step=None
     ) -> tuple[dict[str, torch.Tensor], RoundStats]:
-        if global_state:
-            self.set_adapter(global_state)
+        truncation = self.set_adapter(global_state) if global_state else None
         stats = self.trainer.train_round(self.train_examples, progress=progress, on_step=on_step)
+        stats.truncation = truncation
         return self.adapter_state(), stats
 
     @property

@@ -65,6 +65,7 @@ class RoundStats:
     seconds: float = 0.0
     losses: list[float] = field(default_factory=list)
     privacy: dict | None = None  # DP-SGD: epsilon at delta over every step so far, and its settings
+    truncation: dict | None = None  # FlexLoRA: the global adapter cut to this site's rank (SiteRuntime.set_adapter)
 
     @property
     def tokens_per_second(self) -> float:
