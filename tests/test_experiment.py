@@ -333,3 +333,31 @@ def test_saved_rounds_of_other_settings_are_not_resumed(tmp_path, capsys):
     _start_over_if_changed("bert", replace(cfg, bert_local_steps=99), run_dir)
     assert not (run_dir / "round_000").exists() and (run_dir / "settings.json").exists()
     assert "bert: its saved rounds were made with other settings (bert_local_steps): starting it over" in capsys.readouterr().out
+
+
+def test_equal_steps_table_lines_federated_rounds_up_with_centralised_steps():
+    from fedmed_components.runs.experiment.tables import equal_steps_rows, path_steps
+
+    def rec(main, rel, **kw):
+        return {"val_main_strict_f1": main, "val_relation_strict_f1": rel, **kw}
+
+    results = {
+        # centralised checkpoints every 10 steps; a federation's round is 20 local steps per site
+        "centralised": {"kind": "centralised", "rounds": [rec(0.1 * k, 0.0, round=k - 1, steps=10) for k in range(1, 5)]},
+        "fed": {"kind": "federated", "rounds": [rec(0.5, 0.1, round=0), rec(0.7, 0.2, round=1)]},
+        "single_a": {"kind": "single_site", "rounds": [rec(0.3, 0.0, round=0, steps=20), rec(0.6, 0.0, round=1, steps=20)]},
+        "bert": {"kind": "bert", "rounds": [rec(0.9, 0.9, round=0, steps=20)]},
+        "zero_shot": {"kind": "zero_shot"},
+    }
+    assert [s for s, _ in path_steps(results["centralised"], 20)] == [10, 20, 30, 40]
+    assert [s for s, _ in path_steps(results["fed"], 20)] == [20, 40]
+    header, rows = equal_steps_rows(results, 20)
+    assert header == ["run", "20 steps: main / modifier", "40 steps: main / modifier"]
+    assert rows == [
+        ["centralised", "0.200 / 0.000", "0.400 / 0.000"],
+        ["fed", "0.500 / 0.100", "0.700 / 0.200"],
+        ["single_a", "0.300 / 0.000", "0.600 / 0.000"],
+    ]
+    # no federated curve (or unknown local steps): nothing to line up, no table
+    assert equal_steps_rows({k: v for k, v in results.items() if k != "fed"}, 20)[1] == []
+    assert equal_steps_rows(results, None)[1] == []

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fedmed_components.runs.experiment.tables import f1, interval, scored_runs
+from fedmed_components.runs.experiment.tables import f1, interval, path_steps, scored_runs
 
-PLOTS = ("f1_per_round.png", "val_loss_per_round.png", "per_site_f1.png", "communication.png")
+PLOTS = ("f1_per_round.png", "f1_per_step.png", "val_loss_per_round.png", "per_site_f1.png", "communication.png")
 
 
 def write_plots(cfg, results: dict[str, dict], out: Path) -> list[Path]:
@@ -40,6 +40,25 @@ def write_plots(cfg, results: dict[str, dict], out: Path) -> list[Path]:
         ax.set_ylim(bottom=0)
         ax.legend(fontsize=7)
     save(fig, "f1_per_round.png")
+
+    # The same curves by sequential steps: a federation's global adapter moves one site's
+    # local steps a round, so this is where it meets centralised at equal steps.
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.set_prop_cycle(color=plt.cm.tab10.colors, marker=["o", "s", "^", "D", "v", "P", "X", "*", "<", ">"])
+    for run_id, r in trained.items():
+        if r.get("kind") == "bert":
+            continue
+        pts = [(s, h["val_main_strict_f1"]) for s, h in path_steps(r, cfg.local_steps) if h.get("val_main_strict_f1") is not None]
+        if pts:
+            ax.plot(*zip(*pts), label=run_id)
+    ax.set(
+        xlabel="optimiser steps along the adapter's path (federated: local steps x rounds)",
+        ylabel="validation strict main-entity F1",
+        title="Learning curves at equal sequential steps",
+    )
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=7)
+    save(fig, "f1_per_step.png")
 
     # The BERT baseline's tagging loss is on another scale than the LLMs' answer-token loss: own panel.
     llm_runs = {k: v for k, v in trained.items() if v.get("kind") != "bert"}

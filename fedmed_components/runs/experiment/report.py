@@ -13,6 +13,7 @@ from fedmed_components.runs.experiment.comparisons import difference_rows, goals
 from fedmed_components.runs.experiment.plots import write_plots
 from fedmed_components.runs.experiment.tables import (
     communication_rows,
+    equal_steps_rows,
     main_rows,
     markdown_table,
     new_site_rows,
@@ -54,6 +55,10 @@ def summary_markdown(cfg, results: dict[str, dict]) -> str:
     lines += markdown_table(*per_type_rows(results))
     lines += ["", "## Modifier (relation) F1 per site", ""]
     lines += markdown_table(*relation_rows(results, site_names))
+    steps = equal_steps_rows(results, cfg.local_steps)
+    if steps[1]:
+        lines += ["", "## Validation F1 at equal steps along the adapter's path (strict main entities / modifiers)", ""]
+        lines += markdown_table(*steps)
     weights = weight_rows(results)
     if weights[1]:
         lines += ["", "## Aggregation weights used", ""]

@@ -151,6 +151,49 @@ def communication_rows(results: dict[str, dict]) -> tuple[list[str], list[list[s
     return header, rows
 
 
+def path_steps(result: dict, local_steps: int | None) -> list[tuple[int, dict]]:
+    """(steps along the adapter's path, round record) for each round: the optimiser steps
+    taken one after another from the start to that round's adapter. Centralised and a
+    single site: every step; a federation: one site's local steps a round (its sites train
+    side by side, and averaging moves the global adapter about one site's way)."""
+    points, total = [], 0
+    for h in result.get("rounds") or []:
+        if result.get("kind") == "federated":
+            if not local_steps or h.get("round") is None:
+                continue
+            total = (h["round"] + 1) * local_steps
+        elif h.get("steps"):
+            total += h["steps"]
+        else:
+            continue
+        points.append((total, h))
+    return points
+
+
+def equal_steps_rows(results: dict[str, dict], local_steps: int | None) -> tuple[list[str], list[list[str]]]:
+    """Validation strict main-entity / modifier F1 of each run's adapter by the steps along
+    its path: a federation against centralised after as many sequential steps (its sites'
+    examples summed are 3x more, its global adapter's path is not)."""
+    curves = {
+        run_id: {steps: h for steps, h in path_steps(r, local_steps) if h.get("val_main_strict_f1") is not None}
+        for run_id, r in results.items()
+        if r.get("kind") in ("federated", "centralised", "single_site")
+    }
+    curves = {k: v for k, v in curves.items() if v}
+    fed_steps = sorted({s for k, v in curves.items() if results[k]["kind"] == "federated" for s in v})
+    if not fed_steps:
+        return ["run"], []
+    header = ["run", *(f"{s} steps: main / modifier" for s in fed_steps)]
+    rows = []
+    for run_id, curve in curves.items():
+        cells = [
+            f"{fmt(curve[s]['val_main_strict_f1'])} / {fmt(curve[s].get('val_relation_strict_f1'))}" if s in curve else "-"
+            for s in fed_steps
+        ]
+        rows.append([run_id, *cells])
+    return header, rows
+
+
 def weight_rows(results: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
     """The aggregation weights each federated run actually used, per round."""
     rows = []
