@@ -143,6 +143,48 @@ def test_fed_avgm_makes_a_run_per_server_lr_and_its_job_steps_at_that_lr(tmp_pat
         load_config(config)
 
 
+def test_new_site_run_resumes_a_cut_federation_before_starting_from_its_adapter(tmp_path, monkeypatch):
+    """A re-training cut after round 0 leaves store/global (round 0's adapter): a new-site
+    run must finish that federation first, not fine-tune from the round-0 adapter."""
+    from types import SimpleNamespace
+
+    from fedmed_components.runs.experiment import kinds
+
+    config = tmp_path / "exp.yaml"
+    config.write_text(
+        "model: tiny\nrounds: 3\nruns: [fed_medlora_plus, new_site]\nnew_site_from: fed_medlora_plus\n"
+        "sites: [{name: a, synthetic_style: case_report}]\nexternal: {name: x, synthetic_style: case_report}\n"
+    )
+    cfg = load_config(config)
+    source = tmp_path / "runs" / "fed_medlora_plus"
+    (source / "store" / "global").mkdir(parents=True)
+    exp = SimpleNamespace(cfg=cfg, external=None, sites=["site"], work=tmp_path, run_dir=lambda run_id: tmp_path / "runs" / run_id)
+
+    class Trained(Exception):
+        pass
+
+    class Loaded(Exception):
+        pass
+
+    def train(cfg, run_id, sites, data_root, run_dir):
+        raise Trained(run_id, run_dir)
+
+    def load(folder):
+        raise Loaded(folder)
+
+    monkeypatch.setattr(kinds, "train_federated", train)
+    monkeypatch.setattr("fedmed_components.model.modeling.load_adapter_folder", load)
+    for last_round, expected in ((None, Trained), (0, Trained), (1, Trained), (2, Loaded)):
+        state = {} if last_round is None else {"last_round": last_round, "history": []}
+        (source / "store" / "state.json").write_text(json.dumps(state))
+        with pytest.raises(expected) as raised:
+            kinds.new_site_run(exp, "new_site_federated_5_s1", tmp_path / "runs" / "new_site_federated_5_s1")
+        if expected is Trained:
+            assert raised.value.args == ("fed_medlora_plus", source), last_round
+        else:
+            assert raised.value.args == (source / "store" / "global",)
+
+
 # ------------------------------------------------------------------ the whole harness
 
 

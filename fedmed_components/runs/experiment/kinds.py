@@ -27,7 +27,7 @@ from fedmed_components.runs.experiment.context import Experiment
 from fedmed_components.runs.experiment.data import shots
 from fedmed_components.runs.experiment.resume import _start_over_if_changed
 from fedmed_components.runs.experiment.scoring import interval_block, score_intervals
-from fedmed_components.runs.experiment.training import train_federated, train_locally
+from fedmed_components.runs.experiment.training import federation_finished, train_federated, train_locally
 
 
 def make_run(exp: Experiment, run_id: str) -> dict:
@@ -122,13 +122,13 @@ def new_site_run(exp: Experiment, run_id: str, run_dir: Path) -> dict:
         if cfg.new_site_from not in FEDERATED:
             raise InputError(None, None, f"new_site_from: {cfg.new_site_from!r} is not a federated run ({sorted(FEDERATED)})")
         source = exp.run_dir(cfg.new_site_from)
-        global_dir = source / "store" / "global"
-        if not global_dir.exists():
+        if not federation_finished(source, cfg.rounds):
             # Adapters are never committed: a results folder resumed on a fresh machine holds
-            # the source run's JSON but not its weights, so its training (not its scoring) is re-made.
-            print(f"  {run_id}: the global adapter of {cfg.new_site_from} is not in {source}; training it again", flush=True)
+            # the source run's JSON but not its weights, so its training (not its scoring) is
+            # re-made, and a cut re-training resumes from its last saved round.
+            print(f"  {run_id}: the final global adapter of {cfg.new_site_from} is not in {source}; training it (again)", flush=True)
             train_federated(cfg, cfg.new_site_from, exp.sites, exp.work / "data", source)
-        initial, _, _ = load_adapter_folder(global_dir)
+        initial, _, _ = load_adapter_folder(source / "store" / "global")
     data = run_dir / "data"
     if not (data / "train.jsonl").exists():
         write_jsonl(shots(site, n, seed), data / "train.jsonl")

@@ -112,6 +112,15 @@ def train_locally(
     return history
 
 
+def federation_finished(run_dir: Path, rounds: int) -> bool:
+    """Whether the persistor's store holds the global adapter of the last round. A cut run
+    leaves `store/global` too (the adapter of its last finished round), so the folder
+    alone does not say the training is complete."""
+    state_file = run_dir / "store" / "state.json"
+    state = json.loads(state_file.read_text()) if state_file.exists() else {}
+    return state.get("last_round") is not None and int(state["last_round"]) >= rounds - 1 and (run_dir / "store" / "global").is_dir()
+
+
 def train_federated(cfg: ExperimentConfig, run_id: str, sites: list[PreparedSite], data_root: Path, run_dir: Path) -> list[dict]:
     """The exported FLARE job in the simulator; the persistor's store resumes a cut run."""
     from fedmed_components.flare.job import JobSpec, run_simulator
@@ -120,8 +129,7 @@ def train_federated(cfg: ExperimentConfig, run_id: str, sites: list[PreparedSite
     algorithm, loss_source, server_lr = federated_job(cfg, run_id)
     store = run_dir / "store"
     state_file = store / "state.json"
-    state = json.loads(state_file.read_text()) if state_file.exists() else {}
-    if state.get("last_round") is None or int(state["last_round"]) < cfg.rounds - 1:
+    if not federation_finished(run_dir, cfg.rounds):
         spec = JobSpec(
             name=run_id,
             algorithm=algorithm,
@@ -156,7 +164,7 @@ def train_federated(cfg: ExperimentConfig, run_id: str, sites: list[PreparedSite
         job_dir = export_job(spec, run_dir / "job")
         print(f"  {run_id}: FLARE simulator, {len(sites)} sites x {cfg.rounds} rounds (log: {run_dir / 'simulator.log'})", flush=True)
         run_simulator(job_dir, run_dir / "simulator", spec.sites, timeout=cfg.simulator_timeout, log_file=run_dir / "simulator.log")
-        state = json.loads(state_file.read_text())
+    state = json.loads(state_file.read_text())
     history = []
     for record in state.get("history", []):
         rnd = record.get("current_round")
