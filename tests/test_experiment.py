@@ -403,3 +403,41 @@ def test_equal_steps_table_lines_federated_rounds_up_with_centralised_steps():
     # no federated curve (or unknown local steps): nothing to line up, no table
     assert equal_steps_rows({k: v for k, v in results.items() if k != "fed"}, 20)[1] == []
     assert equal_steps_rows(results, None)[1] == []
+
+
+def _counted_run(kind: str, tp_per_note: list[int], val_loss: float, val_f1: float) -> dict:
+    """A finished run whose pooled main-entity strict F1 comes from per-note counts
+    (10 gold entities a note, every prediction a true positive)."""
+    per_note = {f"n{i}": {"main_entities": {"strict": [tp, 0, 10 - tp]}} for i, tp in enumerate(tp_per_note)}
+    tp = sum(tp_per_note)
+    pooled = {"main_entities": {"strict": {"f1": 2 * tp / (2 * tp + 10 * len(tp_per_note) - tp)}}}
+    rounds = [{"round": 0, "val_loss": val_loss, "val_main_strict_f1": val_f1}]
+    return {"kind": kind, "status": "done", "rounds": rounds, "scores": {"sites": {"a": {"per_note": per_note}}, "pooled": pooled}}
+
+
+def test_goals_judge_the_paper_methods_and_ablations_are_read_against_the_method_they_change():
+    from fedmed_components.runs.experiment.comparisons import ablation_rows, goals
+
+    results = {
+        "fed_medlora": _counted_run("federated", [8] * 30, 0.22, 0.35),
+        "fed_medlora_plus": _counted_run("federated", [8] * 29 + [7], 0.21, 0.36),
+        "single_a": _counted_run("single_site", [5] * 30, 0.30, 0.20),
+        "fed_avgm_lr2": _counted_run("federated", [3] * 30, 0.20, 0.30),  # below the single site
+        "fed_medlora_plus_server": _counted_run("federated", [9] * 30, 0.19, 0.40),
+    }
+    lines = goals(results)
+    single = next(line for line in lines if "above every single site" in line)
+    assert "(fed_medlora, fed_medlora_plus)" in single and "lowest fed_medlora_plus" in single and single.endswith("(met)")
+    assert not any("fed_avgm_lr2" in line or "fed_medlora_plus_server" in line for line in lines)
+
+    header, rows = ablation_rows(results)
+    assert header[0] == "run" and len(header) == len(rows[0])
+    by_run = {row[0]: row for row in rows}
+    assert set(by_run) == {"fed_avgm_lr2", "fed_medlora_plus_server"}
+    assert by_run["fed_avgm_lr2"][1:5] == ["fed_medlora", "0.200 vs 0.220", "0.300 vs 0.350", "0.462 vs 0.889"]
+    assert by_run["fed_medlora_plus_server"][1] == "fed_medlora_plus"
+    # every note moved the same way: the paired interval is one point, of the right sign
+    assert by_run["fed_avgm_lr2"][5].startswith("-0.427 [-0.427, -0.427]")
+    assert by_run["fed_medlora_plus_server"][5].startswith("+")
+    # an ablation whose base has not finished has no row
+    assert ablation_rows({k: v for k, v in results.items() if k != "fed_medlora"})[1][0][0] == "fed_medlora_plus_server"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fedmed_components.runs.experiment.comparisons import difference_rows, goals
+from fedmed_components.runs.experiment.comparisons import ablation_rows, difference_rows, goals
 from fedmed_components.runs.experiment.plots import write_plots
 from fedmed_components.runs.experiment.tables import (
     communication_rows,
@@ -51,6 +51,10 @@ def summary_markdown(cfg, results: dict[str, dict]) -> str:
     if diff[1]:
         lines += ["", "## Differences (paired bootstrap over the same test notes)", ""]
         lines += markdown_table(*diff)
+    ablations = ablation_rows(results)
+    if ablations[1]:
+        lines += ["", "## Ablations (each against the paper method it changes; `a vs b` = run vs base)", ""]
+        lines += markdown_table(*ablations)
     lines += ["", "## Pooled strict F1 per type", ""]
     lines += markdown_table(*per_type_rows(results))
     lines += ["", "## Modifier (relation) F1 per site", ""]
