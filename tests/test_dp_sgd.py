@@ -24,12 +24,16 @@ def test_parse_dp_sgd_reads_every_field_and_defaults():
     assert parse_dp_sgd("") is None
     assert parse_dp_sgd("noise=1.1,clip=0.5") == DPSGDSettings(1.1, 0.5, 1e-5, "example")
     assert parse_dp_sgd(" noise=2 , clip=1, delta=1e-6, record=note") == DPSGDSettings(2.0, 1.0, 1e-6, "note")
+    assert parse_dp_sgd("epsilon=8,clip=1") == DPSGDSettings(None, 1.0, 1e-5, "example", target_epsilon=8.0)
 
 
 @pytest.mark.parametrize(
     "text,says",
     [
-        ("noise=1", "needs noise= and clip="),
+        ("noise=1", "needs clip= and one of noise= or epsilon="),
+        ("clip=1", "one of noise= or epsilon="),
+        ("noise=1,epsilon=3,clip=1", "one of noise= or epsilon="),
+        ("epsilon=0,clip=1", "epsilon must be > 0"),
         ("noise=1,clip=1,eps=3", "needs"),
         ("noise=0,clip=1", "noise must be > 0"),
         ("noise=1,clip=-1", "clip must be > 0"),
@@ -118,6 +122,17 @@ def test_epsilon_agrees_with_google_dp_accounting_within_one_percent(sigma, rate
     assert ours.epsilon(delta) == pytest.approx(google.get_epsilon(delta), rel=0.01)
 
 
+@pytest.mark.parametrize("target,rate,steps", [(8.0, 0.004, 405), (3.0, 0.004, 405), (8.0, 0.05, 135), (3.0, 0.2, 20)])
+def test_noise_for_an_epsilon_budget_spends_it_and_no_less_noise_would_do(target, rate, steps):
+    sigma = privacy.noise_for_epsilon(target, 1e-5, rate, steps)
+    spent = privacy.gaussian_epsilon(sigma, steps, 1e-5, sample_rate=rate)
+    assert target - 0.011 <= spent <= target
+    assert privacy.gaussian_epsilon(0.98 * sigma, steps, 1e-5, sample_rate=rate) > target
+    assert privacy.noise_for_epsilon(target / 2, 1e-5, rate, steps) > sigma  # a tighter budget needs more noise
+    with pytest.raises(ValueError, match="epsilon"):
+        privacy.noise_for_epsilon(0, 1e-5, rate, steps)
+
+
 # ------------------------------------------------------------------- the site's trainer
 def _examples(n_notes=6, per_note=3, seed=0):
     gen = torch.Generator().manual_seed(seed)
@@ -166,6 +181,22 @@ def test_dp_sgd_round_trains_every_lora_tensor_and_accounts_every_step(tiny_mode
     again = trainer.train_round(examples)  # epsilon composes over rounds
     assert again.privacy["steps"] == 10 and again.privacy["epsilon"] > stats.privacy["epsilon"]
     assert math.isfinite(again.train_loss)
+
+
+def test_an_epsilon_budget_is_spent_over_the_planned_rounds(tiny_model_path):
+    settings = TrainSettings(batch_size=4, max_steps=5, dp_sgd="epsilon=4,clip=0.5")
+    trainer = LocalTrainer(_lora(tiny_model_path), 0, settings, device="cpu")
+    trainer.planned_rounds = 3
+    examples = _examples()
+    rate = 4 / len(examples)
+    first = trainer.train_round(examples)
+    assert first.privacy["target_epsilon"] == 4
+    assert first.privacy["noise_multiplier"] == pytest.approx(privacy.noise_for_epsilon(4, 1e-5, rate, 15))
+    assert first.privacy["epsilon"] < 3.0  # a third of the steps spend less than the budget
+    for _ in range(2):
+        last = trainer.train_round(examples)
+    assert last.privacy["noise_multiplier"] == first.privacy["noise_multiplier"]  # chosen once
+    assert last.privacy["steps"] == 15 and 3.98 <= last.privacy["epsilon"] <= 4.0
 
 
 def test_a_restarted_site_counts_the_rounds_it_trained_before(tiny_model_path):

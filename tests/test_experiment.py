@@ -74,6 +74,21 @@ def test_config_errors_name_file_and_line(tmp_path):
     bad.write_text("name: x\nsites: [{name: a, synthetic_style: case_report}]\nruns: [zero_shot, fedavg]\n")
     with pytest.raises(InputError, match=r"bad.yaml:3: unknown run"):
         load_config(bad)
+    site = "sites: [{name: a, synthetic_style: case_report, synthetic_docs: 2}]\n"
+    for setting, says in (
+        ("rounds: three", r"bad.yaml:2: rounds: expected an integer, not 'three'"),
+        ("lr: fast", r"bad.yaml:2: lr: expected a number"),
+        ("server_lrs: [1, x]", r"bad.yaml:2: server_lrs: expected a number"),
+        ("f1_every_round: yes please", r"bad.yaml:2: f1_every_round: expected true or false"),
+        ("sampling: {seed: 1.5}", r"bad.yaml:2: seed: expected an integer"),
+    ):
+        bad.write_text(f"name: x\n{setting}\n{site}")
+        with pytest.raises(InputError, match=says):
+            load_config(bad)
+    # YAML 1.1 reads 1e-5 (no dot) as a string; a number field takes it as the number it is
+    bad.write_text(f"name: x\nlr: 1e-5\ndp_delta: 1e-6\nlocal_steps: null\n{site}")
+    cfg = load_config(bad)
+    assert cfg.lr == 1e-5 and cfg.dp_delta == 1e-6 and cfg.local_steps is None
 
 
 def test_relative_paths_and_mapping_files_resolve_from_the_config_folder(tmp_path):
@@ -141,6 +156,48 @@ def test_fed_avgm_makes_a_run_per_server_lr_and_its_job_steps_at_that_lr(tmp_pat
     config.write_text(config.read_text().replace("[2, 0.5]", "[0]"))
     with pytest.raises(InputError, match=r"exp.yaml:2: server_lrs"):
         load_config(config)
+
+
+def test_fed_medlora_dp_makes_a_run_per_epsilon_and_its_sites_spend_that_budget(tmp_path, monkeypatch):
+    from fedmed_components.runs.experiment import config as config_module
+    from fedmed_components.runs.experiment import training
+
+    config = tmp_path / "exp.yaml"
+    config.write_text(
+        "model: tiny\ndp_epsilons: [8, 2.5]\ndp_clip: 0.5\ndp_record: note\nruns: [fed_medlora, fed_medlora_dp]\n"
+        "sites: [{name: a, synthetic_style: case_report}, {name: b, synthetic_style: case_report}]\n"
+    )
+    cfg = load_config(config)
+    assert cfg.run_ids() == ["fed_medlora", "fed_medlora_dp_eps8", "fed_medlora_dp_eps2p5"]
+    assert config_module.kind_of("fed_medlora_dp_eps2p5") == "fed_medlora_dp"
+    assert config_module.federated_job(cfg, "fed_medlora_dp_eps8") == ("fed_medlora", "sites", None)
+    assert config_module.dp_sgd_of(cfg, "fed_medlora_dp_eps2p5") == "epsilon=2.5,clip=0.5,delta=1e-05,record=note"
+    assert config_module.dp_sgd_of(cfg, "fed_medlora") == ""
+    with pytest.raises(ValueError, match="fed_medlora_dp_eps3"):
+        config_module.dp_sgd_of(cfg, "fed_medlora_dp_eps3")  # not one of this config's budgets
+
+    class Exported(Exception):
+        pass
+
+    def stop_after_export(job_dir, *args, **kwargs):
+        raise Exported(job_dir)
+
+    monkeypatch.setattr("fedmed_components.flare.job.run_simulator", stop_after_export)
+    sites = [type("Site", (), {"name": n})() for n in ("a", "b")]
+    with pytest.raises(Exported) as exported:
+        training.train_federated(cfg, "fed_medlora_dp_eps2p5", sites, tmp_path / "data", tmp_path / "run")
+    client = (Path(str(exported.value)) / "app" / "config" / "config_fed_client.json").read_text()
+    assert "--dp-sgd epsilon=2.5,clip=0.5,delta=1e-05,record=note" in client
+
+    broken = tmp_path / "broken.yaml"
+    for good, bad, says in (
+        ("dp_epsilons: [8, 2.5]", "dp_epsilons: [0]", r"broken.yaml:2: dp_epsilons"),
+        ("dp_record: note", "dp_record: patient", r"broken.yaml:4: .*record"),
+        ("dp_clip: 0.5", "dp_clip: -1", r"broken.yaml:3: .*clip"),
+    ):
+        broken.write_text(config.read_text().replace(good, bad))
+        with pytest.raises(InputError, match=says):
+            load_config(broken)
 
 
 def test_new_site_run_resumes_a_cut_federation_before_starting_from_its_adapter(tmp_path, monkeypatch):

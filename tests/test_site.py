@@ -59,6 +59,16 @@ def test_train_task_sends_only_the_adapter_with_metadata(runtime):
     assert any(not torch.equal(out.params[k], global_state[k]) for k in global_state)
 
 
+def test_a_dp_sgd_epsilon_budget_is_spread_over_the_servers_rounds(site_folder, tiny_model_path):
+    private = make_runtime(site_folder, dp_sgd="epsilon=6,clip=1")
+    epsilons = []
+    for rnd in range(3):
+        out = site_tasks.handle(private, "train", FLModel(params=private.adapter_state(), current_round=rnd, total_rounds=3))
+        epsilons.append(out.meta["dp_sgd"]["epsilon"])
+    assert private.trainer.planned_rounds == 3
+    assert epsilons[0] < epsilons[1] < epsilons[2] and 5.98 <= epsilons[2] <= 6.0
+
+
 def test_diff_mode_sends_the_change(runtime):
     global_state = runtime.adapter_state()
     out = site_tasks.handle(runtime, "train", FLModel(params=global_state, current_round=1), send="diff")

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 
 def register(subparsers) -> None:
+    from fedmed_components.runs.experiment.config import RUN_KINDS
+
     p = subparsers.add_parser(
         "experiment",
         help="run a named evaluation experiment (baselines, federated algorithms, new site) end to end",
         description=(
             "Run the experiment a YAML config describes (sites and their data, model, rounds, "
-            "local steps, runs: zero_shot, single, centralised, fed_medlora, fed_medlora_plus, "
-            "fed_medlora_plus_server, fedsa_lora, fed_exact_lora, bert, new_site). Writes one "
+            f"local steps, runs: {', '.join(RUN_KINDS)}). Writes one "
             "JSON per run, summary.md and PNG plots into --out. Re-running skips finished runs "
             "(their JSON exists) and resumes an interrupted one from its last saved round."
         ),

@@ -50,6 +50,7 @@ __all__ = [
     "dequantize_state",
     "gaussian_epsilon",
     "gaussian_rdp",
+    "noise_for_epsilon",
     "privatize_update",
     "quantize_int8",
     "quantize_state",
@@ -193,6 +194,29 @@ def gaussian_epsilon(
         return 0.0
     rdp = [rounds * r for r in gaussian_rdp(noise_multiplier, orders, sample_rate)]
     return rdp_to_epsilon(rdp, orders, delta, conversion)[0]
+
+
+def noise_for_epsilon(
+    target_epsilon: float, delta: float, sample_rate: float, steps: int, orders: Sequence[float] = DEFAULT_ORDERS
+) -> float:
+    """The smallest noise multiplier (to Opacus's search tolerance, 0.01 in epsilon) whose
+    ``steps`` sampled Gaussian releases at ``sample_rate`` stay within ``target_epsilon``
+    at ``delta``, with the orders and conversion `RdpAccountant` reports epsilon with."""
+    if not target_epsilon > 0:
+        raise ValueError(f"target epsilon must be > 0, not {target_epsilon}")
+    if steps <= 0 or not 0 < sample_rate <= 1:
+        raise ValueError(f"need steps > 0 and a sample rate in (0, 1], not {steps} and {sample_rate}")
+    import warnings
+
+    from opacus.accountants.utils import get_noise_multiplier
+
+    with warnings.catch_warnings():  # "optimal order is the largest alpha", as in rdp_to_epsilon
+        warnings.simplefilter("ignore")
+        return float(
+            get_noise_multiplier(
+                target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps, alphas=list(orders)
+            )
+        )
 
 
 @dataclass

@@ -20,6 +20,8 @@ def train(runtime, incoming: FLModel, send: str = "full", tracker=None) -> FLMod
         global_state = {**runtime.adapter_state(), **{k: v for k, v in global_state.items() if is_lora_A(k)}}
     if incoming.current_round is not None:  # a schedule across rounds follows the server's round
         runtime.trainer.rounds_done = int(incoming.current_round)
+    if incoming.total_rounds:  # a DP-SGD epsilon budget is spread over the job's rounds
+        runtime.trainer.planned_rounds = int(incoming.total_rounds)
     started = time.perf_counter()
     state, stats = runtime.train(global_state, progress=True, on_step=tracker.on_step if tracker else None)
     val_loss, val_tokens = runtime.validation_loss()

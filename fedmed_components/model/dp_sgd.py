@@ -28,14 +28,24 @@ RECORDS = ("example", "note")
 
 @dataclass(frozen=True)
 class DPSGDSettings:
-    noise_multiplier: float
+    """``noise_multiplier`` given, or ``target_epsilon``: then the site picks the noise that
+    spends exactly that epsilon over the run's planned steps at its own sampling rate (a
+    privacy officer states the budget; the site knows its record count). Once chosen, both
+    are set: the noise used and the budget it was chosen for."""
+
+    noise_multiplier: float | None
     clip: float
     delta: float = 1e-5
     record: str = "example"
+    target_epsilon: float | None = None
 
     def __post_init__(self):
-        if not self.noise_multiplier > 0:
+        if self.noise_multiplier is None and self.target_epsilon is None:
+            raise ValueError("dp-sgd needs noise= or epsilon=")
+        if self.noise_multiplier is not None and not self.noise_multiplier > 0:
             raise ValueError(f"dp-sgd noise must be > 0, not {self.noise_multiplier}")
+        if self.target_epsilon is not None and not self.target_epsilon > 0:
+            raise ValueError(f"dp-sgd epsilon must be > 0, not {self.target_epsilon}")
         if not self.clip > 0:
             raise ValueError(f"dp-sgd clip must be > 0, not {self.clip}")
         if not 0 < self.delta < 1:
@@ -45,7 +55,7 @@ class DPSGDSettings:
 
 
 def parse_dp_sgd(text: str) -> DPSGDSettings | None:
-    """``noise=1.1,clip=1.0,delta=1e-5,record=note`` (``""``: no DP-SGD)."""
+    """``noise=1.1,clip=1.0,delta=1e-5,record=note`` or ``epsilon=8,clip=1.0,...`` (``""``: no DP-SGD)."""
     if not text:
         return None
     fields = {}
@@ -54,12 +64,13 @@ def parse_dp_sgd(text: str) -> DPSGDSettings | None:
         if not sep or not value.strip():
             raise ValueError(f"dp-sgd: expected key=value, got {part!r} in {text!r}")
         fields[key.strip()] = value.strip()
-    known = {"noise", "clip", "delta", "record"}
-    if set(fields) - known or not {"noise", "clip"} <= set(fields):
-        raise ValueError(f"dp-sgd: needs noise= and clip= (optional delta=, record=example|note), got {text!r}")
+    known = {"noise", "epsilon", "clip", "delta", "record"}
+    if set(fields) - known or "clip" not in fields or ("noise" in fields) == ("epsilon" in fields):
+        raise ValueError(f"dp-sgd: needs clip= and one of noise= or epsilon= (optional delta=, record=example|note), got {text!r}")
     try:
         return DPSGDSettings(
-            noise_multiplier=float(fields["noise"]),
+            noise_multiplier=float(fields["noise"]) if "noise" in fields else None,
+            target_epsilon=float(fields["epsilon"]) if "epsilon" in fields else None,
             clip=float(fields["clip"]),
             delta=float(fields.get("delta", 1e-5)),
             record=fields.get("record", "example"),

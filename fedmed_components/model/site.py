@@ -357,9 +357,10 @@ def add_site_arguments(parser) -> None:
     parser.add_argument(
         "--dp-sgd",
         default=t.dp_sgd,
-        metavar="noise=S,clip=C[,delta=D][,record=example|note]",
+        metavar="noise=S|epsilon=E,clip=C[,delta=D][,record=example|note]",
         help="record-level DP-SGD (Opacus per-example gradients): each example or each note is a record, "
-        "Poisson-sampled, clipped to C, Gaussian noise S*C; epsilon at delta is reported every round",
+        "Poisson-sampled, clipped to C, Gaussian noise S*C; epsilon=E instead of noise=S: the site picks the "
+        "noise that spends E over all the job's rounds at its own sampling rate; epsilon at delta is reported every round",
     )
     parser.add_argument("--train-on-prompt", action="store_true", help="loss on prompt+answer (reference code)")
     parser.add_argument("--val-fraction", type=float, default=d.val_fraction)

@@ -16,11 +16,11 @@ import logging
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
-from fedmed_components.federation.privacy import RdpAccountant
+from fedmed_components.federation.privacy import RdpAccountant, noise_for_epsilon
 from fedmed_components.model.dp_sgd import gradients_by_record, noisy_clipped_gradient, parse_dp_sgd, poisson_sample, record_ids
 from fedmed_components.model.precision import autocast, resolve_precision
 from fedmed_components.settings import BUDGET
@@ -179,6 +179,9 @@ class LocalTrainer:
         self.precision = resolve_precision(settings.precision, self.device)
         self._optimizer: torch.optim.Optimizer | None = None
         self.rounds_done = 0  # the round index; a federation sets it from the server's round
+        # rounds this site will train in all (a federation sets it from the server's plan):
+        # what a DP-SGD epsilon budget is spread over
+        self.planned_rounds: int | None = None
         self.dp = parse_dp_sgd(settings.dp_sgd)
         if self.dp is not None and self.per_example_loss_fn is None:
             raise ValueError("dp-sgd needs a per-record loss: the causal LM's loss has one, the BERT baseline's tagging loss does not")
@@ -257,6 +260,7 @@ class LocalTrainer:
                 "epsilon": self.accountant.epsilon(self.dp.delta),
                 "delta": self.dp.delta,
                 "noise_multiplier": self.dp.noise_multiplier,
+                "target_epsilon": self.dp.target_epsilon,
                 "clip": self.dp.clip,
                 "record": self.dp.record,
                 "sample_rate": private.rate,
@@ -289,6 +293,8 @@ class LocalTrainer:
         for row, rec in enumerate(ids):
             members.setdefault(rec, []).append(row)
         rate = min(1.0, self.settings.batch_size / len(members))
+        if self.dp.noise_multiplier is None:
+            self.dp = self._noise_for_budget(rate, total)
         # A site restarted mid-federation has not counted the rounds it trained before: count
         # them as trained at these settings, so epsilon is never understated.
         missing = self.rounds_done * total - total - self.accountant.releases
@@ -297,6 +303,22 @@ class LocalTrainer:
         groups = list(members.values())
         record_of = {row: g for g, group in enumerate(groups) for row in group}
         return _PrivatePlan(groups=groups, record_of=record_of, rate=rate)
+
+    def _noise_for_budget(self, rate: float, steps_per_round: int):
+        """The DP settings with the noise that spends the epsilon budget over every planned
+        step (rounds x this round's steps), chosen once, at the first round."""
+        rounds = self.planned_rounds or self.settings.schedule_rounds or 1
+        noise = noise_for_epsilon(self.dp.target_epsilon, self.dp.delta, rate, rounds * steps_per_round)
+        log.info(
+            "dp-sgd: noise multiplier %.4f spends epsilon %g (delta %g) over %d rounds x %d steps at sampling rate %.5f",
+            noise,
+            self.dp.target_epsilon,
+            self.dp.delta,
+            rounds,
+            steps_per_round,
+            rate,
+        )
+        return replace(self.dp, noise_multiplier=noise)
 
     def _dp_step(self, examples: list[dict], plan: _PrivatePlan, rng: random.Random) -> tuple[list[dict], float, int, int]:
         """One DP-SGD step: Poisson-sampled records, per-record clipped gradients plus noise."""

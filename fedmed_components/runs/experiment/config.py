@@ -27,8 +27,12 @@ FEDERATED = {  # run name -> (job algorithm, Fed-MedLoRA+ loss source)
 # x += lr * m, m = momentum * m + mean update. A federation of K sites moves its global
 # adapter about one site's steps a round; lr > 1 is how it can go as far as centralised.
 SERVER_LR_KIND = "fed_avgm"
+# Fed-MedLoRA with record-level DP-SGD at every site, one run per epsilon budget
+# (`dp_epsilons`; runs fed_medlora_dp_eps<e>): each site picks the noise that spends that
+# budget over all its steps at its own sampling rate (model/dp_sgd.py).
+DP_KIND = "fed_medlora_dp"
 # The kinds a config may name, in the order they are made; kinds.KINDS makes each one.
-RUN_KINDS = ("zero_shot", "single", "centralised", *FEDERATED, SERVER_LR_KIND, "bert", "new_site")
+RUN_KINDS = ("zero_shot", "single", "centralised", *FEDERATED, SERVER_LR_KIND, DP_KIND, "bert", "new_site")
 
 
 @dataclass
@@ -57,6 +61,10 @@ class ExperimentConfig:
     use_sizes: bool = False
     server_lrs: list[float] = field(default_factory=lambda: [1.0])  # fed_avgm: a run per server lr
     server_momentum: float = 0.0  # fed_avgm's beta1 (0: the mean update scaled by lr)
+    dp_epsilons: list[float] = field(default_factory=lambda: [8.0])  # fed_medlora_dp: a run per epsilon (at dp_delta)
+    dp_clip: float = 1.0  # fed_medlora_dp: per-record gradient clip
+    dp_delta: float = 1e-5
+    dp_record: str = "example"  # example | note: what one record is (a note's examples are clipped together)
     precision: str = BUDGET.precision  # training and generation: auto | fp32 | bf16 (precision.py)
     prompt_style: str = BUDGET.prompt_style  # paper | compact (prompts.PROMPT_STYLES): training and scoring alike
     f1_every_round: bool = False  # score every round's adapter on the sites' pooled VALIDATION split (learning curves)
@@ -82,6 +90,8 @@ class ExperimentConfig:
                 ids += [f"single_{s.name}" for s in self.sites]
             elif kind == SERVER_LR_KIND:
                 ids += [server_lr_id(lr) for lr in self.server_lrs]
+            elif kind == DP_KIND:
+                ids += [dp_id(eps) for eps in self.dp_epsilons]
             elif kind == "new_site":
                 if self.external is None:
                     raise ValueError("run new_site needs an external cohort")
@@ -101,7 +111,7 @@ class ExperimentConfig:
 
 def kind_of(run_id: str) -> str:
     """The run kind a run id was expanded from (the inverse of `run_ids`)."""
-    expanded = ("new_site", "single", SERVER_LR_KIND)  # their ids are `<kind>_...`, never the bare kind
+    expanded = ("new_site", "single", SERVER_LR_KIND, DP_KIND)  # their ids are `<kind>_...`, never the bare kind
     if run_id in RUN_KINDS and run_id not in expanded:
         return run_id
     for kind in expanded:
@@ -115,10 +125,27 @@ def server_lr_id(lr: float) -> str:
     return f"{SERVER_LR_KIND}_lr" + f"{lr:g}".replace(".", "p")
 
 
+def dp_id(epsilon: float) -> str:
+    """fed_medlora_dp_eps8, fed_medlora_dp_eps0p5: the run of one epsilon budget."""
+    return f"{DP_KIND}_eps" + f"{epsilon:g}".replace(".", "p")
+
+
+def dp_sgd_of(cfg: ExperimentConfig, run_id: str) -> str:
+    """The sites' --dp-sgd setting of a run ("" for a run without DP-SGD)."""
+    if kind_of(run_id) != DP_KIND:
+        return ""
+    epsilon = next((e for e in cfg.dp_epsilons if dp_id(e) == run_id), None)
+    if epsilon is None:
+        raise ValueError(f"{run_id!r} is not a DP-SGD run of this config (dp_epsilons: {cfg.dp_epsilons})")
+    return f"epsilon={epsilon:g},clip={cfg.dp_clip:g},delta={cfg.dp_delta:g},record={cfg.dp_record}"
+
+
 def federated_job(cfg: ExperimentConfig, run_id: str) -> tuple[str, str, float | None]:
     """(job algorithm, Fed-MedLoRA+ loss source, server lr) of a federated run id."""
     if run_id in FEDERATED:
         return (*FEDERATED[run_id], None)
+    if dp_sgd_of(cfg, run_id):
+        return "fed_medlora", "sites", None
     lr = next((lr for lr in cfg.server_lrs if server_lr_id(lr) == run_id), None)
     if kind_of(run_id) != SERVER_LR_KIND or lr is None:
         raise ValueError(f"{run_id!r} is not a federated run of this config")
@@ -163,7 +190,8 @@ def load_config(path: str | os.PathLike) -> ExperimentConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise InputError(path, _line_of(path, unknown[0]), f"{where}: unknown setting(s) {unknown}; known: {sorted(known)}")
-        return data
+        types = {f.name: str(f.type) for f in fields(cls)}
+        return {key: _typed(value, types[key], path, key) for key, value in data.items()}
 
     def source(data, where):
         src = DataSource(**build(DataSource, data, where))
@@ -195,10 +223,54 @@ def load_config(path: str | os.PathLike) -> ExperimentConfig:
         )
     if not cfg.server_lrs or any(not isinstance(lr, (int, float)) or lr <= 0 for lr in cfg.server_lrs):
         raise InputError(path, _line_of(path, "server_lrs"), f"server_lrs must be a list of positive numbers, not {cfg.server_lrs!r}")
+    if not cfg.dp_epsilons or any(not isinstance(e, (int, float)) or e <= 0 for e in cfg.dp_epsilons):
+        raise InputError(path, _line_of(path, "dp_epsilons"), f"dp_epsilons must be a list of positive numbers, not {cfg.dp_epsilons!r}")
+    try:
+        from fedmed_components.model.dp_sgd import DPSGDSettings
+
+        DPSGDSettings(None, clip=cfg.dp_clip, delta=cfg.dp_delta, record=cfg.dp_record, target_epsilon=cfg.dp_epsilons[0])
+    except (TypeError, ValueError) as exc:
+        word = next((w for w in ("dp_clip", "dp_delta", "dp_record") if w[3:] in str(exc)), "dp_")
+        raise InputError(path, _line_of(path, word), str(exc)) from None
     bad = [r for r in cfg.runs if r not in RUN_KINDS]
     if bad:
         raise InputError(path, _line_of(path, bad[0]), f"unknown run(s) {bad}; known: {list(RUN_KINDS)}")
     return cfg
+
+
+def _number(value, kind: str, path: Path, key: str):
+    # PyYAML reads 1e-5 (no dot) as a string: YAML 1.1 floats need one. Take it as a number.
+    if kind == "float" and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    ok = (
+        isinstance(value, (int, float)) and not isinstance(value, bool)
+        if kind == "float"
+        else isinstance(value, int) and not isinstance(value, bool)
+    )
+    if not ok:
+        raise InputError(path, _line_of(path, key), f"{key}: expected {'a number' if kind == 'float' else 'an integer'}, not {value!r}")
+    return value
+
+
+def _typed(value, annotation: str, path: Path, key: str):
+    """A setting's value checked against its field's type: numbers (and lists of numbers)
+    where a number is wanted, a clear error naming the line otherwise."""
+    optional = annotation.endswith("| None")
+    kind = annotation.removesuffix(" | None")
+    if value is None and optional:
+        return None
+    if kind in ("float", "int"):
+        return _number(value, kind, path, key)
+    if kind in ("list[float]", "list[int]"):
+        if not isinstance(value, list):
+            raise InputError(path, _line_of(path, key), f"{key}: expected a list, not {value!r}")
+        return [_number(v, kind[5:-1], path, key) for v in value]
+    if kind == "bool" and not isinstance(value, bool):
+        raise InputError(path, _line_of(path, key), f"{key}: expected true or false, not {value!r}")
+    return value
 
 
 def _line_of(path: Path, word: str) -> int | None:

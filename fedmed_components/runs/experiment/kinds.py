@@ -6,6 +6,8 @@
 - fed_medlora | fed_medlora_plus | fed_medlora_plus_server | fedsa_lora | fed_exact_lora:
   a FLARE simulator run of the exported job folder (the product's own job builder);
 - fed_avgm: the same, FedAvgM at each server lr of `server_lrs` (runs fed_avgm_lr<lr>);
+- fed_medlora_dp: Fed-MedLoRA with record-level DP-SGD at every site, one run per
+  epsilon of `dp_epsilons` (runs fed_medlora_dp_eps<e>);
 - bert: BERT token classification (token_classification.py) on the pooled sites, centralised budget;
 - new_site: fine-tune on N sentences of the new cohort from the federated global adapter
   and from scratch (N in new_site_shots), scored on that cohort's test split.
@@ -22,7 +24,16 @@ from pathlib import Path
 
 from fedmed_components.data.document import InputError
 from fedmed_components.runs.experiment.communication import communication
-from fedmed_components.runs.experiment.config import FEDERATED, RUN_KINDS, SERVER_LR_KIND, federated_job, kind_of, parse_new_site_id
+from fedmed_components.runs.experiment.config import (
+    DP_KIND,
+    FEDERATED,
+    RUN_KINDS,
+    SERVER_LR_KIND,
+    dp_sgd_of,
+    federated_job,
+    kind_of,
+    parse_new_site_id,
+)
 from fedmed_components.runs.experiment.context import Experiment
 from fedmed_components.runs.experiment.data import shots
 from fedmed_components.runs.experiment.resume import _start_over_if_changed
@@ -103,6 +114,7 @@ def federated(exp: Experiment, run_id: str, run_dir: Path) -> dict:
         "kind": "federated",
         "trained_on": [s.name for s in exp.sites],
         **({"server_lr": server_lr, "server_momentum": cfg.server_momentum} if server_lr is not None else {}),
+        **({"dp_sgd": dp} if (dp := dp_sgd_of(cfg, run_id)) else {}),
         "rounds": history,
         **_test_scores(exp, run_id, run_dir, state),
         "communication": communication(state, exp.model_path, cfg.rounds, len(exp.sites)),
@@ -198,6 +210,7 @@ KINDS: dict[str, Maker] = {
     "centralised": centralised,
     **dict.fromkeys(FEDERATED, federated),
     SERVER_LR_KIND: federated,
+    DP_KIND: federated,
     "bert": lambda exp, run_id, run_dir: bert_baseline(exp),
     "new_site": new_site_run,
 }

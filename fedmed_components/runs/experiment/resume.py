@@ -38,13 +38,15 @@ def read_results(out: str | os.PathLike, run_ids: list[str] | None = None) -> di
 
 # Settings that change no number in a result: a folder made with other values of these
 # may be resumed (greedy batched generation equals one-at-a-time: tests/test_inference.py).
-# server_lrs names which fed_avgm runs exist (each run's lr is in its id), like runs.
-OPERATIONAL_SETTINGS = ("name", "runs", "server_lrs", "sites", "external", "simulator_timeout", "generation_batch_size")
+# server_lrs and dp_epsilons name which fed_avgm / fed_medlora_dp runs exist (each run's
+# lr or epsilon is in its id), like runs.
+OPERATIONAL_SETTINGS = ("name", "runs", "server_lrs", "dp_epsilons", "sites", "external", "simulator_timeout", "generation_batch_size")
 # Settings only some runs depend on: changing them re-makes just those runs once their JSON is deleted.
 RUN_SETTINGS = {
     "bert": ("bert_model", "bert_lr", "bert_local_steps"),
     "centralised": ("checkpoints_per_round",),
     "fed_avgm": ("server_momentum",),
+    "fed_medlora_dp": ("dp_clip", "dp_delta", "dp_record"),
     "new_site": ("new_site_shots", "new_site_seeds", "new_site_steps", "new_site_from"),
 }
 

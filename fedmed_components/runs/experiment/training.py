@@ -11,7 +11,7 @@ import json
 import math
 from pathlib import Path
 
-from fedmed_components.runs.experiment.config import ExperimentConfig, federated_job, lora_settings
+from fedmed_components.runs.experiment.config import ExperimentConfig, dp_sgd_of, federated_job, lora_settings
 from fedmed_components.runs.experiment.data import PreparedSite
 from fedmed_components.runs.experiment.resume import write_json_atomic
 from fedmed_components.settings import BUDGET
@@ -159,7 +159,8 @@ def train_federated(cfg: ExperimentConfig, run_id: str, sites: list[PreparedSite
             eval_timeout=int(cfg.simulator_timeout),
             cross_site_eval=False,  # the experiment scores every run's test notes itself (scoring.py)
             extra_site_args=f"--val-fraction 0 --max-val-examples {cfg.max_val_examples} --seed {cfg.seed}"
-            + (f" --keep-optimizer-state --schedule-rounds {cfg.rounds}" if cfg.schedule == "run" else ""),
+            + (f" --keep-optimizer-state --schedule-rounds {cfg.rounds}" if cfg.schedule == "run" else "")
+            + (f" --dp-sgd {dp}" if (dp := dp_sgd_of(cfg, run_id)) else ""),
         )
         job_dir = export_job(spec, run_dir / "job")
         print(f"  {run_id}: FLARE simulator, {len(sites)} sites x {cfg.rounds} rounds (log: {run_dir / 'simulator.log'})", flush=True)
@@ -176,6 +177,7 @@ def train_federated(cfg: ExperimentConfig, run_id: str, sites: list[PreparedSite
                 "val_loss": record.get("val_loss"),
                 "weights": record.get("weights"),
                 "num_supervised_tokens": record.get("num_supervised_tokens"),
+                **({"dp_sgd": record["dp_sgd"]} if record.get("dp_sgd") else {}),
             }
         )
     return history
