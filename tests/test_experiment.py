@@ -481,16 +481,20 @@ def test_goals_judge_the_paper_methods_and_ablations_are_read_against_the_method
         "single_a": _counted_run("single_site", [5] * 30, 0.30, 0.20),
         "fed_avgm_lr2": _counted_run("federated", [3] * 30, 0.20, 0.30),  # below the single site
         "fed_medlora_plus_server": _counted_run("federated", [9] * 30, 0.19, 0.40),
+        "fed_medlora_dp_eps3": _counted_run("federated", [2] * 30, 0.40, 0.05),
     }
+    results["fed_medlora_dp_eps3"]["config"] = {"dp_delta": 1e-5}
+    results["fed_medlora_dp_eps3"]["rounds"][-1]["dp_sgd"] = {"a": {"epsilon": 2.991}, "b": {"epsilon": 2.995}}
     lines = goals(results)
     single = next(line for line in lines if "above every single site" in line)
     assert "(fed_medlora, fed_medlora_plus)" in single and "lowest fed_medlora_plus" in single and single.endswith("(met)")
-    assert not any("fed_avgm_lr2" in line or "fed_medlora_plus_server" in line for line in lines)
+    assert not any(run in line for line in lines for run in ("fed_avgm_lr2", "fed_medlora_plus_server", "fed_medlora_dp_eps3"))
 
     header, rows = ablation_rows(results)
     assert header[0] == "run" and len(header) == len(rows[0])
     by_run = {row[0]: row for row in rows}
-    assert set(by_run) == {"fed_avgm_lr2", "fed_medlora_plus_server"}
+    assert set(by_run) == {"fed_avgm_lr2", "fed_medlora_plus_server", "fed_medlora_dp_eps3"}
+    assert by_run["fed_medlora_dp_eps3"][1] == "fed_medlora + DP-SGD, epsilon spent <= 3.00 (delta 1e-05)"
     assert by_run["fed_avgm_lr2"][1:5] == ["fed_medlora", "0.200 vs 0.220", "0.300 vs 0.350", "0.462 vs 0.889"]
     assert by_run["fed_medlora_plus_server"][1] == "fed_medlora_plus"
     # every note moved the same way: the paired interval is one point, of the right sign

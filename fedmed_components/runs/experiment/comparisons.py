@@ -80,10 +80,11 @@ def ablation_rows(results: dict[str, dict]) -> tuple[list[str], list[list[str]]]
         if _pooled_f1(results, base) is None:
             continue
         gap = paired(result, results[base])
+        spent = [site["epsilon"] for site in (_last_round(result).get("dp_sgd") or {}).values() if "epsilon" in site]
         rows.append(
             [
                 run_id,
-                base,
+                base + (f" + DP-SGD, epsilon spent <= {max(spent):.2f} (delta {result['config'].get('dp_delta')})" if spent else ""),
                 f"{fmt(_last_round(result).get('val_loss'))} vs {fmt(_last_round(results[base]).get('val_loss'))}",
                 f"{fmt(_last_round(result).get('val_main_strict_f1'))} vs {fmt(_last_round(results[base]).get('val_main_strict_f1'))}",
                 f"{_pooled_f1(results, run_id):.3f} vs {_pooled_f1(results, base):.3f}",
