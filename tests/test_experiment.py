@@ -134,10 +134,10 @@ def test_fed_avgm_makes_a_run_per_server_lr_and_its_job_steps_at_that_lr(tmp_pat
     cfg = load_config(config)
     assert cfg.run_ids() == ["fed_medlora", "fed_avgm_lr2", "fed_avgm_lr0p5"]
     assert [config_module.kind_of(r) for r in cfg.run_ids()] == ["fed_medlora", "fed_avgm", "fed_avgm"]
-    assert config_module.federated_job(cfg, "fed_avgm_lr0p5") == ("fed_avgm", "sites", 0.5)
-    assert config_module.federated_job(cfg, "fed_medlora") == ("fed_medlora", "sites", None)
+    assert config_module.job_settings(cfg, "fed_avgm_lr0p5") == {"algorithm": "fed_avgm", "server_lr": 0.5, "server_beta1": 0.3}
+    assert config_module.job_settings(cfg, "fed_medlora") == {"algorithm": "fed_medlora", "loss_source": "sites"}
     with pytest.raises(ValueError, match="fed_avgm_lr3"):
-        config_module.federated_job(cfg, "fed_avgm_lr3")  # not one of this config's server lrs
+        config_module.job_settings(cfg, "fed_avgm_lr3")  # not one of this config's server lrs
 
     class Exported(Exception):
         pass
@@ -158,6 +158,71 @@ def test_fed_avgm_makes_a_run_per_server_lr_and_its_job_steps_at_that_lr(tmp_pat
         load_config(config)
 
 
+def _default_of(aggregator: str, argument: str):
+    import inspect
+
+    from fedmed_components.flare import aggregators
+
+    return inspect.signature(getattr(aggregators, aggregator)).parameters[argument].default
+
+
+def test_server_optimisers_fedprox_and_flexlora_are_runs_whose_jobs_carry_their_setting(tmp_path, monkeypatch):
+    from fedmed_components.runs.experiment import config as config_module
+    from fedmed_components.runs.experiment import training
+
+    config = tmp_path / "exp.yaml"
+    config.write_text(
+        "model: tiny\nfed_adam_lrs: [0.003, 0.01]\nfed_yogi_lrs: [0.01]\nprox_mus: [0.1]\nsite_ranks: {a: 4, b: 8}\n"
+        "runs: [fed_adam, fed_yogi, fed_prox, fed_flexlora]\n"
+        "sites: [{name: a, synthetic_style: case_report}, {name: b, synthetic_style: case_report}]\n"
+    )
+    cfg = load_config(config)
+    assert cfg.run_ids() == ["fed_adam_lr0p003", "fed_adam_lr0p01", "fed_yogi_lr0p01", "fed_prox_mu0p1", "fed_flexlora"]
+    assert [config_module.kind_of(r) for r in cfg.run_ids()] == ["fed_adam", "fed_adam", "fed_yogi", "fed_prox", "fed_flexlora"]
+    assert config_module.job_settings(cfg, "fed_adam_lr0p003") == {"algorithm": "fed_adam", "server_lr": 0.003}
+    assert config_module.job_settings(cfg, "fed_prox_mu0p1") == {"algorithm": "fed_prox", "prox_mu": 0.1}
+    assert config_module.job_settings(cfg, "fed_flexlora") == {
+        "algorithm": "fed_exact_lora",
+        "site_overrides": {"a": {"rank": "4"}, "b": {"rank": "8"}},
+    }
+
+    class Exported(Exception):
+        pass
+
+    def stop_after_export(job_dir, *args, **kwargs):
+        raise Exported(job_dir)
+
+    monkeypatch.setattr("fedmed_components.flare.job.run_simulator", stop_after_export)
+    sites = [type("Site", (), {"name": n})() for n in ("a", "b")]
+
+    def exported(run_id) -> Path:
+        with pytest.raises(Exported) as raised:
+            training.train_federated(cfg, run_id, sites, tmp_path / "data", tmp_path / run_id)
+        return Path(str(raised.value))
+
+    server = json.loads((exported("fed_yogi_lr0p01") / "app" / "config" / "config_fed_server.json").read_text())
+    optimiser = next(c["args"] for c in server["components"] if c.get("args", {}).get("rule") == "fedyogi")
+    # FLARE leaves out arguments equal to the constructor's default: beta1 is the rule's own 0.9, not fed_avgm's momentum
+    assert optimiser["lr"] == 0.01 and optimiser.get("beta1", _default_of("ServerOptimizerAggregator", "beta1")) == 0.9
+    assert "--prox-mu 0.1" in (exported("fed_prox_mu0p1") / "app" / "config" / "config_fed_client.json").read_text()
+    flex = exported("fed_flexlora")
+    ranks = {site: (flex / f"app_{site}" / "config" / "config_fed_client.json").read_text() for site in ("a", "b")}
+    assert "--rank 4" in ranks["a"] and "--rank 8" in ranks["b"]
+
+    for setting, says in (
+        ("site_ranks: {a: 4, b: 8}", "site_ranks: {a: 4, c: 8}"),
+        ("site_ranks: {a: 4, b: 8}", "site_ranks: {a: 0}"),
+        ("prox_mus: [0.1]", "prox_mus: []"),
+    ):
+        broken = tmp_path / "broken.yaml"
+        broken.write_text(config.read_text().replace(setting, says))
+        with pytest.raises(InputError, match=r"broken.yaml:\d: " + says.split(":")[0]):
+            load_config(broken)
+    broken.write_text(config.read_text().replace("site_ranks: {a: 4, b: 8}\n", ""))
+    with pytest.raises(InputError, match="fed_flexlora needs site_ranks"):
+        load_config(broken)
+
+
 def test_fed_medlora_dp_makes_a_run_per_epsilon_and_its_sites_spend_that_budget(tmp_path, monkeypatch):
     from fedmed_components.runs.experiment import config as config_module
     from fedmed_components.runs.experiment import training
@@ -170,7 +235,7 @@ def test_fed_medlora_dp_makes_a_run_per_epsilon_and_its_sites_spend_that_budget(
     cfg = load_config(config)
     assert cfg.run_ids() == ["fed_medlora", "fed_medlora_dp_eps8", "fed_medlora_dp_eps2p5"]
     assert config_module.kind_of("fed_medlora_dp_eps2p5") == "fed_medlora_dp"
-    assert config_module.federated_job(cfg, "fed_medlora_dp_eps8") == ("fed_medlora", "sites", None)
+    assert config_module.job_settings(cfg, "fed_medlora_dp_eps8") == {"algorithm": "fed_medlora"}
     assert config_module.dp_sgd_of(cfg, "fed_medlora_dp_eps2p5") == "epsilon=2.5,clip=0.5,delta=1e-05,record=note"
     assert config_module.dp_sgd_of(cfg, "fed_medlora") == ""
     with pytest.raises(ValueError, match="fed_medlora_dp_eps3"):
@@ -490,15 +555,20 @@ def test_goals_judge_the_paper_methods_and_ablations_are_read_against_the_method
     assert "(fed_medlora, fed_medlora_plus)" in single and "lowest fed_medlora_plus" in single and single.endswith("(met)")
     assert not any(run in line for line in lines for run in ("fed_avgm_lr2", "fed_medlora_plus_server", "fed_medlora_dp_eps3"))
 
+    results["centralised"] = _counted_run("centralised", [9] * 30, 0.15, 0.36)  # within 5%: val F1 >= 0.342
     header, rows = ablation_rows(results)
-    assert header[0] == "run" and len(header) == len(rows[0])
+    assert header[0] == "run" and all(len(row) == len(header) for row in rows)
     by_run = {row[0]: row for row in rows}
-    assert set(by_run) == {"fed_avgm_lr2", "fed_medlora_plus_server", "fed_medlora_dp_eps3"}
+    assert list(by_run) == ["fed_medlora", "fed_medlora_plus", "fed_avgm_lr2", "fed_medlora_plus_server", "fed_medlora_dp_eps3"]
+    assert by_run["fed_medlora"][1:] == ["-", "0.220", "0.350", "1", "0.889", "n/a", "-"]
+    assert by_run["fed_avgm_lr2"][1:6] == ["fed_medlora", "0.200", "0.300", "not in 1", "0.462"]
     assert by_run["fed_medlora_dp_eps3"][1] == "fed_medlora + DP-SGD, epsilon spent <= 3.00 (delta 1e-05)"
-    assert by_run["fed_avgm_lr2"][1:5] == ["fed_medlora", "0.200 vs 0.220", "0.300 vs 0.350", "0.462 vs 0.889"]
     assert by_run["fed_medlora_plus_server"][1] == "fed_medlora_plus"
     # every note moved the same way: the paired interval is one point, of the right sign
-    assert by_run["fed_avgm_lr2"][5].startswith("-0.427 [-0.427, -0.427]")
-    assert by_run["fed_medlora_plus_server"][5].startswith("+")
+    assert by_run["fed_avgm_lr2"][7] == "-0.427 [-0.427, -0.427]"
+    assert by_run["fed_medlora_plus_server"][7].startswith("+")
     # an ablation whose base has not finished has no row
-    assert ablation_rows({k: v for k, v in results.items() if k != "fed_medlora"})[1][0][0] == "fed_medlora_plus_server"
+    assert [row[0] for row in ablation_rows({k: v for k, v in results.items() if k != "fed_medlora"})[1]] == [
+        "fed_medlora_plus",
+        "fed_medlora_plus_server",
+    ]

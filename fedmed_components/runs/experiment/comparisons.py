@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fedmed_components.runs.experiment.tables import f1, fmt
+from fedmed_components.runs.experiment.tables import f1, fmt, fmt_ci
 
 # The paper's two federated methods: the goals are about them. Every other federated run
 # (server optimiser candidates, FedSA, exact aggregation, server-held loss) changes one of
@@ -61,34 +61,54 @@ def _last_round(result: dict) -> dict:
     return (result.get("rounds") or [{}])[-1]
 
 
+def _rounds_to(result: dict, target: float | None) -> str:
+    """The first round whose validation main-entity strict F1 reaches `target`."""
+    if target is None:
+        return "n/a"
+    rounds = result.get("rounds") or []
+    reached = next((i + 1 for i, r in enumerate(rounds) if (r.get("val_main_strict_f1") or 0) >= target), None)
+    return str(reached) if reached else f"not in {len(rounds)}"
+
+
 def ablation_rows(results: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
-    """Each finished federated ablation beside the method it changes: the last round's
-    validation figures (what a choice between them may use) and the test difference."""
+    """The paper's two methods and each finished federated run that changes one of them:
+    the last round's validation figures (what a choice between candidates may use), the
+    round validation F1 first came within 5% of centralised's last, the test F1 and the
+    paired test difference against the method the run changes."""
+    central = results.get("centralised")
+    target = 0.95 * _last_round(central)["val_main_strict_f1"] if central and _last_round(central).get("val_main_strict_f1") else None
     header = [
         "run",
         "changes",
         "val loss (last round)",
         "val main strict F1 (last round)",
-        "test pooled main strict F1",
+        "rounds to 0.95x centralised val F1",
+        "test pooled main strict F1 [95% CI]",
+        "test modifier strict F1 [95% CI]",
         "test: run - base [95% CI]",
     ]
     rows = []
     for run_id, result in results.items():
-        base = ablation_base(run_id)
-        if result.get("kind") != "federated" or run_id in PAPER_METHODS or _pooled_f1(results, run_id) is None:
+        if result.get("kind") != "federated" or _pooled_f1(results, run_id) is None:
             continue
-        if _pooled_f1(results, base) is None:
+        base = None if run_id in PAPER_METHODS else ablation_base(run_id)
+        if base is not None and _pooled_f1(results, base) is None:
             continue
-        gap = paired(result, results[base])
         spent = [site["epsilon"] for site in (_last_round(result).get("dp_sgd") or {}).values() if "epsilon" in site]
+        changes = "-" if base is None else base
+        if spent:
+            changes += f" + DP-SGD, epsilon spent <= {max(spent):.2f} (delta {result['config'].get('dp_delta')})"
+        gap = paired(result, results[base]) if base else None
         rows.append(
             [
                 run_id,
-                base + (f" + DP-SGD, epsilon spent <= {max(spent):.2f} (delta {result['config'].get('dp_delta')})" if spent else ""),
-                f"{fmt(_last_round(result).get('val_loss'))} vs {fmt(_last_round(results[base]).get('val_loss'))}",
-                f"{fmt(_last_round(result).get('val_main_strict_f1'))} vs {fmt(_last_round(results[base]).get('val_main_strict_f1'))}",
-                f"{_pooled_f1(results, run_id):.3f} vs {_pooled_f1(results, base):.3f}",
-                f"{gap.estimate:+.3f} [{gap.low:+.3f}, {gap.high:+.3f}]",
+                changes,
+                fmt(_last_round(result).get("val_loss")),
+                fmt(_last_round(result).get("val_main_strict_f1")),
+                _rounds_to(result, target),
+                fmt_ci(result, "pooled", "main_entities", "strict"),
+                fmt_ci(result, "pooled", "relations", "strict"),
+                f"{gap.estimate:+.3f} [{gap.low:+.3f}, {gap.high:+.3f}]" if gap else "-",
             ]
         )
     return header, rows

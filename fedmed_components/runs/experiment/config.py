@@ -23,16 +23,30 @@ FEDERATED = {  # run name -> (job algorithm, Fed-MedLoRA+ loss source)
     "fedsa_lora": ("fedsa_lora", "sites"),
     "fed_exact_lora": ("fed_exact_lora", "sites"),
 }
-# FedAvgM over Fed-MedLoRA's token-weighted mean, one run per server lr (`server_lrs`):
-# x += lr * m, m = momentum * m + mean update. A federation of K sites moves its global
-# adapter about one site's steps a round; lr > 1 is how it can go as far as centralised.
+# Swept kinds: one federated run per value of a config list, the value in the run id
+# (fed_avgm_lr2, fed_prox_mu0p01, fed_medlora_dp_eps8). kind -> (the config list, the id's
+# tag, the job algorithm, the JobSpec field the value sets; None: it goes to --dp-sgd).
+# - fed_avgm / fed_adam / fed_yogi: server optimisers over Fed-MedLoRA's token-weighted
+#   mean update (federation/server_optimizer.py), one run per server lr. A federation of K
+#   sites moves its adapter about one site's steps a round; a server lr is how it can go
+#   further. fed_avgm lr 1 without momentum is Fed-MedLoRA itself.
+# - fed_prox: Fed-MedLoRA with the sites' proximal term, one run per mu.
+# - fed_medlora_dp: Fed-MedLoRA with record-level DP-SGD at every site, one run per epsilon
+#   budget: each site picks the noise that spends it at its own sampling rate (dp_sgd.py).
+SWEPT = {
+    "fed_avgm": ("server_lrs", "lr", "fed_avgm", "server_lr"),
+    "fed_adam": ("fed_adam_lrs", "lr", "fed_adam", "server_lr"),
+    "fed_yogi": ("fed_yogi_lrs", "lr", "fed_yogi", "server_lr"),
+    "fed_prox": ("prox_mus", "mu", "fed_prox", "prox_mu"),
+    "fed_medlora_dp": ("dp_epsilons", "eps", "fed_medlora", None),
+}
 SERVER_LR_KIND = "fed_avgm"
-# Fed-MedLoRA with record-level DP-SGD at every site, one run per epsilon budget
-# (`dp_epsilons`; runs fed_medlora_dp_eps<e>): each site picks the noise that spends that
-# budget over all its steps at its own sampling rate (model/dp_sgd.py).
 DP_KIND = "fed_medlora_dp"
+# FlexLoRA-style per-site ranks (`site_ranks`): exact aggregation of the products B_k A_k,
+# each site sent the global update truncated by SVD to its own rank.
+FLEXLORA_KIND = "fed_flexlora"
 # The kinds a config may name, in the order they are made; kinds.KINDS makes each one.
-RUN_KINDS = ("zero_shot", "single", "centralised", *FEDERATED, SERVER_LR_KIND, DP_KIND, "bert", "new_site")
+RUN_KINDS = ("zero_shot", "single", "centralised", *FEDERATED, *SWEPT, FLEXLORA_KIND, "bert", "new_site")
 
 
 @dataclass
@@ -61,6 +75,12 @@ class ExperimentConfig:
     use_sizes: bool = False
     server_lrs: list[float] = field(default_factory=lambda: [1.0])  # fed_avgm: a run per server lr
     server_momentum: float = 0.0  # fed_avgm's beta1 (0: the mean update scaled by lr)
+    # fed_adam / fed_yogi: a run per server lr (beta1 0.9, beta2 0.99, tau 1e-3: the job's
+    # defaults). With tau >> the update, lr 1e-2 makes the first server step the mean update.
+    fed_adam_lrs: list[float] = field(default_factory=lambda: [1e-2])
+    fed_yogi_lrs: list[float] = field(default_factory=lambda: [1e-2])
+    prox_mus: list[float] = field(default_factory=lambda: [0.01])  # fed_prox: a run per mu
+    site_ranks: dict[str, int] = field(default_factory=dict)  # fed_flexlora: site name -> its LoRA rank (others: rank)
     dp_epsilons: list[float] = field(default_factory=lambda: [8.0])  # fed_medlora_dp: a run per epsilon (at dp_delta)
     dp_clip: float = 1.0  # fed_medlora_dp: per-record gradient clip
     dp_delta: float = 1e-5
@@ -80,7 +100,8 @@ class ExperimentConfig:
     bert_model: str = "minilm"  # the BERT baseline's encoder (Bio_ClinicalBERT id on a GPU machine)
     bert_lr: float = 1e-3
     bert_local_steps: int | None = None  # per site per round, pooled like centralised; None: local_steps (an encoder step is ~100x cheaper)
-    runs: list[str] = field(default_factory=lambda: list(RUN_KINDS))
+    # every kind but fed_flexlora, which needs site_ranks for the config's own sites
+    runs: list[str] = field(default_factory=lambda: [k for k in RUN_KINDS if k != FLEXLORA_KIND])
 
     def run_ids(self) -> list[str]:
         """Run kinds expanded into concrete runs, in the order they are made."""
@@ -88,10 +109,8 @@ class ExperimentConfig:
         for kind in self.runs:
             if kind == "single":
                 ids += [f"single_{s.name}" for s in self.sites]
-            elif kind == SERVER_LR_KIND:
-                ids += [server_lr_id(lr) for lr in self.server_lrs]
-            elif kind == DP_KIND:
-                ids += [dp_id(eps) for eps in self.dp_epsilons]
+            elif kind in SWEPT:
+                ids += [swept_id(kind, value) for value in getattr(self, SWEPT[kind][0])]
             elif kind == "new_site":
                 if self.external is None:
                     raise ValueError("run new_site needs an external cohort")
@@ -111,45 +130,65 @@ class ExperimentConfig:
 
 def kind_of(run_id: str) -> str:
     """The run kind a run id was expanded from (the inverse of `run_ids`)."""
-    expanded = ("new_site", "single", SERVER_LR_KIND, DP_KIND)  # their ids are `<kind>_...`, never the bare kind
+    expanded = ("new_site", "single", *SWEPT)  # their ids are `<kind>_...`, never the bare kind
     if run_id in RUN_KINDS and run_id not in expanded:
         return run_id
-    for kind in expanded:
+    for kind in sorted(expanded, key=len, reverse=True):  # fed_medlora_dp_... before any shorter prefix
         if run_id.startswith(f"{kind}_"):
             return kind
     raise ValueError(f"unknown run {run_id!r}")
 
 
+def swept_id(kind: str, value: float) -> str:
+    """fed_avgm_lr2, fed_adam_lr0p01, fed_prox_mu0p01, fed_medlora_dp_eps8: one value's run."""
+    return f"{kind}_{SWEPT[kind][1]}" + f"{value:g}".replace(".", "p")
+
+
 def server_lr_id(lr: float) -> str:
-    """fed_avgm_lr2, fed_avgm_lr0p5: the run of one server lr."""
-    return f"{SERVER_LR_KIND}_lr" + f"{lr:g}".replace(".", "p")
+    return swept_id(SERVER_LR_KIND, lr)
 
 
 def dp_id(epsilon: float) -> str:
-    """fed_medlora_dp_eps8, fed_medlora_dp_eps0p5: the run of one epsilon budget."""
-    return f"{DP_KIND}_eps" + f"{epsilon:g}".replace(".", "p")
+    return swept_id(DP_KIND, epsilon)
+
+
+def swept_value(cfg: ExperimentConfig, run_id: str) -> float:
+    """The value of a swept run (its server lr, mu or epsilon), which must be in the config's list."""
+    kind = kind_of(run_id)
+    values = getattr(cfg, SWEPT[kind][0])
+    value = next((v for v in values if swept_id(kind, v) == run_id), None)
+    if value is None:
+        raise ValueError(f"{run_id!r} is not a run of this config ({SWEPT[kind][0]}: {values})")
+    return value
 
 
 def dp_sgd_of(cfg: ExperimentConfig, run_id: str) -> str:
     """The sites' --dp-sgd setting of a run ("" for a run without DP-SGD)."""
     if kind_of(run_id) != DP_KIND:
         return ""
-    epsilon = next((e for e in cfg.dp_epsilons if dp_id(e) == run_id), None)
-    if epsilon is None:
-        raise ValueError(f"{run_id!r} is not a DP-SGD run of this config (dp_epsilons: {cfg.dp_epsilons})")
-    return f"epsilon={epsilon:g},clip={cfg.dp_clip:g},delta={cfg.dp_delta:g},record={cfg.dp_record}"
+    return f"epsilon={swept_value(cfg, run_id):g},clip={cfg.dp_clip:g},delta={cfg.dp_delta:g},record={cfg.dp_record}"
 
 
-def federated_job(cfg: ExperimentConfig, run_id: str) -> tuple[str, str, float | None]:
-    """(job algorithm, Fed-MedLoRA+ loss source, server lr) of a federated run id."""
+def job_settings(cfg: ExperimentConfig, run_id: str) -> dict:
+    """The JobSpec fields a federated run sets: its algorithm and what it changes (server
+    lr and momentum, mu, per-site ranks); the rest of the job is the config's budget."""
     if run_id in FEDERATED:
-        return (*FEDERATED[run_id], None)
-    if dp_sgd_of(cfg, run_id):
-        return "fed_medlora", "sites", None
-    lr = next((lr for lr in cfg.server_lrs if server_lr_id(lr) == run_id), None)
-    if kind_of(run_id) != SERVER_LR_KIND or lr is None:
-        raise ValueError(f"{run_id!r} is not a federated run of this config")
-    return "fed_avgm", "sites", lr
+        algorithm, loss_source = FEDERATED[run_id]
+        return {"algorithm": algorithm, "loss_source": loss_source}
+    kind = kind_of(run_id)
+    if kind == FLEXLORA_KIND:
+        return {"algorithm": "fed_exact_lora", "site_overrides": {site: {"rank": str(r)} for site, r in cfg.site_ranks.items()}}
+    if kind not in SWEPT:
+        raise ValueError(f"{run_id!r} is not a federated run")
+    _, _, algorithm, job_field = SWEPT[kind]
+    settings = {"algorithm": algorithm}
+    if job_field:
+        settings[job_field] = swept_value(cfg, run_id)
+    else:
+        swept_value(cfg, run_id)  # refuses a value the config does not list
+    if kind == SERVER_LR_KIND:
+        settings["server_beta1"] = cfg.server_momentum
+    return settings
 
 
 def new_site_id(start: str, shots: int, seed: int, with_seed: bool) -> str:
@@ -221,10 +260,21 @@ def load_config(path: str | os.PathLike) -> ExperimentConfig:
         raise InputError(
             path, _line_of(path, "prompt_style"), f"prompt_style must be one of {sorted(PROMPT_STYLES)}, not {cfg.prompt_style!r}"
         )
-    if not cfg.server_lrs or any(not isinstance(lr, (int, float)) or lr <= 0 for lr in cfg.server_lrs):
-        raise InputError(path, _line_of(path, "server_lrs"), f"server_lrs must be a list of positive numbers, not {cfg.server_lrs!r}")
-    if not cfg.dp_epsilons or any(not isinstance(e, (int, float)) or e <= 0 for e in cfg.dp_epsilons):
-        raise InputError(path, _line_of(path, "dp_epsilons"), f"dp_epsilons must be a list of positive numbers, not {cfg.dp_epsilons!r}")
+    for name, *_ in SWEPT.values():
+        values = getattr(cfg, name)
+        if not values or any(v <= 0 for v in values):
+            raise InputError(path, _line_of(path, name), f"{name} must be a list of positive numbers, not {values!r}")
+    site_names = {s.name for s in cfg.sites}
+    if not isinstance(cfg.site_ranks, dict) or any(
+        site not in site_names or not isinstance(r, int) or isinstance(r, bool) or r <= 0 for site, r in cfg.site_ranks.items()
+    ):
+        raise InputError(
+            path,
+            _line_of(path, "site_ranks"),
+            f"site_ranks must map site names {sorted(site_names)} to positive ranks, not {cfg.site_ranks!r}",
+        )
+    if FLEXLORA_KIND in cfg.runs and not cfg.site_ranks:
+        raise InputError(path, _line_of(path, FLEXLORA_KIND), f"run {FLEXLORA_KIND} needs site_ranks (site name -> LoRA rank)")
     try:
         from fedmed_components.model.dp_sgd import DPSGDSettings
 

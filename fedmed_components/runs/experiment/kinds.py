@@ -5,9 +5,9 @@
 - centralised: one adapter trained on the pooled sites, as many steps as a federation;
 - fed_medlora | fed_medlora_plus | fed_medlora_plus_server | fedsa_lora | fed_exact_lora:
   a FLARE simulator run of the exported job folder (the product's own job builder);
-- fed_avgm: the same, FedAvgM at each server lr of `server_lrs` (runs fed_avgm_lr<lr>);
-- fed_medlora_dp: Fed-MedLoRA with record-level DP-SGD at every site, one run per
-  epsilon of `dp_epsilons` (runs fed_medlora_dp_eps<e>);
+- fed_avgm | fed_adam | fed_yogi | fed_prox | fed_medlora_dp: the same, one run per value
+  of a config list (server lr, FedProx mu, DP-SGD epsilon; config.SWEPT), e.g. fed_avgm_lr2;
+- fed_flexlora: exact aggregation with each site at its own rank (`site_ranks`);
 - bert: BERT token classification (token_classification.py) on the pooled sites, centralised budget;
 - new_site: fine-tune on N sentences of the new cohort from the federated global adapter
   and from scratch (N in new_site_shots), scored on that cohort's test split.
@@ -25,12 +25,13 @@ from pathlib import Path
 from fedmed_components.data.document import InputError
 from fedmed_components.runs.experiment.communication import communication
 from fedmed_components.runs.experiment.config import (
-    DP_KIND,
     FEDERATED,
+    FLEXLORA_KIND,
     RUN_KINDS,
     SERVER_LR_KIND,
+    SWEPT,
     dp_sgd_of,
-    federated_job,
+    job_settings,
     kind_of,
     parse_new_site_id,
 )
@@ -109,11 +110,12 @@ def federated(exp: Experiment, run_id: str, run_dir: Path) -> dict:
     if cfg.f1_every_round:
         exp.round_scores(history, adapter_dir)
     state = _adapter(adapter_dir(cfg.rounds - 1))
-    server_lr = federated_job(cfg, run_id)[2]
+    job = job_settings(cfg, run_id)
     return {
         "kind": "federated",
         "trained_on": [s.name for s in exp.sites],
-        **({"server_lr": server_lr, "server_momentum": cfg.server_momentum} if server_lr is not None else {}),
+        "job": job,
+        **({"server_lr": job["server_lr"], "server_momentum": cfg.server_momentum} if kind_of(run_id) == SERVER_LR_KIND else {}),
         **({"dp_sgd": dp} if (dp := dp_sgd_of(cfg, run_id)) else {}),
         "rounds": history,
         **_test_scores(exp, run_id, run_dir, state),
@@ -209,8 +211,8 @@ KINDS: dict[str, Maker] = {
     "single": single_site,
     "centralised": centralised,
     **dict.fromkeys(FEDERATED, federated),
-    SERVER_LR_KIND: federated,
-    DP_KIND: federated,
+    **dict.fromkeys(SWEPT, federated),
+    FLEXLORA_KIND: federated,
     "bert": lambda exp, run_id, run_dir: bert_baseline(exp),
     "new_site": new_site_run,
 }

@@ -53,7 +53,7 @@ def summary_markdown(cfg, results: dict[str, dict]) -> str:
         lines += markdown_table(*diff)
     ablations = ablation_rows(results)
     if ablations[1]:
-        lines += ["", "## Ablations (each against the paper method it changes; `a vs b` = run vs base)", ""]
+        lines += ["", "## Federated runs and ablations (each ablation against the paper method it changes)", ""]
         lines += markdown_table(*ablations)
     lines += ["", "## Pooled strict F1 per type", ""]
     lines += markdown_table(*per_type_rows(results))

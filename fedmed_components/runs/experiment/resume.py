@@ -15,7 +15,7 @@ from pathlib import Path
 
 from fedmed_components.data.document import InputError
 from fedmed_components.data.files import atomic_write_text
-from fedmed_components.runs.experiment.config import ExperimentConfig
+from fedmed_components.runs.experiment.config import SWEPT, ExperimentConfig
 
 # ---------------------------------------------------------------- results
 
@@ -38,15 +38,24 @@ def read_results(out: str | os.PathLike, run_ids: list[str] | None = None) -> di
 
 # Settings that change no number in a result: a folder made with other values of these
 # may be resumed (greedy batched generation equals one-at-a-time: tests/test_inference.py).
-# server_lrs and dp_epsilons name which fed_avgm / fed_medlora_dp runs exist (each run's
-# lr or epsilon is in its id), like runs.
-OPERATIONAL_SETTINGS = ("name", "runs", "server_lrs", "dp_epsilons", "sites", "external", "simulator_timeout", "generation_batch_size")
+# The swept lists (server_lrs, prox_mus, dp_epsilons, ...) name which runs exist (each
+# run's value is in its id), like runs.
+OPERATIONAL_SETTINGS = (
+    "name",
+    "runs",
+    *(name for name, *_ in SWEPT.values()),
+    "sites",
+    "external",
+    "simulator_timeout",
+    "generation_batch_size",
+)
 # Settings only some runs depend on: changing them re-makes just those runs once their JSON is deleted.
 RUN_SETTINGS = {
     "bert": ("bert_model", "bert_lr", "bert_local_steps"),
     "centralised": ("checkpoints_per_round",),
     "fed_avgm": ("server_momentum",),
     "fed_medlora_dp": ("dp_clip", "dp_delta", "dp_record"),
+    "fed_flexlora": ("site_ranks",),
     "new_site": ("new_site_shots", "new_site_seeds", "new_site_steps", "new_site_from"),
 }
 

@@ -11,7 +11,7 @@ import json
 import math
 from pathlib import Path
 
-from fedmed_components.runs.experiment.config import ExperimentConfig, dp_sgd_of, federated_job, lora_settings
+from fedmed_components.runs.experiment.config import ExperimentConfig, dp_sgd_of, job_settings, lora_settings
 from fedmed_components.runs.experiment.data import PreparedSite
 from fedmed_components.runs.experiment.resume import write_json_atomic
 from fedmed_components.settings import BUDGET
@@ -126,13 +126,12 @@ def train_federated(cfg: ExperimentConfig, run_id: str, sites: list[PreparedSite
     from fedmed_components.flare.job import JobSpec, run_simulator
     from fedmed_components.flare.recipe import export_job
 
-    algorithm, loss_source, server_lr = federated_job(cfg, run_id)
+    changes = job_settings(cfg, run_id)
     store = run_dir / "store"
     state_file = store / "state.json"
     if not federation_finished(run_dir, cfg.rounds):
         spec = JobSpec(
             name=run_id,
-            algorithm=algorithm,
             model=cfg.model,
             sites=[s.name for s in sites],
             num_rounds=cfg.rounds,
@@ -150,10 +149,7 @@ def train_federated(cfg: ExperimentConfig, run_id: str, sites: list[PreparedSite
             prompt_style=cfg.prompt_style,
             temperature=cfg.temperature,
             use_sizes=cfg.use_sizes,
-            loss_source=loss_source,
-            server_val_data=str(data_root / "server_val.jsonl") if loss_source == "server" else None,
-            server_lr=server_lr,
-            server_beta1=cfg.server_momentum,
+            server_val_data=str(data_root / "server_val.jsonl") if changes.get("loss_source") == "server" else None,
             output_dir=str(store),
             train_timeout=int(cfg.simulator_timeout),
             eval_timeout=int(cfg.simulator_timeout),
@@ -161,6 +157,7 @@ def train_federated(cfg: ExperimentConfig, run_id: str, sites: list[PreparedSite
             extra_site_args=f"--val-fraction 0 --max-val-examples {cfg.max_val_examples} --seed {cfg.seed}"
             + (f" --keep-optimizer-state --schedule-rounds {cfg.rounds}" if cfg.schedule == "run" else "")
             + (f" --dp-sgd {dp}" if (dp := dp_sgd_of(cfg, run_id)) else ""),
+            **changes,
         )
         job_dir = export_job(spec, run_dir / "job")
         print(f"  {run_id}: FLARE simulator, {len(sites)} sites x {cfg.rounds} rounds (log: {run_dir / 'simulator.log'})", flush=True)
