@@ -173,12 +173,20 @@ def test_server_optimisers_fedprox_and_flexlora_are_runs_whose_jobs_carry_their_
     config = tmp_path / "exp.yaml"
     config.write_text(
         "model: tiny\nfed_adam_lrs: [0.003, 0.01]\nfed_yogi_lrs: [0.01]\nprox_mus: [0.1]\nsite_ranks: {a: 4, b: 8}\n"
-        "runs: [fed_adam, fed_yogi, fed_prox, fed_flexlora]\n"
+        "temperatures: [0.05]\nruns: [fed_adam, fed_yogi, fed_prox, fed_flexlora, fed_medlora_plus_temperature]\n"
         "sites: [{name: a, synthetic_style: case_report}, {name: b, synthetic_style: case_report}]\n"
     )
     cfg = load_config(config)
-    assert cfg.run_ids() == ["fed_adam_lr0p003", "fed_adam_lr0p01", "fed_yogi_lr0p01", "fed_prox_mu0p1", "fed_flexlora"]
-    assert [config_module.kind_of(r) for r in cfg.run_ids()] == ["fed_adam", "fed_adam", "fed_yogi", "fed_prox", "fed_flexlora"]
+    assert cfg.run_ids() == [
+        "fed_adam_lr0p003",
+        "fed_adam_lr0p01",
+        "fed_yogi_lr0p01",
+        "fed_prox_mu0p1",
+        "fed_flexlora",
+        "fed_medlora_plus_temperature_t0p05",
+    ]
+    kinds = ["fed_adam", "fed_adam", "fed_yogi", "fed_prox", "fed_flexlora", "fed_medlora_plus_temperature"]
+    assert [config_module.kind_of(r) for r in cfg.run_ids()] == kinds
     assert config_module.job_settings(cfg, "fed_adam_lr0p003") == {"algorithm": "fed_adam", "server_lr": 0.003}
     assert config_module.job_settings(cfg, "fed_prox_mu0p1") == {"algorithm": "fed_prox", "prox_mu": 0.1}
     assert config_module.job_settings(cfg, "fed_flexlora") == {
@@ -205,6 +213,8 @@ def test_server_optimisers_fedprox_and_flexlora_are_runs_whose_jobs_carry_their_
     # FLARE leaves out arguments equal to the constructor's default: beta1 is the rule's own 0.9, not fed_avgm's momentum
     assert optimiser["lr"] == 0.01 and optimiser.get("beta1", _default_of("ServerOptimizerAggregator", "beta1")) == 0.9
     assert "--prox-mu 0.1" in (exported("fed_prox_mu0p1") / "app" / "config" / "config_fed_client.json").read_text()
+    server = json.loads((exported("fed_medlora_plus_temperature_t0p05") / "app" / "config" / "config_fed_server.json").read_text())
+    assert any(c.get("args", {}).get("temperature") == 0.05 for c in server["components"])
     flex = exported("fed_flexlora")
     ranks = {site: (flex / f"app_{site}" / "config" / "config_fed_client.json").read_text() for site in ("a", "b")}
     assert "--rank 4" in ranks["a"] and "--rank 8" in ranks["b"]

@@ -33,12 +33,15 @@ FEDERATED = {  # run name -> (job algorithm, Fed-MedLoRA+ loss source)
 # - fed_prox: Fed-MedLoRA with the sites' proximal term, one run per mu.
 # - fed_medlora_dp: Fed-MedLoRA with record-level DP-SGD at every site, one run per epsilon
 #   budget: each site picks the noise that spends it at its own sampling rate (dp_sgd.py).
+# - fed_medlora_plus_temperature: Fed-MedLoRA+ with weights exp((1 - L_k) / T), a run per T:
+#   at losses of 0.2-0.4, T = 1 is nearly plain averaging; a small T makes the weights differ.
 SWEPT = {
     "fed_avgm": ("server_lrs", "lr", "fed_avgm", "server_lr"),
     "fed_adam": ("fed_adam_lrs", "lr", "fed_adam", "server_lr"),
     "fed_yogi": ("fed_yogi_lrs", "lr", "fed_yogi", "server_lr"),
     "fed_prox": ("prox_mus", "mu", "fed_prox", "prox_mu"),
     "fed_medlora_dp": ("dp_epsilons", "eps", "fed_medlora", None),
+    "fed_medlora_plus_temperature": ("temperatures", "t", "fed_medlora_plus", "temperature"),
 }
 SERVER_LR_KIND = "fed_avgm"
 DP_KIND = "fed_medlora_dp"
@@ -80,6 +83,7 @@ class ExperimentConfig:
     fed_adam_lrs: list[float] = field(default_factory=lambda: [1e-2])
     fed_yogi_lrs: list[float] = field(default_factory=lambda: [1e-2])
     prox_mus: list[float] = field(default_factory=lambda: [0.01])  # fed_prox: a run per mu
+    temperatures: list[float] = field(default_factory=lambda: [0.1])  # fed_medlora_plus_temperature: a run per T
     site_ranks: dict[str, int] = field(default_factory=dict)  # fed_flexlora: site name -> its LoRA rank (others: rank)
     dp_epsilons: list[float] = field(default_factory=lambda: [8.0])  # fed_medlora_dp: a run per epsilon (at dp_delta)
     dp_clip: float = 1.0  # fed_medlora_dp: per-record gradient clip

@@ -130,7 +130,7 @@ def train_federated(cfg: ExperimentConfig, run_id: str, sites: list[PreparedSite
     store = run_dir / "store"
     state_file = store / "state.json"
     if not federation_finished(run_dir, cfg.rounds):
-        spec = JobSpec(
+        budget = dict(
             name=run_id,
             model=cfg.model,
             sites=[s.name for s in sites],
@@ -157,8 +157,8 @@ def train_federated(cfg: ExperimentConfig, run_id: str, sites: list[PreparedSite
             extra_site_args=f"--val-fraction 0 --max-val-examples {cfg.max_val_examples} --seed {cfg.seed}"
             + (f" --keep-optimizer-state --schedule-rounds {cfg.rounds}" if cfg.schedule == "run" else "")
             + (f" --dp-sgd {dp}" if (dp := dp_sgd_of(cfg, run_id)) else ""),
-            **changes,
         )
+        spec = JobSpec(**{**budget, **changes})  # what the run changes replaces the config's value
         job_dir = export_job(spec, run_dir / "job")
         print(f"  {run_id}: FLARE simulator, {len(sites)} sites x {cfg.rounds} rounds (log: {run_dir / 'simulator.log'})", flush=True)
         run_simulator(job_dir, run_dir / "simulator", spec.sites, timeout=cfg.simulator_timeout, log_file=run_dir / "simulator.log")
