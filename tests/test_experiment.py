@@ -122,6 +122,16 @@ def test_default_config_names_the_real_corpora():
         assert required in ids
 
 
+def test_schedule_round_config_is_the_default_with_the_papers_restart_alone():
+    from fedmed_components.runs.experiment.resume import _settings_of
+
+    default = load_config(ROOT / "experiments" / "default.yaml")
+    restart = load_config(ROOT / "experiments" / "schedule_round.yaml")
+    assert restart.schedule == "round" and default.schedule == "run" and restart.run_ids() == ["fed_medlora_plus"]
+    made_with = {k: v for k, v in _settings_of("fed_medlora_plus", default.to_dict()).items() if k != "schedule"}
+    assert made_with == {k: v for k, v in _settings_of("fed_medlora_plus", restart.to_dict()).items() if k != "schedule"}
+
+
 def test_fed_avgm_makes_a_run_per_server_lr_and_its_job_steps_at_that_lr(tmp_path, monkeypatch):
     from fedmed_components.runs.experiment import config as config_module
     from fedmed_components.runs.experiment import training
