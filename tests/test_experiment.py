@@ -122,6 +122,29 @@ def test_default_config_names_the_real_corpora():
         assert required in ids
 
 
+@pytest.fixture
+def exported_job(tmp_path, monkeypatch):
+    """`exported_job(cfg, run_id)`: the job folder train_federated exports for a run of two
+    sites a and b, the simulator replaced by a stop right after the export."""
+    from fedmed_components.runs.experiment import training
+
+    class Exported(Exception):
+        pass
+
+    def stop_after_export(job_dir, *args, **kwargs):
+        raise Exported(job_dir)
+
+    monkeypatch.setattr("fedmed_components.flare.job.run_simulator", stop_after_export)
+    sites = [type("Site", (), {"name": n})() for n in ("a", "b")]
+
+    def export(cfg, run_id) -> Path:
+        with pytest.raises(Exported) as raised:
+            training.train_federated(cfg, run_id, sites, tmp_path / "data", tmp_path / run_id)
+        return Path(str(raised.value))
+
+    return export
+
+
 def test_schedule_round_config_is_the_default_with_the_papers_restart_alone():
     from fedmed_components.runs.experiment.resume import _settings_of
 
@@ -132,9 +155,8 @@ def test_schedule_round_config_is_the_default_with_the_papers_restart_alone():
     assert made_with == {k: v for k, v in _settings_of("fed_medlora_plus", restart.to_dict()).items() if k != "schedule"}
 
 
-def test_fed_avgm_makes_a_run_per_server_lr_and_its_job_steps_at_that_lr(tmp_path, monkeypatch):
+def test_fed_avgm_makes_a_run_per_server_lr_and_its_job_steps_at_that_lr(tmp_path, exported_job):
     from fedmed_components.runs.experiment import config as config_module
-    from fedmed_components.runs.experiment import training
 
     config = tmp_path / "exp.yaml"
     config.write_text(
@@ -149,17 +171,7 @@ def test_fed_avgm_makes_a_run_per_server_lr_and_its_job_steps_at_that_lr(tmp_pat
     with pytest.raises(ValueError, match="fed_avgm_lr3"):
         config_module.job_settings(cfg, "fed_avgm_lr3")  # not one of this config's server lrs
 
-    class Exported(Exception):
-        pass
-
-    def stop_after_export(job_dir, *args, **kwargs):
-        raise Exported(job_dir)
-
-    monkeypatch.setattr("fedmed_components.flare.job.run_simulator", stop_after_export)
-    sites = [type("Site", (), {"name": n})() for n in ("a", "b")]
-    with pytest.raises(Exported) as exported:
-        training.train_federated(cfg, "fed_avgm_lr2", sites, tmp_path / "data", tmp_path / "run")
-    server = json.loads((Path(str(exported.value)) / "app" / "config" / "config_fed_server.json").read_text())
+    server = json.loads((exported_job(cfg, "fed_avgm_lr2") / "app" / "config" / "config_fed_server.json").read_text())
     optimiser = next(c["args"] for c in server["components"] if c.get("args", {}).get("rule") == "fedavgm")
     assert optimiser["lr"] == 2 and optimiser["beta1"] == 0.3
 
@@ -176,9 +188,8 @@ def _default_of(aggregator: str, argument: str):
     return inspect.signature(getattr(aggregators, aggregator)).parameters[argument].default
 
 
-def test_server_optimisers_fedprox_and_flexlora_are_runs_whose_jobs_carry_their_setting(tmp_path, monkeypatch):
+def test_server_optimisers_fedprox_and_flexlora_are_runs_whose_jobs_carry_their_setting(tmp_path, exported_job):
     from fedmed_components.runs.experiment import config as config_module
-    from fedmed_components.runs.experiment import training
 
     config = tmp_path / "exp.yaml"
     config.write_text(
@@ -204,28 +215,14 @@ def test_server_optimisers_fedprox_and_flexlora_are_runs_whose_jobs_carry_their_
         "site_overrides": {"a": {"rank": "4"}, "b": {"rank": "8"}},
     }
 
-    class Exported(Exception):
-        pass
-
-    def stop_after_export(job_dir, *args, **kwargs):
-        raise Exported(job_dir)
-
-    monkeypatch.setattr("fedmed_components.flare.job.run_simulator", stop_after_export)
-    sites = [type("Site", (), {"name": n})() for n in ("a", "b")]
-
-    def exported(run_id) -> Path:
-        with pytest.raises(Exported) as raised:
-            training.train_federated(cfg, run_id, sites, tmp_path / "data", tmp_path / run_id)
-        return Path(str(raised.value))
-
-    server = json.loads((exported("fed_yogi_lr0p01") / "app" / "config" / "config_fed_server.json").read_text())
+    server = json.loads((exported_job(cfg, "fed_yogi_lr0p01") / "app" / "config" / "config_fed_server.json").read_text())
     optimiser = next(c["args"] for c in server["components"] if c.get("args", {}).get("rule") == "fedyogi")
     # FLARE leaves out arguments equal to the constructor's default: beta1 is the rule's own 0.9, not fed_avgm's momentum
     assert optimiser["lr"] == 0.01 and optimiser.get("beta1", _default_of("ServerOptimizerAggregator", "beta1")) == 0.9
-    assert "--prox-mu 0.1" in (exported("fed_prox_mu0p1") / "app" / "config" / "config_fed_client.json").read_text()
-    server = json.loads((exported("fed_medlora_plus_temperature_t0p05") / "app" / "config" / "config_fed_server.json").read_text())
+    assert "--prox-mu 0.1" in (exported_job(cfg, "fed_prox_mu0p1") / "app" / "config" / "config_fed_client.json").read_text()
+    server = json.loads((exported_job(cfg, "fed_medlora_plus_temperature_t0p05") / "app" / "config" / "config_fed_server.json").read_text())
     assert any(c.get("args", {}).get("temperature") == 0.05 for c in server["components"])
-    flex = exported("fed_flexlora")
+    flex = exported_job(cfg, "fed_flexlora")
     ranks = {site: (flex / f"app_{site}" / "config" / "config_fed_client.json").read_text() for site in ("a", "b")}
     assert "--rank 4" in ranks["a"] and "--rank 8" in ranks["b"]
 
@@ -243,9 +240,8 @@ def test_server_optimisers_fedprox_and_flexlora_are_runs_whose_jobs_carry_their_
         load_config(broken)
 
 
-def test_fed_medlora_dp_makes_a_run_per_epsilon_and_its_sites_spend_that_budget(tmp_path, monkeypatch):
+def test_fed_medlora_dp_makes_a_run_per_epsilon_and_its_sites_spend_that_budget(tmp_path, exported_job):
     from fedmed_components.runs.experiment import config as config_module
-    from fedmed_components.runs.experiment import training
 
     config = tmp_path / "exp.yaml"
     config.write_text(
@@ -261,17 +257,7 @@ def test_fed_medlora_dp_makes_a_run_per_epsilon_and_its_sites_spend_that_budget(
     with pytest.raises(ValueError, match="fed_medlora_dp_eps3"):
         config_module.dp_sgd_of(cfg, "fed_medlora_dp_eps3")  # not one of this config's budgets
 
-    class Exported(Exception):
-        pass
-
-    def stop_after_export(job_dir, *args, **kwargs):
-        raise Exported(job_dir)
-
-    monkeypatch.setattr("fedmed_components.flare.job.run_simulator", stop_after_export)
-    sites = [type("Site", (), {"name": n})() for n in ("a", "b")]
-    with pytest.raises(Exported) as exported:
-        training.train_federated(cfg, "fed_medlora_dp_eps2p5", sites, tmp_path / "data", tmp_path / "run")
-    client = (Path(str(exported.value)) / "app" / "config" / "config_fed_client.json").read_text()
+    client = (exported_job(cfg, "fed_medlora_dp_eps2p5") / "app" / "config" / "config_fed_client.json").read_text()
     assert "--dp-sgd epsilon=2.5,clip=0.5,delta=1e-05,record=note" in client
 
     broken = tmp_path / "broken.yaml"
