@@ -578,3 +578,27 @@ def test_goals_judge_the_paper_methods_and_ablations_are_read_against_the_method
         "fed_medlora_plus",
         "fed_medlora_plus_server",
     ]
+
+
+def test_new_site_starts_are_compared_per_seed_over_the_same_external_notes():
+    from fedmed_components.runs.experiment.comparisons import new_site_difference_rows
+
+    def new_site(start, shots, seed, tp_per_note):
+        per_note = {f"n{i}": {"main_entities": {"strict": [tp, 0, 10 - tp]}} for i, tp in enumerate(tp_per_note)}
+        return {
+            "kind": "new_site",
+            "status": "done",
+            "start": start,
+            "shots": shots,
+            "shot_seed": seed,
+            "scores": {"external": {"per_note": per_note}},
+        }
+
+    results = {
+        "new_site_scratch_5_s0": new_site("scratch", 5, 0, [2] * 20),
+        "new_site_federated_5_s0": new_site("federated", 5, 0, [8] * 20),
+        "new_site_federated_10_s0": new_site("federated", 10, 0, [8] * 20),  # its scratch run is not made yet
+    }
+    header, rows = new_site_difference_rows(results)
+    # F1 2*8/(16+2) - 2*2/(4+8) on every note alike: a one-point interval
+    assert rows == [["5", "0", "+0.556 [+0.556, +0.556]"]] and len(header) == 3

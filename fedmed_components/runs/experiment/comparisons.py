@@ -17,13 +17,38 @@ def _pooled_counts(result: dict, group: str, mode: str, notes=None):
     return aligned_counts(per_note, group, mode, notes)
 
 
-def paired(a: dict, b: dict, group: str = "main_entities", mode: str = "strict"):
-    """Paired bootstrap interval of pooled F1(a) - F1(b) over the same test notes."""
+def _external_counts(result: dict, group: str, mode: str, notes=None):
+    from fedmed_components.task.bootstrap import aligned_counts
+
+    return aligned_counts({"external": result["scores"]["external"].get("per_note") or {}}, group, mode, notes)
+
+
+def paired(a: dict, b: dict, group: str = "main_entities", mode: str = "strict", where: str = "pooled"):
+    """Paired bootstrap interval of F1(a) - F1(b) over the same test notes: the sites'
+    pooled test (resampled within each site) or the external cohort's (`where`)."""
     from fedmed_components.task.bootstrap import paired_difference
 
-    counts_a, strata, notes = _pooled_counts(a, group, mode)
-    counts_b, _, _ = _pooled_counts(b, group, mode, notes)
+    counts = _pooled_counts if where == "pooled" else _external_counts
+    counts_a, strata, notes = counts(a, group, mode)
+    counts_b, _, _ = counts(b, group, mode, notes)
     return paired_difference(counts_a, counts_b, strata)
+
+
+def new_site_difference_rows(results: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
+    """From the federated adapter - from scratch, per shot count and seed (the same notes
+    drawn for both), paired over the new cohort's test notes."""
+    header = ["notes", "seed", "main strict F1: from federated - from scratch [95% CI]"]
+    rows = []
+    done = {r: v for r, v in results.items() if v.get("kind") == "new_site" and v.get("status") == "done"}
+    pairs = sorted(
+        (v["shots"], v.get("shot_seed"), run_id)
+        for run_id, v in done.items()
+        if v["start"] == "federated" and run_id.replace("_federated_", "_scratch_") in done
+    )
+    for shots, seed, run_id in pairs:
+        gap = paired(done[run_id], done[run_id.replace("_federated_", "_scratch_")], where="external")
+        rows.append([str(shots), str(seed), f"{gap.estimate:+.3f} [{gap.low:+.3f}, {gap.high:+.3f}]"])
+    return header, rows
 
 
 def _pooled_f1(results: dict, run_id: str, group: str = "main_entities") -> float | None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fedmed_components.runs.experiment.comparisons import ablation_rows, difference_rows, goals
+from fedmed_components.runs.experiment.comparisons import ablation_rows, difference_rows, goals, new_site_difference_rows
 from fedmed_components.runs.experiment.plots import write_plots
 from fedmed_components.runs.experiment.tables import (
     communication_rows,
@@ -74,6 +74,10 @@ def summary_markdown(cfg, results: dict[str, dict]) -> str:
     if external:
         lines += ["", f"## New-site adaptation ({external} test split)", ""]
         lines += markdown_table(*new_site_rows(results, cfg))
+        gaps = new_site_difference_rows(results)
+        if gaps[1]:
+            lines += ["", "Paired over the same test notes, each seed drawing the same notes for both starts:", ""]
+            lines += markdown_table(*gaps)
     lines += ["", "## Goals", ""] + (goals(results, cfg) or ["- not enough runs finished to measure"])
     missing = [f"- `{r}`: {v['status']}" for r, v in results.items() if v.get("status") != "done"]
     not_run = [f"- `{r}`: not run yet" for r in cfg.run_ids() if r not in results]
