@@ -114,6 +114,7 @@ def test_sites_send_only_lora_tensors(tmp_path, site_data, tiny_model_path):
         ("fed_prox", {"prox_mu": 0.5}),
         ("fed_medlora", {"robust_rule": "median"}),
         ("fed_medlora", {"extra_site_args": "--max-val-examples 8 --dp-sgd noise=1.0,clip=1.0,record=note"}),
+        ("fed_medlora", {"extra_site_args": "--max-val-examples 8 --dp-sgd epsilon=4,clip=1.0"}),
     ],
 )
 def test_every_algorithm_runs_and_produces_an_adapter(tmp_path, site_data, tiny_model_path, algorithm, extra):
@@ -143,6 +144,8 @@ def test_every_algorithm_runs_and_produces_an_adapter(tmp_path, site_data, tiny_
         assert all(spent[1][site]["epsilon"] > spent[0][site]["epsilon"] > 0 for site in SITES)
         assert all(spent[1][site]["steps"] == 6 for site in SITES)
         assert all(f"{site} DP-SGD: epsilon" in log for site in SITES)
+        if "epsilon=4" in extra["extra_site_args"]:  # the budget, spread over the server's 2 rounds, is spent
+            assert all(3.98 <= spent[-1][site]["epsilon"] <= 4.0 and spent[0][site]["epsilon"] < 3.9 for site in SITES), spent
     assert _no_processes_left(str(tmp_path / "ws"))
 
 
