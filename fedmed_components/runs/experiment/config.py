@@ -148,14 +148,6 @@ def swept_id(kind: str, value: float) -> str:
     return f"{kind}_{SWEPT[kind][1]}" + f"{value:g}".replace(".", "p")
 
 
-def server_lr_id(lr: float) -> str:
-    return swept_id(SERVER_LR_KIND, lr)
-
-
-def dp_id(epsilon: float) -> str:
-    return swept_id(DP_KIND, epsilon)
-
-
 def swept_value(cfg: ExperimentConfig, run_id: str) -> float:
     """The value of a swept run (its server lr, mu or epsilon), which must be in the config's list."""
     kind = kind_of(run_id)
