@@ -180,6 +180,35 @@ def test_fed_avgm_makes_a_run_per_server_lr_and_its_job_steps_at_that_lr(tmp_pat
         load_config(config)
 
 
+def test_site_batch_runs_train_the_same_examples_in_more_smaller_steps(tmp_path, exported_job):
+    from fedmed_components.runs.experiment import config as config_module
+    from fedmed_components.runs.experiment.tables import path_steps
+
+    config = tmp_path / "exp.yaml"
+    config.write_text(
+        "model: tiny\nlocal_steps: 45\nbatch_size: 8\nsite_batch_sizes: [2, 4]\nruns: [fed_medlora_plus, fed_medlora_plus_site_batch]\n"
+        "sites: [{name: a, synthetic_style: case_report}, {name: b, synthetic_style: case_report}]\n"
+    )
+    cfg = load_config(config)
+    assert cfg.run_ids() == ["fed_medlora_plus", "fed_medlora_plus_site_batch_b2", "fed_medlora_plus_site_batch_b4"]
+    # 45 steps x 8 = 360 examples a round at every site, whatever its batch
+    assert config_module.job_settings(cfg, "fed_medlora_plus_site_batch_b2") == {
+        "algorithm": "fed_medlora_plus",
+        "batch_size": 2,
+        "local_steps": 180,
+    }
+    assert config_module.job_settings(cfg, "fed_medlora_plus_site_batch_b4")["local_steps"] == 90
+    client = (exported_job(cfg, "fed_medlora_plus_site_batch_b4") / "app" / "config" / "config_fed_client.json").read_text()
+    assert "--batch-size 4" in client and "--local-steps 90" in client
+    # the global adapter's path counts the run's own local steps, not the config's
+    result = {"kind": "federated", "job": {"local_steps": 90}, "rounds": [{"round": 0}, {"round": 1}]}
+    assert [steps for steps, _ in path_steps(result, 45)] == [90, 180]
+
+    config.write_text(config.read_text().replace("[2, 4]", "[2, 7]"))
+    with pytest.raises(InputError, match=r"exp.yaml:4: site_batch_sizes: site batch 7 does not divide a round's 360 examples"):
+        load_config(config)
+
+
 def _default_of(aggregator: str, argument: str):
     import inspect
 

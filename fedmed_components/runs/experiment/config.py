@@ -35,6 +35,10 @@ FEDERATED = {  # run name -> (job algorithm, Fed-MedLoRA+ loss source)
 #   budget: each site picks the noise that spends it at its own sampling rate (dp_sgd.py).
 # - fed_medlora_plus_temperature: Fed-MedLoRA+ with weights exp((1 - L_k) / T), a run per T:
 #   at losses of 0.2-0.4, T = 1 is nearly plain averaging; a small T makes the weights differ.
+# - fed_medlora_plus_site_batch: Fed-MedLoRA+ with a smaller batch at each site and as many
+#   more local steps, so every site trains the same examples a round: a federation's global
+#   adapter moves about one site's steps a round, and K sites at batch B/K take K times the
+#   steps, the path centralised takes at batch B (config.site_local_steps).
 SWEPT = {
     "fed_avgm": ("server_lrs", "lr", "fed_avgm", "server_lr"),
     "fed_adam": ("fed_adam_lrs", "lr", "fed_adam", "server_lr"),
@@ -42,9 +46,11 @@ SWEPT = {
     "fed_prox": ("prox_mus", "mu", "fed_prox", "prox_mu"),
     "fed_medlora_dp": ("dp_epsilons", "eps", "fed_medlora", None),
     "fed_medlora_plus_temperature": ("temperatures", "t", "fed_medlora_plus", "temperature"),
+    "fed_medlora_plus_site_batch": ("site_batch_sizes", "b", "fed_medlora_plus", "batch_size"),
 }
 SERVER_LR_KIND = "fed_avgm"
 DP_KIND = "fed_medlora_dp"
+SITE_BATCH_KIND = "fed_medlora_plus_site_batch"
 # FlexLoRA-style per-site ranks (`site_ranks`): exact aggregation of the products B_k A_k,
 # each site sent the global update truncated by SVD to its own rank.
 FLEXLORA_KIND = "fed_flexlora"
@@ -84,6 +90,8 @@ class ExperimentConfig:
     fed_yogi_lrs: list[float] = field(default_factory=lambda: [1e-2])
     prox_mus: list[float] = field(default_factory=lambda: [0.01])  # fed_prox: a run per mu
     temperatures: list[float] = field(default_factory=lambda: [0.1])  # fed_medlora_plus_temperature: a run per T
+    # fed_medlora_plus_site_batch: a run per site batch size, each dividing local_steps x batch_size
+    site_batch_sizes: list[int] = field(default_factory=lambda: [4])
     site_ranks: dict[str, int] = field(default_factory=dict)  # fed_flexlora: site name -> its LoRA rank (others: rank)
     dp_epsilons: list[float] = field(default_factory=lambda: [8.0])  # fed_medlora_dp: a run per epsilon (at dp_delta)
     dp_clip: float = 1.0  # fed_medlora_dp: per-record gradient clip
@@ -184,7 +192,17 @@ def job_settings(cfg: ExperimentConfig, run_id: str) -> dict:
         swept_value(cfg, run_id)  # refuses a value the config does not list
     if kind == SERVER_LR_KIND:
         settings["server_beta1"] = cfg.server_momentum
+    if kind == SITE_BATCH_KIND:
+        settings["local_steps"] = site_local_steps(cfg, settings["batch_size"])
     return settings
+
+
+def site_local_steps(cfg: ExperimentConfig, site_batch: int) -> int:
+    """Local steps a round at `site_batch` that train the examples `local_steps` x `batch_size` do."""
+    examples = (cfg.local_steps or 0) * cfg.batch_size
+    if not examples or examples % site_batch:
+        raise ValueError(f"site batch {site_batch} does not divide a round's {examples} examples (local_steps x batch_size)")
+    return examples // site_batch
 
 
 def new_site_id(start: str, shots: int, seed: int, with_seed: bool) -> str:
@@ -260,6 +278,12 @@ def load_config(path: str | os.PathLike) -> ExperimentConfig:
         values = getattr(cfg, name)
         if not values or any(v <= 0 for v in values):
             raise InputError(path, _line_of(path, name), f"{name} must be a list of positive numbers, not {values!r}")
+    if SITE_BATCH_KIND in cfg.runs:
+        for b in cfg.site_batch_sizes:
+            try:
+                site_local_steps(cfg, b)
+            except ValueError as exc:
+                raise InputError(path, _line_of(path, "site_batch_sizes"), f"site_batch_sizes: {exc}") from None
     site_names = {s.name for s in cfg.sites}
     if not isinstance(cfg.site_ranks, dict) or any(
         site not in site_names or not isinstance(r, int) or isinstance(r, bool) or r <= 0 for site, r in cfg.site_ranks.items()

@@ -157,6 +157,7 @@ def path_steps(result: dict, local_steps: int | None) -> list[tuple[int, dict]]:
     single site: every step; a federation: one site's local steps a round (its sites train
     side by side, and averaging moves the global adapter about one site's way)."""
     points, total = [], 0
+    local_steps = (result.get("job") or {}).get("local_steps", local_steps)  # a run's own (site batch runs)
     for h in result.get("rounds") or []:
         if result.get("kind") == "federated":
             if not local_steps or h.get("round") is None:

@@ -163,6 +163,7 @@ def train_federated(cfg: ExperimentConfig, run_id: str, sites: list[PreparedSite
         print(f"  {run_id}: FLARE simulator, {len(sites)} sites x {cfg.rounds} rounds (log: {run_dir / 'simulator.log'})", flush=True)
         run_simulator(job_dir, run_dir / "simulator", spec.sites, timeout=cfg.simulator_timeout, log_file=run_dir / "simulator.log")
     state = json.loads(state_file.read_text())
+    steps, batch = changes.get("local_steps", cfg.local_steps), changes.get("batch_size", cfg.batch_size)
     history = []
     for record in state.get("history", []):
         rnd = record.get("current_round")
@@ -170,7 +171,7 @@ def train_federated(cfg: ExperimentConfig, run_id: str, sites: list[PreparedSite
             {
                 "round": rnd,
                 "train_loss": record.get("train_loss"),
-                "examples": None if rnd is None or not cfg.local_steps else (rnd + 1) * cfg.local_steps * cfg.batch_size * len(sites),
+                "examples": None if rnd is None or not steps else (rnd + 1) * steps * batch * len(sites),
                 "val_loss": record.get("val_loss"),
                 "weights": record.get("weights"),
                 "num_supervised_tokens": record.get("num_supervised_tokens"),
