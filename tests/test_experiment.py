@@ -155,6 +155,16 @@ def test_schedule_round_config_is_the_default_with_the_papers_restart_alone():
     assert made_with == {k: v for k, v in _settings_of("fed_medlora_plus", restart.to_dict()).items() if k != "schedule"}
 
 
+def test_precision_bf16_config_is_the_default_with_bf16_alone():
+    from fedmed_components.runs.experiment.resume import _settings_of
+
+    default = load_config(ROOT / "experiments" / "default.yaml")
+    bf16 = load_config(ROOT / "experiments" / "precision_bf16.yaml")
+    assert bf16.precision == "bf16" and default.precision == "auto" and bf16.run_ids() == ["fed_medlora_plus"]
+    made_with = {k: v for k, v in _settings_of("fed_medlora_plus", default.to_dict()).items() if k != "precision"}
+    assert made_with == {k: v for k, v in _settings_of("fed_medlora_plus", bf16.to_dict()).items() if k != "precision"}
+
+
 def test_fed_avgm_makes_a_run_per_server_lr_and_its_job_steps_at_that_lr(tmp_path, exported_job):
     from fedmed_components.runs.experiment import config as config_module
 
