@@ -4,11 +4,17 @@ tokens/s (with the share of outputs that change), same model, same inputs, one p
 The two precisions alternate (fp32, bf16, fp32, bf16, ...) so the noise of a shared
 machine hits both; the medians are compared. bf16 pays only with native bf16
 instructions (AVX512-BF16 / AMX): the JSON records whether this CPU has them, and where
-it does not the rows say so instead of claiming a speed-up. The F1 cost of bf16
-training needs a trained model and its scoring (an experiment run per precision) and is
-not measured here.
+it does not the rows say so instead of claiming a speed-up.
+
+The F1 cost of bf16 training needs a trained model and its scoring: `--f1-runs FP32 BF16`
+reads two experiment run JSONs made with the same config but the precision (e.g.
+default.yaml's fed_medlora_plus and experiments/precision_bf16.yaml's) and adds the
+paired-bootstrap difference over the same test notes to the --json file's rows.
 
     python bench/bench_precision.py --json bench/results/precision.json
+    python bench/bench_precision.py --json bench/results/precision.json --f1-runs \
+        bench/results/experiment_default/fed_medlora_plus.json \
+        bench/results/experiment_precision_bf16/fed_medlora_plus.json
 """
 
 from __future__ import annotations
@@ -118,6 +124,30 @@ def table_rows(r: dict) -> list[dict]:
     ]
 
 
+F1_COST_FIGURE = "F1 cost of bf16 training at a fixed budget"
+
+
+def f1_cost_row(fp32: dict, bf16: dict) -> dict:
+    """Pooled main-entity strict F1 points lost by training in bf16 (fp32 - bf16), paired
+    over the same test notes (95% bootstrap interval), from two experiment run JSONs."""
+    from fedmed_components.runs.experiment.comparisons import paired
+    from fedmed_components.runs.experiment.tables import f1
+
+    made = [r.get("resolved_precision") for r in (fp32, bf16)]
+    if made != ["fp32", "bf16"]:
+        raise ValueError(f"the runs were made in {made[0]} and {made[1]}, not fp32 and bf16")
+    cost = paired(fp32, bf16)
+    modifiers = paired(fp32, bf16, group="relations")
+    points = lambda d: f"{100 * d.estimate:+.1f} [{100 * d.low:+.1f}, {100 * d.high:+.1f}]"  # noqa: E731
+    a, b = (f1(r["scores"]["pooled"], "main_entities", "strict") for r in (fp32, bf16))
+    return {
+        "figure": f"{F1_COST_FIGURE} (pooled main-entity strict F1 points lost, fp32 - bf16, 95% CI; run {fp32.get('run')})",
+        "value": f"{points(cost)} points (fp32 {a:.3f}, bf16 {b:.3f}; modifiers {points(modifiers)})",
+        "target": "<= 0.5 points",
+        "met": 100 * cost.estimate <= 0.5,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m", help="tiny | smollm2-135m | HF folder (default smollm2-135m)")
@@ -127,11 +157,30 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="alternating runs of each precision; medians compared")
     parser.add_argument("--sentences", type=int, default=16, help="MTSamples sentences generated (synthetic without ../shared)")
     parser.add_argument("--json", default=None, help="write {'rows': [...], 'results': [...]} here (rows: bench/report.py format)")
+    parser.add_argument(
+        "--f1-runs",
+        nargs=2,
+        metavar=("FP32_RUN", "BF16_RUN"),
+        help="two experiment run JSONs, same config but the precision: add the F1-cost row to --json (no timing)",
+    )
     args = parser.parse_args()
+    if args.f1_runs:
+        row = f1_cost_row(*(json.loads(Path(p).read_text()) for p in args.f1_runs))
+        print(json.dumps(row, indent=2))
+        if args.json:
+            out = Path(args.json)
+            data = json.loads(out.read_text()) if out.exists() else {"rows": []}
+            data["rows"] = [r for r in data["rows"] if not r["figure"].startswith(F1_COST_FIGURE)] + [row]
+            out.write_text(json.dumps(data, indent=2))
+        return
     r = measure(args.model, args.batch, args.seq, args.steps, args.repeats, args.sentences)
     print(json.dumps(r, indent=2))
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": table_rows(r), "results": [r]}, indent=2))
+        out = Path(args.json)
+        kept = [
+            row for row in (json.loads(out.read_text()).get("rows", []) if out.exists() else []) if row["figure"].startswith(F1_COST_FIGURE)
+        ]
+        out.write_text(json.dumps({"rows": table_rows(r) + kept, "results": [r]}, indent=2))  # the F1 row comes from --f1-runs
 
 
 if __name__ == "__main__":
