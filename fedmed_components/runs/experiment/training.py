@@ -69,7 +69,8 @@ def train_locally(
     """Rounds of the sites' own trainer on one folder or several pooled; every round's
     adapter is saved, so an interrupted run resumes after its last saved round (AdamW's
     moments, kept between rounds under schedule "run", restart on a resume).
-    `after_round(record, state)` may add to a round's record (validation F1)."""
+    `after_round(record, state)` may add to a round's record (validation F1); a true
+    return ends the training after that round (a target reached)."""
     from fedmed_components.model.modeling import load_adapter_folder, save_adapter_folder
     from fedmed_components.model.site import SiteRuntime
 
@@ -102,10 +103,11 @@ def train_locally(
             f"train loss {stats.train_loss:.4f}, val loss {val_loss:.4f}",
             flush=True,
         )
-        if after_round is not None:
-            after_round(record, state)
+        stop = after_round is not None and after_round(record, state)
         history.append(record)
         write_json_atomic(log_file, history)
+        if stop:
+            break
         state = {k: v.clone() for k, v in state.items()}
     del runtime
     gc.collect()

@@ -1,0 +1,153 @@
+"""Time to quality: training minutes for centralised SmolLM2 on MTSamples to reach a
+validation main-entity strict F1 (default 0.65), before and after the speed-ups.
+
+- before: fp32 and the paper's prompts (the product before bf16 autocast and the
+  compact prompt style);
+- after: precision auto (bf16 autocast where the CPU has AVX512-BF16) and the compact
+  prompts, the product's defaults.
+
+Everything else is the same for both arms, which run one after the other in this
+process: the NER task (the main-entity figure), the MTSamples notes of both note types
+pooled (20% of notes held out as test and never read here, 10% of the rest as the
+fixed validation split, cut once with seed 0 by the experiment's own `prepare_site`),
+batch 8, lr 1e-3, LoRA r16 / alpha 32, max length 256, one warm-up + cosine over
+--max-steps. Every --every steps the adapter is scored on the validation sentences;
+an arm stops at the first check that reaches --target. The figure is the training
+seconds summed up to that check (validation scoring excluded: it is the same work in
+both arms and not part of training), and the row is after / before (target <= 0.5x).
+An arm that never reaches the target reports its best F1 and the row says so.
+
+Each arm's rounds are saved under --work, so a cut run resumes (a finished arm is not
+trained again). Needs ../shared/data (the real corpus); a quiet machine for the timing.
+
+    python bench/bench_time_to_quality.py --json bench/results/time_to_quality.json --work /tmp/ttq
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ARMS = {"before": {"precision": "fp32", "prompt_style": "paper"}, "after": {"precision": "auto", "prompt_style": "compact"}}
+FIGURE = "time to quality"
+
+
+def reached(history: list[dict], target: float) -> dict | None:
+    """The first round record whose validation main-entity strict F1 reaches `target`."""
+    return next((h for h in history if (h.get("val_main_strict_f1") or 0) >= target), None)
+
+
+def seconds_to(history: list[dict], target: float) -> float | None:
+    """Training seconds summed up to (and including) the first round that reaches `target`."""
+    hit = reached(history, target)
+    if hit is None:
+        return None
+    return sum(h["seconds"] for h in history[: history.index(hit) + 1])
+
+
+def run_arm(name: str, args, site, work: Path) -> dict:
+    """Train one arm until the target or --max-steps; its rounds with validation F1."""
+    from dataclasses import replace
+
+    from fedmed_components.model.modeling import resolve_model
+    from fedmed_components.model.precision import resolve_precision
+    from fedmed_components.runs.experiment.config import ExperimentConfig
+    from fedmed_components.runs.experiment.scoring import Scorer, pool_scores
+    from fedmed_components.runs.experiment.training import train_locally
+
+    cfg = ExperimentConfig(
+        name=f"time_to_quality_{name}",
+        model=args.model,
+        quantize="none",
+        rank=16,
+        alpha=32,
+        local_steps=args.every,
+        batch_size=8,
+        max_length=256,
+        lr=1e-3,
+        schedule="run",
+        generation_batch_size=32,
+        max_new_tokens=160,
+        **ARMS[name],
+    )
+    run_dir = work / name
+    log = run_dir / "rounds.json"
+    history = json.loads(log.read_text()) if log.exists() else []
+    if reached(history, args.target):
+        return {"arm": name, **ARMS[name], "rounds": history}
+    scorer = Scorer(cfg, resolve_model(args.model), work)
+    val_set = {site.name: replace(site, relations=set())}  # NER only: no modifier prompts
+
+    def validate(record, state) -> bool:
+        started = time.perf_counter()
+        scores = scorer.score_sets(state, val_set, run_dir / "val_scores" / f"round_{record['round']:03d}", part="val")
+        record["val_main_strict_f1"] = pool_scores(list(scores.values()))["main_entities"]["strict"]["f1"]
+        record["val_seconds"] = round(time.perf_counter() - started, 1)
+        print(f"  {name}: {record['examples']} examples, validation main-entity strict F1 {record['val_main_strict_f1']:.3f}", flush=True)
+        return record["val_main_strict_f1"] >= args.target
+
+    history = train_locally(
+        cfg, [site.folder], run_dir, rounds=args.max_steps // args.every, steps=args.every, tasks=("ner",), after_round=validate
+    )
+    scorer.release()
+    return {"arm": name, **ARMS[name], "resolved_precision": resolve_precision(cfg.precision, "cpu"), "rounds": history}
+
+
+def table_row(arms: dict[str, dict], target: float) -> dict:
+    """after / before training time to the target; where an arm misses it, its best F1."""
+    secs = {name: seconds_to(arm["rounds"], target) for name, arm in arms.items()}
+    figure = f"{FIGURE}: training minutes to {target:.2f} validation main-entity strict F1, after / before (centralised, MTSamples)"
+    if None in secs.values():
+        best = {name: max((h.get("val_main_strict_f1") or 0) for h in arm["rounds"]) for name, arm in arms.items()}
+        missed = ", ".join(f"{n} best {best[n]:.3f}" for n, s in secs.items() if s is None)
+        return {"figure": figure, "value": f"not reached ({missed})", "target": "<= 0.5x", "met": None}
+    ratio = secs["after"] / secs["before"]
+    return {
+        "figure": figure,
+        "value": f"{ratio:.2f}x ({secs['after'] / 60:.1f} vs {secs['before'] / 60:.1f} min)",
+        "target": "<= 0.5x",
+        "met": ratio <= 0.5,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m", help="model id or folder (default smollm2-135m)")
+    parser.add_argument(
+        "--data", default=str(ROOT.parent / "shared" / "data" / "mtsamples_kiwi" / "train"), help="MTSamples (Kiwi) BRAT folder"
+    )
+    parser.add_argument("--target", type=float, default=0.65, help="validation main-entity strict F1 to reach (default 0.65)")
+    parser.add_argument("--every", type=int, default=40, help="training steps between validation checks (default 40)")
+    parser.add_argument("--max-steps", type=int, default=480, help="an arm's step budget (its cosine schedule's length; default 480)")
+    parser.add_argument("--val-sentences", type=int, default=96, help="validation sentences scored at each check (default 96)")
+    parser.add_argument("--arms", default="before,after", help="which arms to run (default both, before first)")
+    parser.add_argument(
+        "--work", required=True, help="folder for the data cut, adapters and scores (note text: keep it outside the repository)"
+    )
+    parser.add_argument("--json", default=None, help="write {'rows': [...], 'arms': {...}} here (rows: bench/report.py format)")
+    args = parser.parse_args()
+    if not Path(args.data).exists():
+        print(f"error: {args.data}: no such corpus (the MTSamples corpus is in ../shared/data)", file=sys.stderr)
+        return 2
+    from fedmed_components.runs.experiment.data import DataSource, Sampling, prepare_site
+
+    work = Path(args.work).resolve()
+    site = prepare_site(
+        DataSource(name="mtsamples", path=args.data, mapping="kiwi"), Sampling(max_val_sentences=args.val_sentences), work / "data"
+    )
+    arms = {name: run_arm(name, args, site, work) for name in args.arms.split(",")}
+    out = {"target": args.target, "every": args.every, "max_steps": args.max_steps, "arms": arms}
+    if set(arms) == set(ARMS):
+        out["rows"] = [table_row(arms, args.target)]
+        print(json.dumps(out["rows"][0], indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""bench/bench_time_to_quality.py: training minutes to a validation F1, after / before."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import bench_time_to_quality as ttq  # noqa: E402
+
+
+def _rounds(f1s: list[float], seconds: float) -> list[dict]:
+    return [{"round": i, "seconds": seconds, "val_main_strict_f1": f} for i, f in enumerate(f1s)]
+
+
+def test_time_to_quality_sums_training_seconds_up_to_the_first_check_that_reaches_the_target():
+    before = _rounds([0.3, 0.6, 0.66, 0.7], 100.0)
+    after = _rounds([0.5, 0.65], 40.0)
+    assert ttq.seconds_to(before, 0.65) == 300.0 and ttq.seconds_to(after, 0.65) == 80.0
+    row = ttq.table_row({"before": {"rounds": before}, "after": {"rounds": after}}, 0.65)
+    assert row["value"] == "0.27x (1.3 vs 5.0 min)" and row["met"] is True
+    slow = ttq.table_row({"before": {"rounds": before}, "after": {"rounds": _rounds([0.2, 0.3, 0.66], 80.0)}}, 0.65)
+    assert slow["value"].startswith("0.80x") and slow["met"] is False
+    missed = ttq.table_row({"before": {"rounds": before}, "after": {"rounds": _rounds([0.5, 0.61], 40.0)}}, 0.65)
+    assert missed["value"] == "not reached (after best 0.610)" and missed["met"] is None
+
+
+@pytest.mark.slow
+def test_each_arm_trains_until_its_validation_check_reaches_the_target(tmp_path):
+    """Tiny model on synthetic notes: a target of 0 is reached at the first check, so each
+    arm stops after one round of --every steps instead of its --max-steps."""
+    from fedmed_components.data.document import write_jsonl
+    from fedmed_components.data.synth import generate_site_corpus
+
+    data = tmp_path / "notes"
+    write_jsonl(generate_site_corpus("a", 12, 0, "general_medicine"), data / "notes.jsonl")
+    out = tmp_path / "ttq.json"
+    command = [sys.executable, str(ROOT / "bench" / "bench_time_to_quality.py"), "--model", "tiny", "--data", str(data / "notes.jsonl")]
+    command += [
+        "--target",
+        "0",
+        "--every",
+        "2",
+        "--max-steps",
+        "6",
+        "--val-sentences",
+        "4",
+        "--work",
+        str(tmp_path / "work"),
+        "--json",
+        str(out),
+    ]
+    subprocess.run(command, check=True, capture_output=True, timeout=600)
+    result = json.loads(out.read_text())
+    for name, arm in result["arms"].items():
+        assert len(arm["rounds"]) == 1 and arm["rounds"][0]["steps"] == 2 and "val_main_strict_f1" in arm["rounds"][0], name
+    assert result["arms"]["before"]["prompt_style"] == "paper" and result["arms"]["after"]["prompt_style"] == "compact"
+    assert result["rows"][0]["figure"].startswith(ttq.FIGURE) and result["rows"][0]["value"].endswith("min)")
+    with pytest.raises(subprocess.CalledProcessError):  # no corpus there: a clear error, exit 2
+        subprocess.run([*command[:4], str(tmp_path / "missing"), *command[5:]], check=True, capture_output=True, timeout=120)
