@@ -217,6 +217,9 @@ def test_site_batch_runs_train_the_same_examples_in_more_smaller_steps(tmp_path,
     config.write_text(config.read_text().replace("[2, 4]", "[2, 7]"))
     with pytest.raises(InputError, match=r"exp.yaml:4: site_batch_sizes: site batch 7 does not divide a round's 360 examples"):
         load_config(config)
+    config.write_text(config.read_text().replace("local_steps: 45\n", ""))
+    with pytest.raises(InputError, match=r"site_batch_sizes: a site batch needs local_steps"):
+        load_config(config)
 
 
 def _default_of(aggregator: str, argument: str):

@@ -112,8 +112,9 @@ class ExperimentConfig:
     bert_model: str = "minilm"  # the BERT baseline's encoder (Bio_ClinicalBERT id on a GPU machine)
     bert_lr: float = 1e-3
     bert_local_steps: int | None = None  # per site per round, pooled like centralised; None: local_steps (an encoder step is ~100x cheaper)
-    # every kind but fed_flexlora, which needs site_ranks for the config's own sites
-    runs: list[str] = field(default_factory=lambda: [k for k in RUN_KINDS if k != FLEXLORA_KIND])
+    # every kind but fed_flexlora (it needs site_ranks for the config's own sites) and the
+    # site-batch runs (they need local_steps: a round's examples are counted in steps)
+    runs: list[str] = field(default_factory=lambda: [k for k in RUN_KINDS if k not in (FLEXLORA_KIND, SITE_BATCH_KIND)])
 
     def run_ids(self) -> list[str]:
         """Run kinds expanded into concrete runs, in the order they are made."""
@@ -199,8 +200,10 @@ def job_settings(cfg: ExperimentConfig, run_id: str) -> dict:
 
 def site_local_steps(cfg: ExperimentConfig, site_batch: int) -> int:
     """Local steps a round at `site_batch` that train the examples `local_steps` x `batch_size` do."""
-    examples = (cfg.local_steps or 0) * cfg.batch_size
-    if not examples or examples % site_batch:
+    if not cfg.local_steps:
+        raise ValueError("a site batch needs local_steps (a round's examples are local_steps x batch_size)")
+    examples = cfg.local_steps * cfg.batch_size
+    if examples % site_batch:
         raise ValueError(f"site batch {site_batch} does not divide a round's {examples} examples (local_steps x batch_size)")
     return examples // site_batch
 
