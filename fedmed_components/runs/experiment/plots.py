@@ -26,7 +26,8 @@ def write_plots(cfg, results: dict[str, dict], out: Path) -> list[Path]:
     trained = {r: v for r, v in results.items() if v.get("rounds") and v.get("kind") != "new_site"}
     # Learning curves: validation F1 (never test) against training examples seen, summed over sites.
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-    for ax, key, what in ((axes[0], "val_entity_strict_f1", "entity"), (axes[1], "val_relation_strict_f1", "modifier")):
+    # main entities: the headline figure (problem, treatment, test, drug); modifiers: hasAttr links
+    for ax, key, what in ((axes[0], "val_main_strict_f1", "main-entity"), (axes[1], "val_relation_strict_f1", "modifier")):
         ax.set_prop_cycle(color=plt.cm.tab10.colors, marker=["o", "s", "^", "D", "v", "P", "X", "*", "<", ">"])
         for run_id, r in trained.items():
             pts = [(h["examples"], h[key]) for h in r["rounds"] if h.get(key) is not None and h.get("examples")]
@@ -35,7 +36,7 @@ def write_plots(cfg, results: dict[str, dict], out: Path) -> list[Path]:
         ax.set(
             xlabel="training examples seen (all sites)",
             ylabel=f"validation strict {what} F1",
-            title=f"Learning curves: {what}s (pooled validation split)",
+            title=f"Learning curves: {what} F1 (pooled validation split)",
         )
         ax.set_ylim(bottom=0)
         ax.legend(fontsize=7)
