@@ -58,6 +58,11 @@ class Budget:
         "modifiers answered as a JSON list (fewer tokens a step; predict with the same style)",
         choices=PROMPT_STYLES,
     )
+    ner_sentences: int = setting(
+        1,
+        "consecutive sentences of a note in one NER example (its fixed prompt paid once for all of "
+        "them; modifier examples stay one sentence); predict with the same",
+    )
 
     @classmethod
     def names(cls) -> tuple[str, ...]:

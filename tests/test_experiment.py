@@ -36,6 +36,34 @@ def test_sentence_documents_keep_offsets_and_relations():
     assert [(r.head, r.tail) for r in sents[1].relations] == [("T2", "T3")]
 
 
+def test_packed_ner_runs_cut_notes_into_runs_of_sentences_and_reach_the_sites_job(tmp_path, exported_job):
+    from fedmed_components.flare.job import JobSpec
+    from fedmed_components.runs.experiment import config as config_module
+
+    doc = Document("n1", "One fever. Two cough. Three rash.", entities=[Entity("T1", "problem", [(15, 20)], "cough")])
+    runs = sentence_documents(doc, size=2)
+    assert [(d.id, d.text) for d in runs] == [("n1#w000", "One fever. Two cough."), ("n1#w001", "Three rash.")]
+    assert runs[0].entities[0].spans == [(15, 20)] and runs[1].entities == []
+
+    source = DataSource(name="a", synthetic_style="case_report", synthetic_docs=6)
+    site = prepare_site(source, Sampling(max_val_sentences=4), tmp_path / "data", sentences_per_document=3)
+    assert all("#w" in d.id for d in site.read("train")) and len(site.read("val")) <= 2  # a limit of 4 sentences: 2 runs of 3
+    with pytest.raises(InputError, match="prepared with other settings"):
+        prepare_site(source, Sampling(max_val_sentences=4), tmp_path / "data")
+
+    config = tmp_path / "exp.yaml"
+    config.write_text(
+        "model: tiny\nner_sentences: 4\nruns: [fed_medlora]\nsites: [{name: a, synthetic_style: case_report}, {name: b, synthetic_style: case_report}]\n"
+    )
+    client = (exported_job(load_config(config), "fed_medlora") / "app" / "config" / "config_fed_client.json").read_text()
+    assert "--ner-sentences 4" in client
+    assert "--ner-sentences" not in JobSpec().site_args()  # 1, the default: the committed jobs carry no flag
+    config.write_text(config.read_text().replace("ner_sentences: 4", "ner_sentences: 0"))
+    with pytest.raises(InputError, match="exp.yaml:2: ner_sentences must be a positive integer"):
+        load_config(config)
+    assert config_module.ExperimentConfig().ner_sentences == 1
+
+
 def test_test_split_is_held_out_by_note_and_deterministic(tmp_path):
     source = DataSource(name="general_medicine", synthetic_style="general_medicine", synthetic_docs=10)
     sampling = Sampling(seed=3, test_fraction=0.3, val_fraction=0.2, max_train_sentences=30)

@@ -14,10 +14,10 @@ from fedmed_components.task import prompts
 from fedmed_components.task.metrics import score_documents
 
 
-def _oracle_scores(monkeypatch, docs, types=None, style="paper"):
+def _oracle_scores(monkeypatch, docs, types=None, style="paper", ner_sentences=1):
     # The predictor asks every note with the full-schema prompts (a partial-schema site
     # is scored on its own types only), so the oracle answers those.
-    answers = {ex.prompt: ex.answer for doc in docs for ex in prompts.document_examples(doc, style=style)}
+    answers = {ex.prompt: ex.answer for doc in docs for ex in prompts.document_examples(doc, style=style, ner_sentences=ner_sentences)}
     unknown = []
 
     def oracle(model, tokenizer, texts, *args, **kwargs):
@@ -26,7 +26,8 @@ def _oracle_scores(monkeypatch, docs, types=None, style="paper"):
 
     monkeypatch.setattr(prompts, "render_chat", lambda tokenizer, text, *a, **k: (text, None))
     monkeypatch.setattr(inference, "generate", oracle)
-    preds, report = inference.predict_documents(None, lambda s, add_special_tokens=False: {"input_ids": list(s)}, docs, prompt_style=style)
+    tokenizer = lambda s, add_special_tokens=False: {"input_ids": list(s)}  # noqa: E731
+    preds, report = inference.predict_documents(None, tokenizer, docs, prompt_style=style, ner_sentences=ner_sentences)
     assert report.parse_failures == 0
     assert not unknown, f"the predictor asked {len(unknown)} prompt(s) training never shows, e.g. {unknown[0][:200]}"
     every = score_documents(docs, preds, types=types)
@@ -41,6 +42,19 @@ def test_gold_answers_score_full_marks_on_synthetic_notes(monkeypatch, style):
 
     docs = [s for d in generate_site_corpus("site", 6, 0, "discharge_summary") for s in sentence_documents(d)]
     every, mains = _oracle_scores(monkeypatch, docs, style=style)
+    assert every["relations"]["strict"]["tp"] > 20
+    assert mains["entities"]["strict"]["f1"] == pytest.approx(1.0)
+    assert every["relations"]["strict"]["f1"] > 0.99
+
+
+@pytest.mark.parametrize("style", sorted(prompts.PROMPT_STYLES))
+def test_gold_answers_score_full_marks_with_packed_ner_prompts(monkeypatch, style):
+    """Whole notes, NER asked 3 sentences at a time: entities land at their note offsets
+    and each one's modifiers are asked in its own sentence, as training shows them."""
+    from fedmed_components.data.synth import generate_site_corpus
+
+    docs = generate_site_corpus("site", 6, 0, "discharge_summary")
+    every, mains = _oracle_scores(monkeypatch, docs, style=style, ner_sentences=3)
     assert every["relations"]["strict"]["tp"] > 20
     assert mains["entities"]["strict"]["f1"] == pytest.approx(1.0)
     assert every["relations"]["strict"]["f1"] > 0.99

@@ -174,6 +174,36 @@ def test_cross_sentence_entities_are_counted_not_tagged():
     assert all(e.spans == () for e in examples) and stats["cross_sentence_main"] == 1
 
 
+@pytest.mark.parametrize("style", ["paper", "compact"])
+def test_packed_ner_examples_hold_runs_of_sentences_with_note_offsets(style):
+    doc = _note()  # 4 sentences
+    one = document_examples(doc, style=style)
+    packed = document_examples(doc, style=style, ner_sentences=3)
+    ner = [e for e in packed if e.task == "ner"]
+    # 2 NER examples instead of 4: the fixed prompt is paid once per 3 sentences
+    assert [e.sentence for e in ner] == ["HISTORY:\nHe has severe chest pain. No fever or cough.", "Take aspirin 81 mg daily."]
+    assert (
+        ner[0].answer
+        == 'HISTORY:\nHe has severe <span class="problem">chest pain</span>. No <span class="problem">fever</span> or <span class="problem">cough</span>.'
+    )
+    for e in ner:  # offsets relative to the run's start: note offsets = sentence_start + offset
+        assert all(doc.text[e.sentence_start + a : e.sentence_start + b] == e.sentence[a:b] for _, a, b in e.spans)
+    note_spans = lambda examples: sorted(
+        (t, e.sentence_start + a, e.sentence_start + b) for e in examples if e.task == "ner" for t, a, b in e.spans
+    )  # noqa: E731
+    assert note_spans(packed) == note_spans(one)
+    # modifier examples are the same sentence-level ones, in text order after their run's NER example
+    assert [e for e in packed if e.task == "modifier"] == [e for e in one if e.task == "modifier"]
+    assert [e.task for e in packed][:2] == ["ner", "modifier"] and packed.index(ner[1]) > packed.index(ner[0]) + 1
+
+
+def test_packed_ner_keeps_an_entity_that_crosses_sentences_inside_its_run():
+    doc = Document("x", "Pain in the chest. Wall is sore.", entities=[Entity("T1", "problem", [(12, 23)], "chest. Wall")])
+    assert document_examples(doc, ner_sentences=2, tasks=("ner",))[0].spans == (("problem", 12, 23),)
+    with pytest.raises(ValueError, match="ner_sentences must be at least 1"):
+        document_examples(doc, ner_sentences=0)
+
+
 def test_discontinuous_entity_is_tagged_by_its_covering_span():
     doc = Document("d", "Pain in left and right knee.", entities=[Entity("T1", "problem", [(0, 4), (17, 27)], "Pain right knee")])
     ner = document_examples(doc, tasks=("ner",))[0]

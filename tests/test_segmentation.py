@@ -98,3 +98,15 @@ def test_chunk_long_keeps_every_word():
     spans = chunk_long(split_sentences(text), text, 40)
     assert all(e - s <= 40 for s, e in spans)
     assert " ".join(text[s:e] for s, e in spans) == text.strip()
+
+
+def test_sentence_windows_cover_runs_of_sentences_with_the_text_between():
+    from fedmed_components.data.segmentation import sentence_windows
+
+    text = "One. Two.\nThree.  Four. Five."
+    assert [text[a:b] for a, b in sentence_windows(text, 1)] == [text[a:b] for a, b in split_sentences(text)]
+    assert [text[a:b] for a, b in sentence_windows(text, 2)] == ["One. Two.", "Three.  Four.", "Five."]
+    assert [text[a:b] for a, b in sentence_windows(text, 9)] == [text]
+    assert sentence_windows("", 3) == []
+    with pytest.raises(ValueError, match="at least 1"):
+        sentence_windows(text, 0)

@@ -139,9 +139,11 @@ def _budget_options(parser: argparse.ArgumentParser) -> dict[str, argparse.Actio
     return {a.dest: a for a in parser._actions if a.dest in Budget.names()}
 
 
-# predict's --batch-size (sentences generated at once) and --prompt-style (default: the
-# adapter's own) are its own settings
-@pytest.mark.parametrize("command, own", [(("train-local",), ()), (("job", "export"), ()), (("predict",), ("batch_size", "prompt_style"))])
+# predict's --batch-size (sentences generated at once), --prompt-style and --ner-sentences
+# (default: the adapter's own) are its own settings
+@pytest.mark.parametrize(
+    "command, own", [(("train-local",), ()), (("job", "export"), ()), (("predict",), ("batch_size", "prompt_style", "ner_sentences"))]
+)
 def test_every_command_shows_the_budget_defaults_and_help(command, own):
     from fedmed_components.cli import build_parser
 

@@ -178,6 +178,7 @@ def spec_from_args(args, **overrides):
         quantize=args.quantize,
         precision=args.precision,
         prompt_style=args.prompt_style,
+        ner_sentences=args.ner_sentences,
         temperature=args.temperature,
         use_sizes=args.use_sizes,
         train_timeout=args.train_timeout,

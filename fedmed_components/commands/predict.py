@@ -29,6 +29,12 @@ def register(subparsers) -> None:
         choices=PROMPT_STYLES,
         help="the prompt style the adapter was trained with (default: the one its metadata records, else paper)",
     )
+    p.add_argument(
+        "--ner-sentences",
+        type=int,
+        default=None,
+        help="consecutive sentences per NER prompt, as the adapter was trained (default: its metadata's, else 1)",
+    )
     p.set_defaults(func=_run)
 
 
@@ -73,6 +79,7 @@ def _run(args) -> int:
         settings=GenerationSettings(batch_size=args.batch_size, precision=args.precision),
         progress=True,
         prompt_style=args.prompt_style or meta.get("prompt_style") or BUDGET.prompt_style,
+        ner_sentences=args.ner_sentences or meta.get("ner_sentences") or BUDGET.ner_sentences,
     )
     return _write(preds, Path(args.out), report.summary(len(notes)))
 

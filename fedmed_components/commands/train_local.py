@@ -53,7 +53,7 @@ def _run(args) -> int:
         runtime.config.lora,
         runtime.model_path,
         args.out,
-        extra_meta={"baseline": "local", "data": folders, "prompt_style": args.prompt_style},
+        extra_meta={"baseline": "local", "data": folders, "prompt_style": args.prompt_style, "ner_sentences": args.ner_sentences},
     )
     (Path(out) / "train_log.json").write_text(json.dumps(log, indent=2))
     print(f"adapter: {out}")

@@ -104,6 +104,15 @@ def split_sentences(text: str) -> list[tuple[int, int]]:
     return spans
 
 
+def sentence_windows(text: str, size: int = 1) -> list[tuple[int, int]]:
+    """(start, end) of each run of `size` consecutive sentences (the last run may be
+    shorter): the text between them stays inside, so offsets into `text` hold."""
+    if size < 1:
+        raise ValueError(f"sentences per window must be at least 1, not {size}")
+    sentences = split_sentences(text)
+    return [(sentences[i][0], sentences[min(i + size, len(sentences)) - 1][1]) for i in range(0, len(sentences), size)]
+
+
 def chunk_long(spans: list[tuple[int, int]], text: str, max_chars: int) -> list[tuple[int, int]]:
     """Cut segments longer than max_chars at the last whitespace that fits (offsets kept).
 

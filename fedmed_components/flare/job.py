@@ -53,6 +53,7 @@ class JobSpec:
     alpha: int = BUDGET.alpha
     precision: str = BUDGET.precision
     prompt_style: str = BUDGET.prompt_style
+    ner_sentences: int = BUDGET.ner_sentences
     data: str = ""  # site folder root (<data>/<site name>); empty: each site's $FEDMED_DATA
     quantize: str = BUDGET.quantize
     loss_source: str = "sites"  # Fed-MedLoRA+: sites | server
@@ -143,6 +144,8 @@ class JobSpec:
         ]
         if self.local_steps:
             args += ["--local-steps", str(self.local_steps)]
+        if self.ner_sentences != BUDGET.ner_sentences:
+            args += ["--ner-sentences", str(self.ner_sentences)]
         if self.data:
             args += ["--data", self.data]
         if self.task_model != "causal-lm":

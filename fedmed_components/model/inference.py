@@ -200,10 +200,14 @@ def predict_documents(
     settings: GenerationSettings | None = None,
     progress: bool = False,
     prompt_style: str = BUDGET.prompt_style,
+    ner_sentences: int = BUDGET.ner_sentences,
 ) -> tuple[list[Document], PredictionReport]:
-    """Predict main entities per sentence, then each entity's modifiers; note offsets.
-    `prompt_style` must be the one the adapter was trained with (prompts.PROMPT_STYLES)."""
-    from fedmed_components.data.segmentation import split_sentences
+    """Predict main entities per sentence (or per window of `ner_sentences`), then each
+    entity's modifiers in its sentence; note offsets. `prompt_style` and `ner_sentences`
+    must be the ones the adapter was trained with (prompts.PROMPT_STYLES)."""
+    import bisect
+
+    from fedmed_components.data.segmentation import sentence_windows, split_sentences
     from fedmed_components.task.parsing import parse_modifiers, parse_ner
     from fedmed_components.task.prompts import modifier_prompt, ner_prompt, render_chat
     from fedmed_components.task.prompts import prompt_style as get_style
@@ -212,23 +216,29 @@ def predict_documents(
     ner_format, modifier_format = style.formats(output_format)
 
     report = PredictionReport()
-    sentences = []  # (doc index, sentence start, sentence text)
+    units = []  # (doc index, start, text): the NER inputs, sentences or windows of them
+    sentence_spans = []  # per doc: its sentences' (start, end), where modifiers are asked
     for d, doc in enumerate(docs):
-        for start, end in split_sentences(doc.text):
-            sentences.append((d, start, doc.text[start:end]))
-    report.sentences = len(sentences)
+        sentence_spans.append(split_sentences(doc.text))
+        report.sentences += len(sentence_spans[-1])
+        spans = sentence_spans[-1] if ner_sentences == 1 else sentence_windows(doc.text, ner_sentences)
+        units += [(d, start, doc.text[start:end]) for start, end in spans]
     preds = [Document(id=doc.id, text=doc.text, site=doc.site) for doc in docs]
 
-    prompts = [render_chat(tokenizer, ner_prompt(s, ner_format, style=style), system=style.system)[0] for _, _, s in sentences]
-    lengths = [len(tokenizer(s, add_special_tokens=False)["input_ids"]) for _, _, s in sentences]
+    prompts = [render_chat(tokenizer, ner_prompt(s, ner_format, style=style), system=style.system)[0] for _, _, s in units]
+    lengths = [len(tokenizer(s, add_special_tokens=False)["input_ids"]) for _, _, s in units]
     ner_outputs = generate(model, tokenizer, prompts, settings, progress, answer_lengths=lengths)
-    mains = []  # (doc index, sentence start, sentence, (type, start, end), entity id)
-    for (d, offset, sentence), output in zip(sentences, ner_outputs):
-        parsed = parse_ner(output, sentence, output_format=ner_format)
+    mains = []  # (doc index, sentence start, sentence, (type, start, end) in the sentence, entity id)
+    for (d, offset, text), output in zip(units, ner_outputs):
+        parsed = parse_ner(output, text, output_format=ner_format)
         report.ner_parse_failures += int(parsed.failed)
         for etype, s, e in parsed.spans:
             ent = _add_entity(preds[d], etype, offset + s, offset + e)
-            mains.append((d, offset, sentence, (etype, s, e), ent.id))
+            # the sentence that holds the entity (one that crosses sentences: its window's text)
+            starts = [a for a, _ in sentence_spans[d]]
+            a, b = sentence_spans[d][max(bisect.bisect_right(starts, offset + s) - 1, 0)]
+            a, b = (a, b) if a <= offset + s and offset + e <= b else (offset, offset + len(text))
+            mains.append((d, a, docs[d].text[a:b], (etype, offset + s - a, offset + e - a), ent.id))
 
     if "modifier" in tasks and mains:
         prompts = [

@@ -286,6 +286,7 @@ class SiteRuntime:
                 max_length=self.config.train.max_length,
                 tasks=tasks,
                 prompt_style=self.config.sft.prompt_style,
+                ner_sentences=self.config.sft.ner_sentences,
             )
         finally:
             set_adapter_state(self.model, own)
@@ -396,7 +397,7 @@ def site_config_from_args(args) -> SiteConfig:
             train_on_prompt=args.train_on_prompt,
             seed=args.seed,
         ),
-        sft=SFTConfig(tasks=args.tasks, prompt_style=args.prompt_style),
+        sft=SFTConfig(tasks=args.tasks, prompt_style=args.prompt_style, ner_sentences=args.ner_sentences),
         val_fraction=args.val_fraction,
         max_train_examples=args.max_train_examples,
         max_val_examples=args.max_val_examples,

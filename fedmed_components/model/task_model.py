@@ -139,6 +139,7 @@ class TaskModel(ABC):
         max_length: int = tc.ENCODER_WINDOW,
         tasks: tuple[str, ...] = BUDGET.tasks,
         prompt_style: str = BUDGET.prompt_style,
+        ner_sentences: int = BUDGET.ner_sentences,
         progress: bool = False,
     ) -> tuple[list[Document], PredictionReport | tc.TaggingReport]:
         """Predicted documents (entities, hasAttr relations, note offsets) and a report
@@ -192,11 +193,21 @@ class CausalLMTask(TaskModel):
         max_length=tc.ENCODER_WINDOW,
         tasks=BUDGET.tasks,
         prompt_style=BUDGET.prompt_style,
+        ner_sentences=BUDGET.ner_sentences,
         progress=False,
     ):
         from fedmed_components.model.inference import predict_documents
 
-        return predict_documents(model, tokenizer, docs, tasks=tasks, settings=settings, progress=progress, prompt_style=prompt_style)
+        return predict_documents(
+            model,
+            tokenizer,
+            docs,
+            tasks=tasks,
+            settings=settings,
+            progress=progress,
+            prompt_style=prompt_style,
+            ner_sentences=ner_sentences,
+        )
 
 
 class TokenClassificationTask(TaskModel):
@@ -238,9 +249,10 @@ class TokenClassificationTask(TaskModel):
         max_length=tc.ENCODER_WINDOW,
         tasks=BUDGET.tasks,
         prompt_style=BUDGET.prompt_style,
+        ner_sentences=BUDGET.ner_sentences,
         progress=False,
     ):
-        # Both layers are always tagged; `tasks` and `prompt_style` are the LLM's.
+        # Both layers are always tagged; `tasks`, `prompt_style` and `ner_sentences` are the LLM's.
         batch = {"batch_size": settings.batch_size} if settings is not None else {}
         preds = tc.predict_documents_bert(model, tokenizer, docs, max_length=max_length, progress=progress, **batch)
         return preds, tc.TaggingReport()

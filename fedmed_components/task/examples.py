@@ -16,6 +16,7 @@ class SFTConfig:
     train_on_prompt: bool = False
     include_empty_modifier_examples: bool = True
     prompt_style: str = BUDGET.prompt_style  # prompts.PROMPT_STYLES; inference must use the same
+    ner_sentences: int = BUDGET.ner_sentences  # consecutive sentences per NER example; inference must use the same
 
 
 def build_examples(docs: list[Document], config: SFTConfig, types: set[str] | None = None):
@@ -31,6 +32,7 @@ def build_examples(docs: list[Document], config: SFTConfig, types: set[str] | No
             types=types,
             include_empty_modifier_examples=config.include_empty_modifier_examples,
             style=config.prompt_style,
+            ner_sentences=config.ner_sentences,
         )
     return examples
 

@@ -30,7 +30,10 @@ What flat tags cannot express, and what is done instead (deterministic):
 ``document_examples(..., stats=Counter())`` counts all three.
 
 Sentences come from `segmentation.split_sentences`; span offsets in an `Example` are
-relative to its sentence (add ``sentence_start`` for note offsets).
+relative to its sentence (add ``sentence_start`` for note offsets). With
+``ner_sentences=k`` a NER example holds k consecutive sentences of the note (the text
+between them included, so offsets stay relative to the first one's start): the fixed
+prompt is paid once for k sentences. Modifier examples stay one sentence each.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from dataclasses import dataclass
 
 from fedmed_components.data.document import Document, Entity
 from fedmed_components.data.schema import MAIN_TYPES, MODIFIER_TYPES
-from fedmed_components.data.segmentation import split_sentences
+from fedmed_components.data.segmentation import sentence_windows, split_sentences
 from fedmed_components.settings import BUDGET
 from fedmed_components.settings import PROMPT_STYLES as STYLE_NAMES
 
@@ -264,6 +267,7 @@ def document_examples(
     include_empty_modifier_examples: bool = True,
     stats: Counter | None = None,
     style: str | PromptStyle = "paper",
+    ner_sentences: int = BUDGET.ner_sentences,
 ) -> list[Example]:
     """Sentence-level examples of one note, in text order.
 
@@ -272,8 +276,11 @@ def document_examples(
     `include_empty_modifier_examples` is False. `types` limits a partial-schema site to
     the types it annotates (its prompts then name only those). `stats`, if given,
     counts entities and what could not be expressed. `style`: `PROMPT_STYLES`.
+    `ner_sentences`: consecutive sentences per NER example (segmentation.sentence_windows).
     """
     _check_format(output_format)
+    if ner_sentences < 1:
+        raise ValueError(f"ner_sentences must be at least 1, not {ner_sentences}")
     allowed = set(types) if types else set(MAIN_TYPES) | set(MODIFIER_TYPES)
     make = _ExampleMaker(
         doc.id,
@@ -286,11 +293,16 @@ def document_examples(
     sentences = split_sentences(doc.text)
     mains_in = _mains_by_sentence(doc, make.main_types, sentences, make.stats)
     tails = _modifiers_by_head(doc, make.modifier_types)
+    # NER units: the sentences, or windows of ner_sentences of them (an entity that crosses a
+    # sentence boundary inside a window is kept; the stats count per sentence, above)
+    windows = sentences if ner_sentences == 1 else sentence_windows(doc.text, ner_sentences)
+    mains_in_window = mains_in if ner_sentences == 1 else _mains_by_sentence(doc, make.main_types, windows, Counter())
     examples = []
     for index, (s_start, s_end) in enumerate(sentences):
         sentence, mains = doc.text[s_start:s_end], mains_in.get(index, [])
-        if "ner" in tasks and make.main_types:
-            examples.append(make.ner(s_start, sentence, mains))
+        if "ner" in tasks and make.main_types and index % ner_sentences == 0:
+            w_start, w_end = windows[index // ner_sentences]
+            examples.append(make.ner(w_start, doc.text[w_start:w_end], mains_in_window.get(index // ner_sentences, [])))
         if "modifier" not in tasks or not make.modifier_types:
             continue
         for ent in mains:

@@ -99,6 +99,9 @@ class ExperimentConfig:
     dp_record: str = "example"  # example | note: what one record is (a note's examples are clipped together)
     precision: str = BUDGET.precision  # training and generation: auto | fp32 | bf16 (precision.py)
     prompt_style: str = BUDGET.prompt_style  # paper | compact (prompts.PROMPT_STYLES): training and scoring alike
+    # consecutive sentences in one NER example and prediction; the site folders then hold runs
+    # of this many sentences as their documents (data.sentence_documents)
+    ner_sentences: int = BUDGET.ner_sentences
     f1_every_round: bool = False  # score every round's adapter on the sites' pooled VALIDATION split (learning curves)
     checkpoints_per_round: int = 1  # centralised: a learning-curve point this many times per round
     simulator_timeout: float = 7200
@@ -277,6 +280,8 @@ def load_config(path: str | os.PathLike) -> ExperimentConfig:
         raise InputError(
             path, _line_of(path, "prompt_style"), f"prompt_style must be one of {sorted(PROMPT_STYLES)}, not {cfg.prompt_style!r}"
         )
+    if not isinstance(cfg.ner_sentences, int) or cfg.ner_sentences < 1:
+        raise InputError(path, _line_of(path, "ner_sentences"), f"ner_sentences must be a positive integer, not {cfg.ner_sentences!r}")
     for name, *_ in SWEPT.values():
         values = getattr(cfg, name)
         if not values or any(v <= 0 for v in values):

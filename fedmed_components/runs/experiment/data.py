@@ -20,7 +20,7 @@ from pathlib import Path
 from fedmed_components.data.document import Document, Entity, InputError, Relation, read_jsonl, write_jsonl
 from fedmed_components.data.files import atomic_write_text
 from fedmed_components.data.schema import ENTITY_TYPES, RELATION_TYPES, get_mapping
-from fedmed_components.data.segmentation import split_sentences
+from fedmed_components.data.segmentation import sentence_windows, split_sentences
 
 PARTS = ("train", "val", "test")
 
@@ -102,16 +102,22 @@ def _load_quietly(path: str, mapping: str, site: str) -> list[Document]:
         return load_corpus(path, mapping, lenient=True, site=site)
 
 
-def sentence_documents(doc: Document) -> list[Document]:
-    """One document per sentence; entities wholly inside a sentence move along with
-    their relations (offsets shifted); ids are `<note id>#s<NNN>`."""
+def sentence_documents(doc: Document, size: int = 1) -> list[Document]:
+    """One document per sentence (or per run of `size` consecutive sentences: the unit a
+    packed NER example holds, see prompts.document_examples); entities wholly inside it
+    move along with their relations (offsets shifted); ids are `<note id>#s<NNN>`
+    (`#w<NNN>` for runs of several sentences)."""
     out = []
-    for index, (start, end) in enumerate(split_sentences(doc.text)):
+    spans = split_sentences(doc.text) if size == 1 else sentence_windows(doc.text, size)
+    tag = "s" if size == 1 else "w"
+    for index, (start, end) in enumerate(spans):
         inside = [e for e in doc.entities if all(start <= s and e_ <= end for s, e_ in e.spans)]
         kept = {e.id for e in inside}
         entities = [Entity(e.id, e.type, [(s - start, e_ - start) for s, e_ in e.spans], e.text, e.negated) for e in inside]
         relations = [Relation(r.type, r.head, r.tail) for r in doc.relations if r.head in kept and r.tail in kept]
-        out.append(Document(id=f"{doc.id}#s{index:03d}", text=doc.text[start:end], site=doc.site, entities=entities, relations=relations))
+        out.append(
+            Document(id=f"{doc.id}#{tag}{index:03d}", text=doc.text[start:end], site=doc.site, entities=entities, relations=relations)
+        )
     return out
 
 
@@ -121,8 +127,10 @@ def _sample(items: list, limit: int | None, rng: random.Random) -> list:
     return sorted(rng.sample(items, limit), key=lambda d: d.id)
 
 
-def split_source(source: DataSource, sampling: Sampling) -> dict[str, list[Document]]:
-    """train / val / test sentence documents of one source; deterministic in the seed."""
+def split_source(source: DataSource, sampling: Sampling, sentences_per_document: int = 1) -> dict[str, list[Document]]:
+    """train / val / test sentence documents of one source (runs of `sentences_per_document`
+    sentences, the limits then counting sentences approximately: a limit / size of runs);
+    deterministic in the seed."""
     from fedmed_components.data.partition import train_test_split
 
     docs, own_test = load_source(source, sampling.seed)
@@ -136,24 +144,28 @@ def split_source(source: DataSource, sampling: Sampling) -> dict[str, list[Docum
         "val": sampling.max_val_sentences,
         "test": source.max_test_sentences or sampling.max_test_sentences,
     }
+    size = sentences_per_document
     parts = {}
     for part, part_docs in (("train", train_docs), ("val", val_docs), ("test", test_docs)):
-        sentences = [s for d in part_docs for s in sentence_documents(d)]
-        parts[part] = _sample(sentences, limits[part], random.Random(f"{sampling.seed}-{source.name}-{part}"))
+        units = [s for d in part_docs for s in sentence_documents(d, size)]
+        limit = limits[part] if limits[part] is None else max(1, -(-limits[part] // size))
+        parts[part] = _sample(units, limit, random.Random(f"{sampling.seed}-{source.name}-{part}"))
     return parts
 
 
-def prepare_site(source: DataSource, sampling: Sampling, root: str | os.PathLike) -> PreparedSite:
+def prepare_site(source: DataSource, sampling: Sampling, root: str | os.PathLike, sentences_per_document: int = 1) -> PreparedSite:
     """Write (or reuse) the site folder; a folder made with other settings is an error."""
     folder = Path(root) / source.name
     recipe = {"source": asdict(source), "sampling": asdict(sampling)}
+    if sentences_per_document != 1:  # absent at 1: folders cut before the setting existed still match
+        recipe["sentences_per_document"] = sentences_per_document
     manifest_file = folder / "manifest.json"
     if manifest_file.exists():
         manifest = json.loads(manifest_file.read_text())
         if manifest.get("recipe") != recipe:
             raise InputError(manifest_file, None, "site folder was prepared with other settings; use another --out or delete it")
     else:
-        parts = split_source(source, sampling)
+        parts = split_source(source, sampling, sentences_per_document)
         for part, docs in parts.items():
             write_jsonl(docs, folder / f"{part}.jsonl")
         manifest = {

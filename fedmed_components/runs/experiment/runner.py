@@ -32,8 +32,8 @@ def prepare(cfg: ExperimentConfig, work: Path) -> tuple[list[PreparedSite], Prep
     from fedmed_components.data.document import write_jsonl
 
     data = work / "data"
-    sites = [prepare_site(s, cfg.sampling, data) for s in cfg.sites]
-    external = prepare_site(cfg.external, cfg.sampling, work / "external") if cfg.external else None
+    sites = [prepare_site(s, cfg.sampling, data, cfg.ner_sentences) for s in cfg.sites]
+    external = prepare_site(cfg.external, cfg.sampling, work / "external", cfg.ner_sentences) if cfg.external else None
     server_val = data / "server_val.jsonl"
     if not server_val.exists():  # Fed-MedLoRA+ (server): the pooled validation splits, held by the server
         write_jsonl([d for s in sites for d in s.read("val")], server_val)

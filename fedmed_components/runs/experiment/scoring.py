@@ -113,6 +113,7 @@ class Scorer:
             tasks=tasks,
             progress=True,
             prompt_style=self.cfg.prompt_style,
+            ner_sentences=self.cfg.ner_sentences,
         )
         return preds, report.parse_failures
 
