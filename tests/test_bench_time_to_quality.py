@@ -27,6 +27,10 @@ def test_time_to_quality_sums_training_seconds_up_to_the_first_check_that_reache
     assert slow["value"].startswith("0.80x") and slow["met"] is False
     missed = ttq.table_row({"before": {"rounds": before}, "after": {"rounds": _rounds([0.5, 0.61], 40.0)}}, 0.65)
     assert missed["value"] == "not reached (after best 0.610)" and missed["met"] is None
+    packed = ttq.table_row(
+        {"before": {"rounds": before}, "after": {"rounds": after}, "packed": {"rounds": _rounds([0.7], 30.0)}}, 0.65, "packed"
+    )
+    assert packed["value"] == "0.10x (0.5 vs 5.0 min)" and "packed / before" in packed["figure"]
 
 
 @pytest.mark.slow
@@ -59,6 +63,8 @@ def test_each_arm_trains_until_its_validation_check_reaches_the_target(tmp_path)
     for name, arm in result["arms"].items():
         assert len(arm["rounds"]) == 1 and arm["rounds"][0]["steps"] == 2 and "val_main_strict_f1" in arm["rounds"][0], name
     assert result["arms"]["before"]["prompt_style"] == "paper" and result["arms"]["after"]["prompt_style"] == "compact"
-    assert result["rows"][0]["figure"].startswith(ttq.FIGURE) and result["rows"][0]["value"].endswith("min)")
+    assert result["arms"]["packed"]["ner_sentences"] == 4
+    assert [row["figure"].split(", ")[1].split(" (")[0] for row in result["rows"]] == ["after / before", "packed / before"]
+    assert all(row["value"].endswith("min)") for row in result["rows"])
     with pytest.raises(subprocess.CalledProcessError):  # no corpus there: a clear error, exit 2
         subprocess.run([*command[:4], str(tmp_path / "missing"), *command[5:]], check=True, capture_output=True, timeout=120)
