@@ -75,6 +75,36 @@ def count_tokens(tokenizer, docs, types, style: str, max_length: int) -> dict:
     return out
 
 
+def packed_ner_counts(tokenizer, cfg, sizes=(1, 2, 3, 4)) -> dict[int, dict]:
+    """NER training tokens per sentence, compact style, with `size` consecutive sentences
+    in one example (--ner-sentences), over every site's train notes; and the share of
+    examples longer than max_length (the trainer cuts them, losing answer tokens)."""
+    from fedmed_components.data.segmentation import split_sentences
+    from fedmed_components.runs.experiment.data import split_source
+    from fedmed_components.task.prompts import _ids, document_examples, prompt_style, render_chat
+
+    system = prompt_style("compact").system
+    out = {}
+    for size in sizes:
+        sentences = examples = tokens = cut = 0
+        for source in cfg.sites:
+            types = set(source.annotated_types())
+            for doc in split_source(source, cfg.sampling, size)["train"]:
+                for ex in document_examples(doc, tasks=("ner",), types=types, style="compact", ner_sentences=size):
+                    full = len(_ids(tokenizer, render_chat(tokenizer, ex.prompt, ex.answer, system=system)[1]))
+                    examples += 1
+                    tokens += min(full, cfg.max_length)
+                    cut += full > cfg.max_length
+                sentences += len(split_sentences(doc.text))
+        out[size] = {
+            "examples": examples,
+            "sentences": sentences,
+            "tokens_per_sentence": tokens / max(sentences, 1),
+            "cut_share": cut / max(examples, 1),
+        }
+    return out
+
+
 def time_steps(cfg, model_path: str, docs_by_site, steps: int) -> dict[str, float]:
     """Median seconds of a training step per style, the styles alternating in one process."""
     from fedmed_components.model.modeling import LoraSettings, attach_lora, load_base_model, load_tokenizer
@@ -162,6 +192,22 @@ def main(argv=None) -> int:
         },
     ]
     print(f"tokens per example: paper {paper:.1f}, compact {compact:.1f} ({compact / paper:.2f}x)")
+    packed = packed_ner_counts(tokenizer, cfg)
+    for size, c in packed.items():
+        print(
+            f"NER, {size} sentence(s) an example: {c['tokens_per_sentence']:.1f} tokens a sentence, {c['cut_share']:.1%} of examples cut at {cfg.max_length}"
+        )
+    rows.append(
+        {
+            "figure": f"token economy: NER training tokens per sentence, K sentences an example / one (compact; K = {', '.join(map(str, list(packed)[1:]))}; examples cut at {cfg.max_length} tokens)",
+            "value": "; ".join(
+                f"K={k}: {c['tokens_per_sentence'] / packed[1]['tokens_per_sentence']:.2f}x ({c['cut_share']:.1%} cut)"
+                for k, c in list(packed.items())[1:]
+            ),
+            "target": "no target (report)",
+            "met": None,
+        }
+    )
     timed = None
     if args.time_steps:
         timed = time_steps(cfg, model_path, [(docs, types) for _, docs, types in sites], args.time_steps)
@@ -176,7 +222,10 @@ def main(argv=None) -> int:
         print(f"step time: paper {timed['paper']:.2f} s, compact {timed['compact']:.2f} s")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"rows": rows, "counts": counts, "step_seconds": timed, "config": args.config}, indent=2) + "\n")
+        args.json.write_text(
+            json.dumps({"rows": rows, "counts": counts, "packed_ner": packed, "step_seconds": timed, "config": args.config}, indent=2)
+            + "\n"
+        )
         print(f"wrote {args.json}")
     return 0
 

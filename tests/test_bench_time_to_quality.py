@@ -63,7 +63,7 @@ def test_each_arm_trains_until_its_validation_check_reaches_the_target(tmp_path)
     for name, arm in result["arms"].items():
         assert len(arm["rounds"]) == 1 and arm["rounds"][0]["steps"] == 2 and "val_main_strict_f1" in arm["rounds"][0], name
     assert result["arms"]["before"]["prompt_style"] == "paper" and result["arms"]["after"]["prompt_style"] == "compact"
-    assert result["arms"]["packed"]["ner_sentences"] == 4
+    assert result["arms"]["packed"]["ner_sentences"] == 2
     assert [row["figure"].split(", ")[1].split(" (")[0] for row in result["rows"]] == ["after / before", "packed / before"]
     assert all(row["value"].endswith("min)") for row in result["rows"])
     with pytest.raises(subprocess.CalledProcessError):  # no corpus there: a clear error, exit 2
