@@ -193,6 +193,21 @@ def test_precision_bf16_config_is_the_default_with_bf16_alone():
     assert made_with == {k: v for k, v in _settings_of("fed_medlora_plus", bf16.to_dict()).items() if k != "precision"}
 
 
+def test_batch2_config_is_the_default_at_batch_2_with_as_many_examples():
+    from fedmed_components.runs.experiment.resume import _settings_of
+
+    default = load_config(ROOT / "experiments" / "default.yaml")
+    batch2 = load_config(ROOT / "experiments" / "batch2.yaml")
+    assert (batch2.batch_size, batch2.local_steps) == (
+        2,
+        180,
+    ) and batch2.local_steps * batch2.batch_size == default.local_steps * default.batch_size
+    assert "single_general_medicine" in batch2.run_ids() and "centralised" in batch2.run_ids()
+    differing = ("batch_size", "local_steps")
+    made_with = {k: v for k, v in _settings_of("centralised", default.to_dict()).items() if k not in differing}
+    assert made_with == {k: v for k, v in _settings_of("centralised", batch2.to_dict()).items() if k not in differing}
+
+
 def test_fed_avgm_makes_a_run_per_server_lr_and_its_job_steps_at_that_lr(tmp_path, exported_job):
     from fedmed_components.runs.experiment import config as config_module
 
