@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "job",
     "poc",
     "experiment",
+    "compare",
     "results",
 ]
 
