@@ -121,8 +121,22 @@ def test_broken_xml_and_non_utf8_name_the_line(tmp_path):
 
 
 def test_writer_refuses_text_xml_cannot_hold(tmp_path):
-    with pytest.raises(InputError, match="control character"):
+    with pytest.raises(InputError, match="its text holds a control character"):
         write_bioc([Document("x", "form\x0cfeed")], tmp_path / "x.xml")
+
+
+@pytest.mark.parametrize(
+    "doc, what",
+    [
+        (Document("n\x01", "Pain."), "its id"),
+        (Document("n", "Pain.", site="a\x02"), "its site"),
+        (Document("n", "Pain.", entities=[Entity("T\x1f", "problem", [(0, 4)], "Pain")]), "entity"),
+    ],
+)
+def test_writer_refuses_ids_and_names_xml_cannot_hold_and_writes_nothing(tmp_path, doc, what):
+    with pytest.raises(InputError, match=f"{what}.* holds a control character"):
+        write_bioc([doc], tmp_path / "x.xml")
+    assert not (tmp_path / "x.xml").exists()  # nothing half-written
 
 
 def test_round_trip_on_real_mtsamples(tmp_path):

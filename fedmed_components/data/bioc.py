@@ -244,9 +244,19 @@ def _add_infon(parent: ET.Element, key: str, value: str) -> None:
     ET.SubElement(parent, "infon", key=key).text = value
 
 
+def _check_xml_text(doc: Document) -> None:
+    """Every string the document puts in the file must be one XML can carry: ElementTree
+    writes control characters as they are, and the file would not parse again."""
+    fields = [("its text", doc.text), ("its id", doc.id), ("its site", doc.site or "")]
+    fields += [(f"entity {e.id!r}", f"{e.id}{e.type}") for e in doc.entities]
+    fields += [(f"a {r.type!r} relation", f"{r.type}{r.head}{r.tail}") for r in doc.relations]
+    for what, value in fields:
+        if _NOT_XML.search(value):
+            raise InputError(None, None, f"document {doc.id!r}: {what} holds a control character XML cannot carry")
+
+
 def _document_element(doc: Document) -> ET.Element:
-    if _NOT_XML.search(doc.text):
-        raise InputError(None, None, f"document {doc.id}: its text holds a control character XML cannot carry")
+    _check_xml_text(doc)
     element = ET.Element("document")
     ET.SubElement(element, "id").text = doc.id
     if doc.site is not None:
