@@ -13,6 +13,7 @@ depends on which rows share its batch, and batched output equals one-at-a-time o
 
 from __future__ import annotations
 
+import bisect
 import logging
 from dataclasses import dataclass
 
@@ -205,8 +206,6 @@ def predict_documents(
     """Predict main entities per sentence (or per window of `ner_sentences`), then each
     entity's modifiers in its sentence; note offsets. `prompt_style` and `ner_sentences`
     must be the ones the adapter was trained with (prompts.PROMPT_STYLES)."""
-    import bisect
-
     from fedmed_components.data.segmentation import sentence_windows, split_sentences
     from fedmed_components.task.parsing import parse_modifiers, parse_ner
     from fedmed_components.task.prompts import modifier_prompt, ner_prompt, render_chat
@@ -234,10 +233,7 @@ def predict_documents(
         report.ner_parse_failures += int(parsed.failed)
         for etype, s, e in parsed.spans:
             ent = _add_entity(preds[d], etype, offset + s, offset + e)
-            # the sentence that holds the entity (one that crosses sentences: its window's text)
-            starts = [a for a, _ in sentence_spans[d]]
-            a, b = sentence_spans[d][max(bisect.bisect_right(starts, offset + s) - 1, 0)]
-            a, b = (a, b) if a <= offset + s and offset + e <= b else (offset, offset + len(text))
+            a, b = _sentence_holding(sentence_spans[d], offset + s, offset + e, fallback=(offset, offset + len(text)))
             mains.append((d, a, docs[d].text[a:b], (etype, offset + s - a, offset + e - a), ent.id))
 
     if "modifier" in tasks and mains:
@@ -254,6 +250,15 @@ def predict_documents(
                 tail = _add_entity(preds[d], mtype, offset + s, offset + e)
                 preds[d].relations.append(Relation(type="hasAttr", head=head_id, tail=tail.id))
     return preds, report
+
+
+def _sentence_holding(sentences: list[tuple[int, int]], start: int, end: int, fallback: tuple[int, int]) -> tuple[int, int]:
+    """The sentence that holds [start, end) (where its modifiers are asked, as in training);
+    `fallback` (the NER window) for an entity that crosses a sentence boundary."""
+    i = bisect.bisect_right([a for a, _ in sentences], start) - 1
+    if i >= 0 and sentences[i][0] <= start and end <= sentences[i][1]:
+        return sentences[i]
+    return fallback
 
 
 def _add_entity(doc: Document, etype: str, start: int, end: int) -> Entity:
