@@ -13,7 +13,6 @@ depends on which rows share its batch, and batched output equals one-at-a-time o
 
 from __future__ import annotations
 
-import bisect
 import logging
 from dataclasses import dataclass
 
@@ -208,7 +207,7 @@ def predict_documents(
     must be the ones the adapter was trained with (prompts.PROMPT_STYLES)."""
     from fedmed_components.data.segmentation import sentence_windows, split_sentences
     from fedmed_components.task.parsing import parse_modifiers, parse_ner
-    from fedmed_components.task.prompts import modifier_prompt, ner_prompt, render_chat
+    from fedmed_components.task.prompts import modifier_prompt, ner_prompt, render_chat, sentence_index
     from fedmed_components.task.prompts import prompt_style as get_style
 
     style = get_style(prompt_style)
@@ -217,8 +216,10 @@ def predict_documents(
     report = PredictionReport()
     units = []  # (doc index, start, text): the NER inputs, sentences or windows of them
     sentence_spans = []  # per doc: its sentences' (start, end), where modifiers are asked
+    sentence_starts = []  # per doc: their start offsets (bisect)
     for d, doc in enumerate(docs):
         sentence_spans.append(split_sentences(doc.text))
+        sentence_starts.append([a for a, _ in sentence_spans[-1]])
         report.sentences += len(sentence_spans[-1])
         spans = sentence_spans[-1] if ner_sentences == 1 else sentence_windows(doc.text, ner_sentences)
         units += [(d, start, doc.text[start:end]) for start, end in spans]
@@ -233,7 +234,10 @@ def predict_documents(
         report.ner_parse_failures += int(parsed.failed)
         for etype, s, e in parsed.spans:
             ent = _add_entity(preds[d], etype, offset + s, offset + e)
-            a, b = _sentence_holding(sentence_spans[d], offset + s, offset + e, fallback=(offset, offset + len(text)))
+            # modifiers are asked in the sentence holding the entity, as training shows them;
+            # one that crosses sentences inside a packed window, in the window
+            i = sentence_index(offset + s, offset + e, sentence_spans[d], sentence_starts[d])
+            a, b = (offset, offset + len(text)) if i is None else sentence_spans[d][i]
             mains.append((d, a, docs[d].text[a:b], (etype, offset + s - a, offset + e - a), ent.id))
 
     if "modifier" in tasks and mains:
@@ -250,15 +254,6 @@ def predict_documents(
                 tail = _add_entity(preds[d], mtype, offset + s, offset + e)
                 preds[d].relations.append(Relation(type="hasAttr", head=head_id, tail=tail.id))
     return preds, report
-
-
-def _sentence_holding(sentences: list[tuple[int, int]], start: int, end: int, fallback: tuple[int, int]) -> tuple[int, int]:
-    """The sentence that holds [start, end) (where its modifiers are asked, as in training);
-    `fallback` (the NER window) for an entity that crosses a sentence boundary."""
-    i = bisect.bisect_right([a for a, _ in sentences], start) - 1
-    if i >= 0 and sentences[i][0] <= start and end <= sentences[i][1]:
-        return sentences[i]
-    return fallback
 
 
 def _add_entity(doc: Document, etype: str, start: int, end: int) -> Entity:

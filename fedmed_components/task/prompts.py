@@ -201,10 +201,11 @@ def _modifiers_by_head(doc: Document, modifier_types: list[str]) -> dict[str, li
     return tails
 
 
-def _sentence_of(ent: Entity, sentences: list[tuple[int, int]], starts: list[int]) -> int | None:
-    """Index of the sentence that holds the whole entity, None if it crosses a boundary."""
-    i = bisect.bisect_right(starts, ent.start) - 1
-    if i >= 0 and ent.end <= sentences[i][1]:
+def sentence_index(start: int, end: int, sentences: list[tuple[int, int]], starts: list[int]) -> int | None:
+    """Index of the sentence that holds [start, end) whole, None if it crosses a boundary
+    (`starts`: the sentences' start offsets, for bisect)."""
+    i = bisect.bisect_right(starts, start) - 1
+    if i >= 0 and end <= sentences[i][1]:
         return i
     return None
 
@@ -251,7 +252,7 @@ def _mains_by_sentence(doc: Document, main_types: list[str], sentences: list[tup
             continue
         stats["main_entities"] += 1
         stats["discontinuous_main"] += len(ent.spans) > 1
-        index = _sentence_of(ent, sentences, starts)
+        index = sentence_index(ent.start, ent.end, sentences, starts)
         if index is None:
             stats["cross_sentence_main"] += 1
         else:
