@@ -131,3 +131,24 @@ def test_exact_aggregator_combines_mixed_ranks_keeping_scaled_products():
         assert result[a_key].shape == (4, 16)
         # rank-4 projection of a rank<=6 matrix: best approximation, residual below the target's norm
         assert torch.linalg.matrix_norm(got - target) < torch.linalg.matrix_norm(target)
+
+
+@pytest.mark.parametrize("aggregator", [FedMedLoRAAggregator, FedMedLoRAPlusAggregator, ExactLoRAAggregator])
+def test_prompt_settings_the_sites_agree_on_travel_with_the_global_adapter(aggregator):
+    # predict reads them from the adapter's meta: a packed or paper-style federation
+    # must not be prompted in the defaults
+    agg = aggregator()
+    agg.begin_round(adapter(0), 0)
+    for site in ("site-1", "site-2"):
+        agg.accept_model(update(site, adapter(1), prompt_style="paper", ner_sentences=2))
+    meta = agg.aggregate_model().meta
+    assert (meta["prompt_style"], meta["ner_sentences"]) == ("paper", 2)
+
+
+def test_prompt_settings_sites_disagree_on_are_left_out():
+    agg = FedMedLoRAAggregator()
+    agg.begin_round(adapter(0), 0)
+    agg.accept_model(update("site-1", adapter(1), prompt_style="paper", ner_sentences=2))
+    agg.accept_model(update("site-2", adapter(2), prompt_style="compact", ner_sentences=2))
+    meta = agg.aggregate_model().meta
+    assert "prompt_style" not in meta and meta["ner_sentences"] == 2

@@ -30,13 +30,19 @@ def test_saves_every_round_tracks_best_and_resumes(tmp_path, tiny_model_path):
     for rnd, val_loss in enumerate([2.0, 1.5, 1.8]):
         weights = {k: v + rnd + 1 for k, v in start.items()}
         rounds.append(weights)
-        p.save_model(make_model_learnable(weights, {"current_round": rnd, "val_loss": val_loss}), ctx)
+        meta = {"current_round": rnd, "val_loss": val_loss, "prompt_style": "paper", "ner_sentences": 2}
+        p.save_model(make_model_learnable(weights, meta), ctx)
     store = tmp_path / "store"
     assert sorted(x.name for x in store.iterdir()) == ["best", "global", "round_000", "round_001", "round_002", "state.json"]
     state = json.loads((store / "state.json").read_text())
     assert state["last_round"] == 2 and state["best_round"] == 1 and state["best_value"] == 1.5
     best, _, best_meta = load_adapter_folder(store / "best")
     assert best_meta["current_round"] == 1 and all(torch.equal(best[k], rounds[1][k]) for k in best)
+    # the sites' prompt settings reach the folder `fedmed predict` reads them from
+    assert {k: load_adapter_folder(store / "global")[2][k] for k in ("prompt_style", "ner_sentences")} == {
+        "prompt_style": "paper",
+        "ner_sentences": 2,
+    }
 
     # A restarted server (new persistor, same output_dir) resumes after the last round.
     resumed = _persistor(tmp_path).load_model(FLContext())

@@ -9,6 +9,7 @@ losses are known without holding K adapters in memory.
 
 from __future__ import annotations
 
+import json
 import shutil
 import statistics
 import tempfile
@@ -26,6 +27,9 @@ from fedmed_components.federation.lora_keys import is_lora_A
 from fedmed_components.federation.update_validation import Rejection, norm_outliers, update_norm, validate_update
 from fedmed_components.flare.wire import SERVER_OPTIMIZER_STATE
 from fedmed_components.settings import BUDGET
+
+# Site meta keys that say how the adapter must be prompted (recorded with the global adapter).
+PROMPT_SETTINGS = ("prompt_style", "ner_sentences")
 
 
 @dataclass
@@ -211,7 +215,20 @@ class AdapterAggregator(ModelAggregator):
             "val_loss": mean("val_loss"),
             "num_supervised_tokens": sum(int(a.meta.get("num_supervised_tokens", 0)) for a in entries),
             **({"dp_sgd": dp} if (dp := {a.site: a.meta["dp_sgd"] for a in entries if isinstance(a.meta.get("dp_sgd"), dict)}) else {}),
+            **self.prompt_settings(),
         }
+
+    def prompt_settings(self) -> dict:
+        """The prompt style and NER packing the sites trained with, recorded with the global
+        adapter so `fedmed predict` prompts it the same way; left out where sites differ."""
+        settings = {}
+        for key in PROMPT_SETTINGS:
+            values = {json.dumps(a.meta[key]) for a in self._accepted.values() if key in a.meta}
+            if len(values) == 1:
+                settings[key] = json.loads(values.pop())
+            elif values:
+                self.warning(f"round {self.round}: sites trained with different {key} ({sorted(values)}); not recorded with the adapter")
+        return settings
 
     def candidates(self) -> dict[str, dict[str, torch.Tensor]]:
         """Each accepted site's adapter of this round, read back from the spill folder."""

@@ -42,6 +42,9 @@ def train(runtime, incoming: FLModel, send: str = "full", tracker=None) -> FLMod
         "steps": stats.steps,
         "rank": runtime.config.lora.r,
         "NUM_STEPS_CURRENT_ROUND": stats.steps,
+        # how prediction must prompt the adapter: recorded with the global adapter
+        "prompt_style": runtime.config.sft.prompt_style,
+        "ner_sentences": runtime.config.sft.ner_sentences,
     }
     if val_f1 is not None:
         meta["val_f1"] = val_f1
