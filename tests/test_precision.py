@@ -63,3 +63,58 @@ def test_bf16_training_keeps_lora_weights_and_adamw_state_in_fp32(tiny_model_pat
     assert all(p.dtype == torch.float32 for p in trainable)
     state = trainer._optimizer.state[trainable[0]]
     assert state["exp_avg"].dtype == torch.float32 and state["exp_avg_sq"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("freeze_lora", [False, True])
+def test_bf16_frozen_linears_give_autocast_results_and_put_the_fp32_weights_back(tiny_model_path, freeze_lora):
+    torch.manual_seed(0)
+    model = attach_lora(load_base_model(tiny_model_path, quantize="none", device="cpu"), LoraSettings(r=4, alpha=8))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+        if freeze_lora:  # a predictor's adapter is frozen too
+            p.requires_grad_(False)
+    model.eval()
+    before = {n: p for n, p in model.named_parameters()}
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    batch = _batch(model.config.vocab_size)
+    with torch.inference_mode(), precision.autocast("bf16", "cpu"):
+        expected = model(input_ids=batch["input_ids"]).logits
+        with precision.bf16_frozen_linears(model, "bf16"):
+            held = [m.weight.dtype for m in model.modules() if type(m) is torch.nn.Linear]
+            got = model(input_ids=batch["input_ids"]).logits
+    assert torch.equal(got, expected)  # the same bf16 values autocast makes, bit for bit
+    assert torch.bfloat16 in held and (torch.float32 in held) is not freeze_lora  # trainable LoRA stays fp32
+    after = dict(model.named_parameters())
+    assert after.keys() == before.keys() and all(after[n] is before[n] and after[n].dtype == torch.float32 for n in after)
+    assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == tied
+    with precision.bf16_frozen_linears(model, "fp32"):  # fp32: nothing changes
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_bf16_training_with_the_frozen_base_held_in_bf16_matches_plain_autocast(tiny_model_path, monkeypatch):
+    import contextlib
+
+    from fedmed_components.model import training
+
+    def train(hold_bf16: bool):
+        if not hold_bf16:
+            monkeypatch.setattr(training, "bf16_frozen_linears", lambda model, precision: contextlib.nullcontext(model))
+        torch.manual_seed(0)
+        model = attach_lora(load_base_model(tiny_model_path, quantize="none", device="cpu"), LoraSettings(r=4, alpha=8))
+        trainer = LocalTrainer(model, 0, TrainSettings(max_steps=3, batch_size=2, precision="bf16"))
+        batch = _batch(model.config.vocab_size, rows=2)
+        example = {"input_ids": batch["input_ids"][0].tolist(), "labels": batch["labels"][0].tolist(), "num_supervised_tokens": 24}
+        base = next(m for m in model.modules() if type(m) is torch.nn.Linear and not m.weight.requires_grad)
+        held = []
+        stats = trainer.train_round([example, dict(example)], on_step=lambda *_: held.append(base.weight.dtype))
+        assert held == [torch.bfloat16 if hold_bf16 else torch.float32] * 3 and base.weight.dtype == torch.float32
+        val_loss, _ = trainer.evaluate_loss([example])
+        monkeypatch.undo()
+        return stats.losses, val_loss, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    losses, val_loss, lora = train(hold_bf16=True)
+    plain_losses, plain_val_loss, plain_lora = train(hold_bf16=False)
+    assert losses == plain_losses and val_loss == plain_val_loss
+    assert lora.keys() == plain_lora.keys() and all(torch.equal(lora[n], plain_lora[n]) for n in lora)
+    assert any(not torch.equal(lora[n], torch.zeros_like(lora[n])) for n in lora if "lora_B" in n)  # it trained
