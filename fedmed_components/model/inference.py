@@ -72,11 +72,10 @@ def generate(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    from fedmed_components.model.precision import autocast, bf16_frozen_linears, resolve_precision
+    from fedmed_components.model.precision import autocast, resolve_precision
 
-    precision = resolve_precision(settings.precision, device)
     try:
-        with torch.inference_mode(), autocast(precision, device), bf16_frozen_linears(model, precision):
+        with torch.inference_mode(), autocast(resolve_precision(settings.precision, device), device):
             prefix = encode_prefix(model, encoded[0][:shared], device) if shared else None
             for start in tqdm(range(0, len(order), settings.batch_size), disable=not progress, desc="generating", leave=False):
                 idx = order[start : start + settings.batch_size]

@@ -6,12 +6,6 @@ convert parameters). On CUDA the paper's setting is bf16 compute over the NF4 ba
 On a CPU bf16 is only fast with native bf16 instructions (AVX512-BF16 or AMX); without
 them PyTorch emulates it, measured >10x slower than fp32 on an AVX2-only EPYC, so
 `auto` picks bf16 only where the hardware has it.
-
-Autocast casts a weight to bf16 at every operation and caches the cast only for
-weights that require grad, so the frozen base was cast again at every decoding step
-(and every training step). `bf16_frozen_linears` holds bf16 copies of the frozen
-linear weights for the duration instead: the same bf16 values autocast would make
-(round to nearest), so the same results, without the per-step cast.
 """
 
 from __future__ import annotations
@@ -55,33 +49,3 @@ def autocast(precision: str, device: str | torch.device):
         return contextlib.nullcontext()
     device_type = "cuda" if str(device).startswith("cuda") else "cpu"
     return torch.autocast(device_type, dtype=torch.bfloat16)
-
-
-@contextlib.contextmanager
-def bf16_frozen_linears(model, precision: str):
-    """While inside, every plain `nn.Linear` whose weight does not require grad computes
-    with a bf16 copy of its weight (and bias); the fp32 parameters are put back on exit.
-
-    For use under bf16 `autocast` only (outside it a bf16 weight meets fp32 inputs). A
-    no-op for fp32. Quantised layers (bitsandbytes subclasses) are left alone. A weight
-    tied to an embedding (the LM head) gets its own copy: the embedding stays fp32, as
-    autocast leaves it.
-    """
-    if precision != "bf16":
-        yield model
-        return
-    swapped = []
-    with torch.no_grad():
-        for module in model.modules():
-            if type(module) is not torch.nn.Linear or module.weight.requires_grad or module.weight.dtype != torch.float32:
-                continue
-            originals = {name: getattr(module, name) for name in ("weight", "bias") if getattr(module, name) is not None}
-            for name, param in originals.items():
-                setattr(module, name, torch.nn.Parameter(param.to(torch.bfloat16), requires_grad=False))
-            swapped.append((module, originals))
-    try:
-        yield model
-    finally:
-        for module, originals in swapped:
-            for name, param in originals.items():
-                setattr(module, name, param)

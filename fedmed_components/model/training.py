@@ -22,7 +22,7 @@ import torch
 
 from fedmed_components.federation.privacy import RdpAccountant, noise_for_epsilon
 from fedmed_components.model.dp_sgd import gradients_by_record, noisy_clipped_gradient, parse_dp_sgd, poisson_sample, record_ids
-from fedmed_components.model.precision import autocast, bf16_frozen_linears, resolve_precision
+from fedmed_components.model.precision import autocast, resolve_precision
 from fedmed_components.settings import BUDGET
 
 log = logging.getLogger("fedmed.training")
@@ -230,28 +230,26 @@ class LocalTrainer:
         self.model.train()
         started = time.perf_counter()
         batches: list[list[dict]] = []
-        # the frozen base as bf16 copies for the whole round: autocast would recast it every step
-        with bf16_frozen_linears(self.model, self.precision):
-            while stats.steps < total:
-                if not batches:
-                    batches = length_grouped_batches(examples, s.batch_size, rng)
-                if self.dp is None:
-                    batch_examples = batches.pop()
-                    loss, n_sup, n_tok = self._step(batch_examples, anchors)
-                else:
-                    batch_examples, loss, n_sup, n_tok = self._dp_step(examples, private, rng)
-                seen.update(id(ex) for ex in batch_examples)
-                self._optimizer.step()
-                schedule.step()
-                self._optimizer.zero_grad(set_to_none=True)
-                stats.steps += 1
-                stats.num_supervised_tokens += n_sup
-                stats.num_tokens += n_tok
-                stats.losses.append(loss)
-                if on_step:
-                    on_step(stats.steps, stats.losses[-1], schedule.get_last_lr()[0])
-                bar.update(1)
-                bar.set_postfix(loss=f"{stats.losses[-1]:.3f}")
+        while stats.steps < total:
+            if not batches:
+                batches = length_grouped_batches(examples, s.batch_size, rng)
+            if self.dp is None:
+                batch_examples = batches.pop()
+                loss, n_sup, n_tok = self._step(batch_examples, anchors)
+            else:
+                batch_examples, loss, n_sup, n_tok = self._dp_step(examples, private, rng)
+            seen.update(id(ex) for ex in batch_examples)
+            self._optimizer.step()
+            schedule.step()
+            self._optimizer.zero_grad(set_to_none=True)
+            stats.steps += 1
+            stats.num_supervised_tokens += n_sup
+            stats.num_tokens += n_tok
+            stats.losses.append(loss)
+            if on_step:
+                on_step(stats.steps, stats.losses[-1], schedule.get_last_lr()[0])
+            bar.update(1)
+            bar.set_postfix(loss=f"{stats.losses[-1]:.3f}")
         bar.close()
         stats.seconds = time.perf_counter() - started
         stats.num_examples = len(seen)
@@ -354,13 +352,12 @@ class LocalTrainer:
         total_loss, total_tokens = 0.0, 0
         size = batch_size or self.settings.batch_size
         ordered = sorted(examples, key=lambda ex: len(ex["input_ids"]))
-        with bf16_frozen_linears(self.model, self.precision):
-            for start in range(0, len(ordered), size):
-                batch = self._to_device(self.collate_fn(ordered[start : start + size], self.pad_token_id))
-                with autocast(self.precision, self.device):
-                    loss, n = self.loss_fn(self.model, batch)
-                total_loss += float(loss) * n
-                total_tokens += n
+        for start in range(0, len(ordered), size):
+            batch = self._to_device(self.collate_fn(ordered[start : start + size], self.pad_token_id))
+            with autocast(self.precision, self.device):
+                loss, n = self.loss_fn(self.model, batch)
+            total_loss += float(loss) * n
+            total_tokens += n
         self.model.train()
         return total_loss / max(total_tokens, 1), total_tokens
 
