@@ -128,6 +128,32 @@ def table_row(arms: dict[str, dict], target: float, arm: str = "after") -> dict:
     }
 
 
+def equal_steps_row(work: Path, arms: dict[str, dict], arm: str, base: str) -> dict | None:
+    """Validation main-entity strict F1, `arm` - `base`, at the last check both arms made
+    (the same training steps: the F1 effect of the change at a fixed budget), paired over
+    the validation notes with a bootstrap interval. None if either arm has no check."""
+    from fedmed_components.task.bootstrap import aligned_counts, paired_difference
+
+    common = min(len(arms[arm]["rounds"]), len(arms[base]["rounds"]))
+    if common == 0:
+        return None
+    record = arms[base]["rounds"][common - 1]
+    per_arm = {}
+    for name in (arm, base):
+        folder = work / name / "val_scores" / f"round_{record['round']:03d}"
+        per_arm[name] = {f.stem: json.loads(f.read_text())["per_note"] for f in sorted(folder.glob("*.json"))}  # {site: per_note}
+    counts_a, strata, notes = aligned_counts(per_arm[arm], "main_entities", "strict")
+    counts_b, _, _ = aligned_counts(per_arm[base], "main_entities", "strict", notes)
+    gap = paired_difference(counts_a, counts_b, strata)
+    return {
+        "figure": f"validation main-entity strict F1 at {record['round'] + 1} checks ({record['round'] + 1} x {record['steps']} steps), "
+        f"{arm} - {base}, paired over {len(notes)} validation notes",
+        "value": f"{gap.estimate:+.3f} [{gap.low:+.3f}, {gap.high:+.3f}]",
+        "target": "report (F1 effect at a fixed budget)",
+        "met": None,
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m", help="model id or folder (default smollm2-135m)")
@@ -163,6 +189,9 @@ def main() -> int:
     arms = {name: run_arm(name, args, work) for name in args.arms.split(",")}
     out = {"target": args.target, "every": args.every, "max_steps": args.max_steps, "arms": arms}
     out["rows"] = [table_row(arms, args.target, arm) for arm in ("after", "packed") if "before" in arms and arm in arms]
+    for arm, base in (("after", "before"), ("packed", "after")):
+        if arm in arms and base in arms and (row := equal_steps_row(work, arms, arm, base)):
+            out["rows"].append(row)
     for row in out["rows"]:
         print(json.dumps(row, indent=2))
     if args.json:

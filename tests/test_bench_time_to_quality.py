@@ -64,7 +64,33 @@ def test_each_arm_trains_until_its_validation_check_reaches_the_target(tmp_path)
         assert len(arm["rounds"]) == 1 and arm["rounds"][0]["steps"] == 2 and "val_main_strict_f1" in arm["rounds"][0], name
     assert result["arms"]["before"]["prompt_style"] == "paper" and result["arms"]["after"]["prompt_style"] == "compact"
     assert result["arms"]["packed"]["ner_sentences"] == 2
-    assert [row["figure"].split(", ")[1].split(" (")[0] for row in result["rows"]] == ["after / before", "packed / before"]
-    assert all(row["value"].endswith("min)") for row in result["rows"])
+    timed = [row for row in result["rows"] if row["figure"].startswith(ttq.FIGURE)]
+    assert [row["figure"].split(", ")[1].split(" (")[0] for row in timed] == ["after / before", "packed / before"]
+    assert all(row["value"].endswith("min)") for row in timed)
+    fixed = [row["figure"].split(", ")[1] for row in result["rows"] if row not in timed]
+    assert fixed == ["after - before", "packed - after"]  # the F1 effect at equal steps, paired
     with pytest.raises(subprocess.CalledProcessError):  # no corpus there: a clear error, exit 2
         subprocess.run([*command[:4], str(tmp_path / "missing"), *command[5:]], check=True, capture_output=True, timeout=120)
+
+
+def test_equal_steps_row_pairs_the_two_arms_validation_notes_at_their_last_common_check(tmp_path):
+    def scores(arm: str, rnd: int, counts: dict[str, list[int]]):
+        folder = tmp_path / arm / "val_scores" / f"round_{rnd:03d}"
+        folder.mkdir(parents=True)
+        per_note = {note: {"main_entities": {"strict": c}} for note, c in counts.items()}
+        (folder / "mtsamples.json").write_text(json.dumps({"per_note": per_note}))
+
+    # after stopped at its 2nd check, packed made 3: compared at the 2nd (40 x 2 steps)
+    scores("after", 1, {"n1": [8, 2, 2], "n2": [6, 2, 4], "n3": [5, 5, 5]})
+    scores("packed", 1, {"n1": [9, 1, 1], "n2": [7, 1, 3], "n3": [6, 4, 4]})
+    arms = {"after": {"rounds": _rounds([0.5, 0.6], 10.0)}, "packed": {"rounds": _rounds([0.5, 0.6, 0.7], 10.0)}}
+    for arm in arms.values():
+        for r in arm["rounds"]:
+            r["steps"] = 40
+    row = ttq.equal_steps_row(tmp_path, arms, "packed", "after")
+    f1 = lambda tp, fp, fn: 2 * tp / (2 * tp + fp + fn)  # noqa: E731
+    expected = f1(22, 6, 8) - f1(19, 9, 11)
+    assert row["value"].startswith(f"{expected:+.3f} [") and "2 checks (2 x 40 steps), packed - after" in row["figure"]
+    low, high = (float(x) for x in row["value"].split("[")[1].rstrip("]").split(", "))
+    assert low <= expected <= high and low > 0  # packed wins on every note: the interval excludes 0
+    assert ttq.equal_steps_row(tmp_path, {"after": {"rounds": []}, "packed": arms["packed"]}, "packed", "after") is None
