@@ -186,7 +186,13 @@ def main() -> int:
         print(f"error: --arms: unknown {unknown}; choose from {list(ARMS)}", file=sys.stderr)
         return 2
     work = Path(args.work).resolve()
-    arms = {name: run_arm(name, args, work) for name in args.arms.split(",")}
+    from fedmed_components.data.document import InputError
+
+    try:
+        arms = {name: run_arm(name, args, work) for name in args.arms.split(",")}
+    except InputError as exc:  # e.g. a --work cut from another corpus path: one line, not a traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     out = {"target": args.target, "every": args.every, "max_steps": args.max_steps, "arms": arms}
     out["rows"] = [table_row(arms, args.target, arm) for arm in ("after", "packed") if "before" in arms and arm in arms]
     for arm, base in (("after", "before"), ("packed", "after")):

@@ -48,8 +48,10 @@ def test_packed_ner_runs_cut_notes_into_runs_of_sentences_and_reach_the_sites_jo
     source = DataSource(name="a", synthetic_style="case_report", synthetic_docs=6)
     site = prepare_site(source, Sampling(max_val_sentences=4), tmp_path / "data", sentences_per_document=3)
     assert all("#w" in d.id for d in site.read("train")) and len(site.read("val")) <= 2  # a limit of 4 sentences: 2 runs of 3
-    with pytest.raises(InputError, match="prepared with other settings"):
+    with pytest.raises(InputError, match=r"prepared with other settings \(sentences_per_document: 3 -> None\)"):
         prepare_site(source, Sampling(max_val_sentences=4), tmp_path / "data")
+    with pytest.raises(InputError, match=r"sampling.max_val_sentences: 4 -> 5"):  # the setting that differs is named
+        prepare_site(source, Sampling(max_val_sentences=5), tmp_path / "data", sentences_per_document=3)
 
     config = tmp_path / "exp.yaml"
     config.write_text(

@@ -153,6 +153,18 @@ def split_source(source: DataSource, sampling: Sampling, sentences_per_document:
     return parts
 
 
+def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted names of the settings that differ between two recipes (e.g. source.path)."""
+    changed = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += _changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changed.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return changed
+
+
 def prepare_site(source: DataSource, sampling: Sampling, root: str | os.PathLike, sentences_per_document: int = 1) -> PreparedSite:
     """Write (or reuse) the site folder; a folder made with other settings is an error."""
     folder = Path(root) / source.name
@@ -163,7 +175,13 @@ def prepare_site(source: DataSource, sampling: Sampling, root: str | os.PathLike
     if manifest_file.exists():
         manifest = json.loads(manifest_file.read_text())
         if manifest.get("recipe") != recipe:
-            raise InputError(manifest_file, None, "site folder was prepared with other settings; use another --out or delete it")
+            before = manifest.get("recipe") or {}
+            changed = _changed_keys(before, recipe)
+            raise InputError(
+                manifest_file,
+                None,
+                f"site folder was prepared with other settings ({', '.join(changed)}); use another work folder or delete this one",
+            )
     else:
         parts = split_source(source, sampling, sentences_per_document)
         for part, docs in parts.items():
