@@ -84,13 +84,24 @@ def test_fed_medlora_two_rounds_produces_loadable_adapter(tmp_path, site_data, t
 
 
 def test_fed_medlora_plus_with_site_losses_logs_weights(tmp_path, site_data, tiny_model_path):
-    spec, workspace, store = _run(tmp_path, site_data, tiny_model_path, algorithm="fed_medlora_plus", loss_source="sites", name="plus")
+    spec, workspace, store = _run(
+        tmp_path,
+        site_data,
+        tiny_model_path,
+        algorithm="fed_medlora_plus",
+        loss_source="sites",
+        name="plus",
+        prompt_style="paper",
+        ner_sentences=2,
+    )
     log = _server_log(workspace)
     assert "candidate losses from 2 sites" in log
     assert "Fed-MedLoRA+ from validation losses" in log
     _, _, meta = load_adapter_folder(store / "global")
     weights = meta["weights"]
     assert sorted(weights) == SITES and abs(sum(weights.values()) - 1) < 1e-6
+    # how the sites prompted travels with the adapter: `fedmed predict` reads it from there
+    assert (meta["prompt_style"], meta["ner_sentences"]) == ("paper", 2)
     assert _no_processes_left(str(tmp_path / "ws"))
 
 
