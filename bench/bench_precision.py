@@ -127,13 +127,18 @@ def table_rows(r: dict) -> list[dict]:
 F1_COST_FIGURE = "F1 cost of bf16 training at a fixed budget"
 
 
-def f1_cost_row(fp32: dict, bf16: dict) -> dict:
+def f1_cost_row(fp32: dict, bf16: dict, fp32_unrecorded: str | None = None) -> dict:
     """Pooled main-entity strict F1 points lost by training in bf16 (fp32 - bf16), paired
-    over the same test notes (95% bootstrap interval), from two experiment run JSONs."""
+    over the same test notes (95% bootstrap interval), from two experiment run JSONs.
+
+    `fp32_unrecorded`: why the first run is known to be fp32 although its JSON predates
+    `resolved_precision` (its config said auto); said in the row."""
     from fedmed_components.runs.experiment.comparisons import paired
     from fedmed_components.runs.experiment.tables import f1
 
     made = [r.get("resolved_precision") for r in (fp32, bf16)]
+    if made[0] is None and fp32_unrecorded and (fp32.get("config") or {}).get("precision") in ("auto", "fp32"):
+        made[0] = "fp32"
     if made != ["fp32", "bf16"]:
         raise ValueError(f"the runs were made in {made[0]} and {made[1]}, not fp32 and bf16")
     cost = paired(fp32, bf16)
@@ -141,7 +146,9 @@ def f1_cost_row(fp32: dict, bf16: dict) -> dict:
     points = lambda d: f"{100 * d.estimate:+.1f} [{100 * d.low:+.1f}, {100 * d.high:+.1f}]"  # noqa: E731
     a, b = (f1(r["scores"]["pooled"], "main_entities", "strict") for r in (fp32, bf16))
     return {
-        "figure": f"{F1_COST_FIGURE} (pooled main-entity strict F1 points lost, fp32 - bf16, 95% CI; run {fp32.get('run')})",
+        "figure": f"{F1_COST_FIGURE} (pooled main-entity strict F1 points lost, fp32 - bf16, 95% CI; run {fp32.get('run')}"
+        + (f"; fp32 run's precision unrecorded: {fp32_unrecorded}" if fp32_unrecorded and fp32.get("resolved_precision") is None else "")
+        + ")",
         "value": f"{points(cost)} points (fp32 {a:.3f}, bf16 {b:.3f}; modifiers {points(modifiers)})",
         "target": "<= 0.5 points",
         "met": 100 * cost.estimate <= 0.5,
@@ -163,9 +170,15 @@ def main() -> None:
         metavar=("FP32_RUN", "BF16_RUN"),
         help="two experiment run JSONs, same config but the precision: add the F1-cost row to --json (no timing)",
     )
+    parser.add_argument(
+        "--fp32-unrecorded",
+        metavar="WHY",
+        default=None,
+        help="the FP32_RUN predates the recorded precision (config 'auto'): why it is known to be fp32, said in the row",
+    )
     args = parser.parse_args()
     if args.f1_runs:
-        row = f1_cost_row(*(json.loads(Path(p).read_text()) for p in args.f1_runs))
+        row = f1_cost_row(*(json.loads(Path(p).read_text()) for p in args.f1_runs), fp32_unrecorded=args.fp32_unrecorded)
         print(json.dumps(row, indent=2))
         if args.json:
             out = Path(args.json)

@@ -37,6 +37,14 @@ def test_f1_cost_is_the_paired_difference_in_points_and_read_against_half_a_poin
     assert same["value"].startswith("+0.0 [+0.0, +0.0] points") and same["met"] is True
     with pytest.raises(ValueError, match="made in bf16 and bf16"):
         bench_precision.f1_cost_row(_run("bf16", [8] * 20), _run("bf16", [8] * 20))
+    # a run made before the precision was recorded counts as fp32 only when the caller says why
+    old = {**_run(None, [8] * 20), "config": {"precision": "auto"}}
+    with pytest.raises(ValueError, match="made in None and bf16"):
+        bench_precision.f1_cost_row(old, _run("bf16", [8] * 20))
+    said = bench_precision.f1_cost_row(old, _run("bf16", [8] * 20), fp32_unrecorded="auto on an AVX2-only CPU")
+    assert said["met"] is True and "precision unrecorded: auto on an AVX2-only CPU" in said["figure"]
+    with pytest.raises(ValueError, match="made in None and bf16"):  # an explicit bf16 config is never taken for fp32
+        bench_precision.f1_cost_row({**old, "config": {"precision": "bf16"}}, _run("bf16", [8] * 20), fp32_unrecorded="why")
 
 
 def test_f1_runs_adds_its_row_to_the_json_and_keeps_the_timing_rows(tmp_path):
