@@ -420,11 +420,13 @@ def test_mini_experiment_end_to_end(tmp_path, capsys):
     """Tiny model, synthetic notes, 2 sites, 2 rounds: zero-shot, single sites, Fed-MedLoRA
     through the FLARE simulator, new-site adaptation; then a re-run skips everything
     and a deleted run is made again from its saved rounds. About 3-4 min on 2 CPU cores."""
+    import torch
+
     from fedmed_components.cli import main
     from fedmed_components.model.modeling import load_adapter_folder
 
     raw = yaml.safe_load((ROOT / "experiments" / "mini.yaml").read_text())
-    raw.update(runs=["zero_shot", "single", "centralised", "fed_medlora", "new_site"], max_new_tokens=48)
+    raw.update(runs=["zero_shot", "single", "centralised", "fed_medlora", "new_site"], max_new_tokens=48, site_adapter_f1=True)
     config = tmp_path / "mini.yaml"
     config.write_text(yaml.safe_dump(raw))
     out, work = tmp_path / "results", tmp_path / "work"
@@ -458,6 +460,12 @@ def test_mini_experiment_end_to_end(tmp_path, capsys):
     assert fed["communication"]["adapter_bytes_per_round_per_site"] == sum(t.numel() * t.element_size() for t in state.values())
     assert fed["communication"]["adapter_bytes_per_round_per_site"] < fed["communication"]["full_model_bytes_per_round_per_site"]
     assert results["new_site_federated_4"]["started_from"] == "fed_medlora"
+    # site_adapter_f1: every site kept its own adapter of every round (not the mean) and it was scored
+    for h in fed["rounds"]:
+        assert set(h["site_adapters"]) == {s.name for s in cfg.sites}
+        assert all(own["val_main_strict_f1"] is not None and "val_relation_strict_f1" in own for own in h["site_adapters"].values())
+    site_last, _, _ = load_adapter_folder(work / "runs" / "fed_medlora" / "site_adapters" / "general_medicine" / "round_001")
+    assert site_last.keys() == state.keys() and any(not torch.equal(site_last[k], state[k]) for k in state)
 
     # Every number of the main table equals the one recomputed from the run's JSON counts.
     summary = (out / "summary.md").read_text()
@@ -507,6 +515,12 @@ def test_mini_experiment_end_to_end(tmp_path, capsys):
         (i + 1) * 2 * cfg.local_steps * cfg.batch_size for i in range(cfg.rounds)
     ]
     assert all("val_entity_strict_f1" in h for h in results["centralised"]["rounds"])
+    _, own = _table_rows(summary, "Validation F1 of each site's own adapter before the mean (strict main entities / modifiers)")
+    last = fed["rounds"][-1]
+    assert own["fed_medlora"][2:] == [
+        f"{v['val_main_strict_f1']:.3f} / {v['val_relation_strict_f1']:.3f}"
+        for v in (last, *(last["site_adapters"][s.name] for s in cfg.sites))
+    ]
     _, comm = _table_rows(summary, "Communication (fp32 adapter vs full-model FedAvg in fp32, upload per site)")
     assert comm["fed_medlora"][3] == f"{fed['communication']['adapter_bytes_per_round_per_site'] / 1e6:.3f}"
     _, new_site = _table_rows(summary, "New-site adaptation (case_report test split)")
@@ -618,6 +632,27 @@ def test_equal_steps_table_lines_federated_rounds_up_with_centralised_steps():
     # no federated curve (or unknown local steps): nothing to line up, no table
     assert equal_steps_rows({k: v for k, v in results.items() if k != "fed"}, 20)[1] == []
     assert equal_steps_rows(results, None)[1] == []
+
+
+def test_site_adapter_table_sets_each_sites_own_adapter_beside_the_mean():
+    from fedmed_components.runs.experiment.tables import site_adapter_rows
+
+    def rec(main, rel):
+        return {"val_main_strict_f1": main, "val_relation_strict_f1": rel}
+
+    own = {"a": rec(0.5, 0.25), "b": rec(0.4, 0.0)}
+    results = {
+        "fed": {"kind": "federated", "rounds": [{"round": 0, **rec(0.45, 0.0), "site_adapters": own}, {"round": 1, **rec(0.6, 0.1)}]},
+        "fed_partial": {"kind": "federated", "rounds": [{"round": 2, **rec(0.7, 0.2), "site_adapters": {"b": rec(0.3, 0.05)}}]},
+        "centralised": {"kind": "centralised", "rounds": [{"round": 0, **rec(0.9, 0.9), "site_adapters": own}]},
+    }
+    header, rows = site_adapter_rows(results, ["a", "b"])
+    assert header == ["run", "round", "global (the mean)", "a's own", "b's own"]
+    assert rows == [
+        ["fed", "0", "0.450 / 0.000", "0.500 / 0.250", "0.400 / 0.000"],
+        ["fed_partial", "2", "0.700 / 0.200", "-", "0.300 / 0.050"],
+    ]
+    assert site_adapter_rows({"fed": {"kind": "federated", "rounds": [rec(0.1, 0.0) | {"round": 0}]}}, ["a"])[1] == []
 
 
 def _counted_run(kind: str, tp_per_note: list[int], val_loss: float, val_f1: float) -> dict:

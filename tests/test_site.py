@@ -77,6 +77,21 @@ def test_diff_mode_sends_the_change(runtime):
     assert all(torch.allclose(global_state[k] + out.params[k], now[k], atol=1e-6) for k in now)
 
 
+def test_a_site_keeps_its_own_adapter_of_each_round_when_asked(runtime, tmp_path):
+    from fedmed_components.model.modeling import load_adapter_folder
+
+    global_state = runtime.adapter_state()
+    sent = site_tasks.handle(runtime, "train", FLModel(params=global_state, current_round=4), send="diff", keep_adapters=str(tmp_path))
+    kept, settings, _ = load_adapter_folder(tmp_path / "site-a" / "round_004")
+    # what it trained (the global adapter plus the change it sent), not the change alone
+    assert kept.keys() == sent.params.keys() and settings.r == runtime.config.lora.r
+    assert all(torch.allclose(kept[k], global_state[k] + sent.params[k], atol=1e-6) for k in kept)
+    assert [p.name for p in tmp_path.iterdir()] == ["site-a"]  # nothing half-written beside it
+    # not asked: nothing is written
+    site_tasks.handle(runtime, "train", FLModel(params=global_state, current_round=5))
+    assert not (tmp_path / "site-a" / "round_005").exists()
+
+
 def test_score_candidates_returns_losses_and_restores_own_adapter(runtime):
     own = runtime.adapter_state()
     zeros = {k: torch.zeros_like(v) for k, v in own.items()}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 
@@ -14,7 +15,10 @@ from fedmed_components.model.modeling import adapter_num_bytes
 log = logging.getLogger("fedmed.site")
 
 
-def train(runtime, incoming: FLModel, send: str = "full", tracker=None) -> FLModel:
+def train(runtime, incoming: FLModel, send: str = "full", tracker=None, keep_adapters: str | None = None) -> FLModel:
+    """`keep_adapters`: a folder where this site also saves its own trained adapter every
+    round (`<folder>/<site>/round_NNN`), before the server's mean: a diagnostic of what the
+    mean keeps of each site's skills. It stays on the site's disk; nothing more is sent."""
     global_state = incoming.params or None
     if global_state and (incoming.meta or {}).get("load") == "lora_A":  # FedSA-LoRA: B stays local
         global_state = {**runtime.adapter_state(), **{k: v for k, v in global_state.items() if is_lora_A(k)}}
@@ -24,6 +28,8 @@ def train(runtime, incoming: FLModel, send: str = "full", tracker=None) -> FLMod
         runtime.trainer.planned_rounds = int(incoming.total_rounds)
     started = time.perf_counter()
     state, stats = runtime.train(global_state, progress=True, on_step=tracker.on_step if tracker else None)
+    if keep_adapters:
+        keep_local_adapter(runtime, state, incoming.current_round, keep_adapters)
     val_loss, val_tokens = runtime.validation_loss()
     val_f1 = runtime.validation_f1()
     if tracker is not None:
@@ -87,6 +93,16 @@ def train(runtime, incoming: FLModel, send: str = "full", tracker=None) -> FLMod
     return FLModel(params=params, params_type=ptype, meta=meta, metrics={"val_loss": val_loss})
 
 
+def keep_local_adapter(runtime, state: dict, current_round: int | None, folder: str) -> Path:
+    from fedmed_components.model.modeling import save_adapter_folder
+
+    name = f"round_{int(current_round or 0):03d}"
+    meta = {"site": runtime.site_name, "round": current_round, "prompt_style": runtime.config.sft.prompt_style}
+    saved = save_adapter_folder(state, runtime.config.lora, runtime.model_path, Path(folder) / runtime.site_name / name, extra_meta=meta)
+    log.info("%s round %s: kept its own adapter in %s", runtime.site_name, current_round, saved)
+    return saved
+
+
 def score_candidates(runtime, incoming: FLModel) -> FLModel:
     names, candidates = unpack_candidates(incoming.params)
     losses = runtime.score_candidates(candidates)
@@ -135,10 +151,11 @@ def failed(site_name: str, error: Exception) -> FLModel:
     return FLModel(params={}, metrics={"failed": 1.0}, meta={"site": site_name, "site_error": str(error)})
 
 
-def handle(runtime, task: str, incoming: FLModel, send: str = "full", tracker=None) -> FLModel:
-    """`tracker`: a flare.tracking.SiteTracker for TensorBoard scalars (None: none)."""
+def handle(runtime, task: str, incoming: FLModel, send: str = "full", tracker=None, keep_adapters: str | None = None) -> FLModel:
+    """`tracker`: a flare.tracking.SiteTracker for TensorBoard scalars (None: none);
+    `keep_adapters`: see `train`."""
     if task == TRAIN_TASK:
-        return train(runtime, incoming, send, tracker)
+        return train(runtime, incoming, send, tracker, keep_adapters)
     if task == CANDIDATES_TASK:
         return score_candidates(runtime, incoming)
     if task == EVALUATE_TASK:

@@ -103,6 +103,9 @@ class ExperimentConfig:
     # of this many sentences as their documents (data.sentence_documents)
     ner_sentences: int = BUDGET.ner_sentences
     f1_every_round: bool = False  # score every round's adapter on the sites' pooled VALIDATION split (learning curves)
+    # federated runs: each site also keeps its own trained adapter every round, and each is
+    # scored like the global one (what the mean keeps of each site's skills; a diagnostic)
+    site_adapter_f1: bool = False
     checkpoints_per_round: int = 1  # centralised: a learning-curve point this many times per round
     simulator_timeout: float = 7200
     sampling: Sampling = field(default_factory=Sampling)

@@ -27,7 +27,7 @@ class Experiment:
     def run_dir(self, run_id: str) -> Path:
         return self.work / "runs" / run_id
 
-    def validation_scores(self, record: dict, state, cache: Path) -> None:
+    def validation_scores(self, record: dict, state, cache: Path, label: str = "") -> None:
         """Pooled F1 of one round's adapter on the sites' VALIDATION splits (learning
         curves, and anything chosen from them: never the test split)."""
         pooled = pool_scores(list(self.scorer.score_sets(state, {s.name: s for s in self.sites}, cache, part="val").values()))
@@ -39,7 +39,7 @@ class Experiment:
             record["val_relation_strict_f1"] = pooled["relations"]["strict"]["f1"]
             record["val_relation_lenient_f1"] = pooled["relations"]["lenient"]["f1"]
         print(
-            f"    validation: entity strict F1 {record['val_entity_strict_f1']:.3f}"
+            f"    {label}validation: entity strict F1 {record['val_entity_strict_f1']:.3f}"
             + (f", main-entity strict F1 {record['val_main_strict_f1']:.3f}" if "val_main_strict_f1" in record else "")
             + (f", modifier strict F1 {record['val_relation_strict_f1']:.3f}" if "val_relation_strict_f1" in record else ""),
             flush=True,
@@ -55,3 +55,21 @@ class Experiment:
                 continue
             state, _, _ = load_adapter_folder(folder)
             self.validation_scores(record, state, folder.parent / "round_scores" / f"round_{record['round']:03d}")
+
+    def site_adapter_scores(self, history: list[dict], folder: Path) -> None:
+        """Validation F1 of each site's own adapter of every round, kept before the mean
+        (`site_adapter_f1`), into each round's record under "site_adapters"."""
+        from fedmed_components.model.modeling import load_adapter_folder
+
+        for record in history:
+            name = f"round_{record['round']:03d}"
+            scored = record.setdefault("site_adapters", {})
+            for site in self.sites:
+                adapter = folder / site.name / name
+                if site.name in scored or not adapter.is_dir():
+                    continue
+                state, _, _ = load_adapter_folder(adapter)
+                scored[site.name] = {}
+                self.validation_scores(scored[site.name], state, folder / "scores" / site.name / name, label=f"{site.name}'s own adapter, ")
+            if not scored:
+                del record["site_adapters"]

@@ -39,7 +39,7 @@ from fedmed_components.runs.experiment.context import Experiment
 from fedmed_components.runs.experiment.data import shots
 from fedmed_components.runs.experiment.resume import _start_over_if_changed
 from fedmed_components.runs.experiment.scoring import interval_block, score_intervals
-from fedmed_components.runs.experiment.training import federation_finished, train_federated, train_locally
+from fedmed_components.runs.experiment.training import federation_finished, site_adapters_dir, train_federated, train_locally
 
 
 def make_run(exp: Experiment, run_id: str) -> dict:
@@ -109,6 +109,8 @@ def federated(exp: Experiment, run_id: str, run_dir: Path) -> dict:
     adapter_dir = lambda r: run_dir / "store" / f"round_{r:03d}"  # noqa: E731
     if cfg.f1_every_round:
         exp.round_scores(history, adapter_dir)
+    if cfg.site_adapter_f1:
+        exp.site_adapter_scores(history, site_adapters_dir(run_dir))
     state = _adapter(adapter_dir(cfg.rounds - 1))
     job = job_settings(cfg, run_id)
     return {

@@ -19,6 +19,7 @@ from fedmed_components.runs.experiment.tables import (
     new_site_rows,
     per_type_rows,
     relation_rows,
+    site_adapter_rows,
     weight_rows,
 )
 
@@ -63,6 +64,10 @@ def summary_markdown(cfg, results: dict[str, dict]) -> str:
     if steps[1]:
         lines += ["", "## Validation F1 at equal steps along the adapter's path (strict main entities / modifiers)", ""]
         lines += markdown_table(*steps)
+    own = site_adapter_rows(results, site_names)
+    if own[1]:
+        lines += ["", "## Validation F1 of each site's own adapter before the mean (strict main entities / modifiers)", ""]
+        lines += markdown_table(*own)
     weights = weight_rows(results)
     if weights[1]:
         lines += ["", "## Aggregation weights used", ""]

@@ -195,6 +195,26 @@ def equal_steps_rows(results: dict[str, dict], local_steps: int | None) -> tuple
     return header, rows
 
 
+def site_adapter_rows(results: dict[str, dict], site_names: list[str]) -> tuple[list[str], list[list[str]]]:
+    """Validation strict main-entity / modifier F1 of each round's global adapter beside each
+    site's own adapter of that round before the mean (`site_adapter_f1`): a skill a site has
+    and the mean lacks is what averaging lost."""
+
+    def cell(scores: dict | None) -> str:
+        if not scores or scores.get("val_main_strict_f1") is None:
+            return "-"
+        return f"{fmt(scores['val_main_strict_f1'])} / {fmt(scores.get('val_relation_strict_f1'))}"
+
+    rows = [
+        [run_id, str(h["round"]), cell(h), *(cell(h["site_adapters"].get(site)) for site in site_names)]
+        for run_id, r in results.items()
+        if r.get("kind") == "federated"
+        for h in r.get("rounds") or []
+        if h.get("site_adapters")
+    ]
+    return ["run", "round", "global (the mean)", *(f"{site}'s own" for site in site_names)], rows
+
+
 def weight_rows(results: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
     """The aggregation weights each federated run actually used, per round."""
     rows = []

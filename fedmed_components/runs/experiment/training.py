@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import json
 import math
+import shlex
 from pathlib import Path
 
 from fedmed_components.runs.experiment.config import ExperimentConfig, dp_sgd_of, job_settings, lora_settings
@@ -123,6 +124,11 @@ def federation_finished(run_dir: Path, rounds: int) -> bool:
     return state.get("last_round") is not None and int(state["last_round"]) >= rounds - 1 and (run_dir / "store" / "global").is_dir()
 
 
+def site_adapters_dir(run_dir: Path) -> Path:
+    """Where a federated run's sites keep their own adapters under `site_adapter_f1`."""
+    return run_dir / "site_adapters"
+
+
 def train_federated(cfg: ExperimentConfig, run_id: str, sites: list[PreparedSite], data_root: Path, run_dir: Path) -> list[dict]:
     """The exported FLARE job in the simulator; the persistor's store resumes a cut run."""
     from fedmed_components.flare.job import JobSpec, run_simulator
@@ -159,7 +165,8 @@ def train_federated(cfg: ExperimentConfig, run_id: str, sites: list[PreparedSite
             cross_site_eval=False,  # the experiment scores every run's test notes itself (scoring.py)
             extra_site_args=f"--val-fraction 0 --max-val-examples {cfg.max_val_examples} --seed {cfg.seed}"
             + (f" --keep-optimizer-state --schedule-rounds {cfg.rounds}" if cfg.schedule == "run" else "")
-            + (f" --dp-sgd {dp}" if (dp := dp_sgd_of(cfg, run_id)) else ""),
+            + (f" --dp-sgd {dp}" if (dp := dp_sgd_of(cfg, run_id)) else "")
+            + (f" --keep-local-adapters {shlex.quote(str(site_adapters_dir(run_dir)))}" if cfg.site_adapter_f1 else ""),
         )
         spec = JobSpec(**{**budget, **changes})  # what the run changes replaces the config's value
         job_dir = export_job(spec, run_dir / "job")
