@@ -122,6 +122,10 @@ def test_a_site_with_another_rank_takes_the_global_adapter(site_folder, runtime)
     out = site_tasks.handle(other, "train", FLModel(params=global_state))
     assert all(v.shape[0] == 2 for k, v in out.params.items() if is_lora_A(k))
     assert out.meta["rank"] == 2
+    # asked to send the change: across ranks there is none, so it sends its adapter whole
+    out = site_tasks.handle(other, "train", FLModel(params=global_state), send="diff")
+    assert out.params_type == ParamsType.FULL
+    assert all(torch.equal(out.params[k], v) for k, v in other.adapter_state().items())
 
 
 def test_missing_or_empty_site_data_is_a_clear_error(tmp_path, monkeypatch):

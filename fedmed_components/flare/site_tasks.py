@@ -36,8 +36,15 @@ def train(runtime, incoming: FLModel, send: str = "full", tracker=None, keep_ada
         tracker.end_round(incoming.current_round, stats, val_loss, val_f1)
     params, ptype = state, ParamsType.FULL
     if send == "diff" and global_state:
-        params = {k: state[k] - global_state[k].to(state[k].dtype) for k in state}
-        ptype = ParamsType.DIFF
+        if all(k in global_state and global_state[k].shape == v.shape for k, v in state.items()):
+            params = {k: state[k] - global_state[k].to(state[k].dtype) for k in state}
+            ptype = ParamsType.DIFF
+        else:  # another rank than the global (FlexLoRA): a change has no meaning across shapes
+            log.warning(
+                "%s round %s: its adapter's shapes differ from the global one's; sending it whole, not the change",
+                runtime.site_name,
+                incoming.current_round,
+            )
     meta = {
         "site": runtime.site_name,
         "num_supervised_tokens": stats.num_supervised_tokens,
