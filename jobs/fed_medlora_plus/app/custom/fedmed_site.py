@@ -21,6 +21,13 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__)
     add_site_arguments(parser)
     parser.add_argument("--send", choices=["full", "diff"], default="full", help="send the adapter or its change")
+    parser.add_argument(
+        "--keep-local-adapters",
+        metavar="DIR",
+        default=None,
+        help="also save this site's own trained adapter every round in DIR/<site>/round_NNN (a diagnostic: "
+        "score it against the global mean); it stays on this site's disk",
+    )
     parser.add_argument("--no-tensorboard", action="store_true", help="do not send TensorBoard scalars to the server")
     args = parser.parse_args()
 
@@ -40,7 +47,11 @@ def main():
         if incoming is None:
             break
         task = flare.get_task_name()
-        flare.send(site_tasks.failed(site, error) if error else site_tasks.handle(runtime, task, incoming, send=args.send, tracker=tracker))
+        flare.send(
+            site_tasks.failed(site, error)
+            if error
+            else site_tasks.handle(runtime, task, incoming, send=args.send, tracker=tracker, keep_adapters=args.keep_local_adapters)
+        )
 
 
 if __name__ == "__main__":
