@@ -174,6 +174,7 @@ def site_parser():
     are checked against. Its error() raises SiteOptionError instead of exiting."""
     import argparse
 
+    from fedmed_components.flare.site_tasks import add_site_script_arguments
     from fedmed_components.model.site import add_site_arguments
 
     class _Parser(argparse.ArgumentParser):
@@ -182,9 +183,7 @@ def site_parser():
 
     parser = _Parser(prog=SITE_SCRIPT.name, add_help=False)
     add_site_arguments(parser)
-    # the site script's own two options, as it declares them
-    parser.add_argument("--send", choices=["full", "diff"], default="full")
-    parser.add_argument("--no-tensorboard", action="store_true")
+    add_site_script_arguments(parser)
     return parser
 
 

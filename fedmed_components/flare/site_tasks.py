@@ -15,6 +15,20 @@ from fedmed_components.model.modeling import adapter_num_bytes
 log = logging.getLogger("fedmed.site")
 
 
+def add_site_script_arguments(parser) -> None:
+    """The FLARE site script's own options (beside `add_site_arguments`), declared once for
+    the script and for the job's per-site option check (job.site_parser)."""
+    parser.add_argument("--send", choices=["full", "diff"], default="full", help="send the adapter or its change")
+    parser.add_argument("--no-tensorboard", action="store_true", help="do not send TensorBoard scalars to the server")
+    parser.add_argument(
+        "--keep-local-adapters",
+        metavar="DIR",
+        default=None,
+        help="also save this site's own trained adapter every round in DIR/<site>/round_NNN (a diagnostic: "
+        "score it against the global mean); it stays on this site's disk",
+    )
+
+
 def train(runtime, incoming: FLModel, send: str = "full", tracker=None, keep_adapters: str | None = None) -> FLModel:
     """`keep_adapters`: a folder where this site also saves its own trained adapter every
     round (`<folder>/<site>/round_NNN`), before the server's mean: a diagnostic of what the

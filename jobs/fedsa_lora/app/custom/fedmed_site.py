@@ -20,15 +20,7 @@ from fedmed_components.model.site import SiteRuntime, add_site_arguments, site_c
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     add_site_arguments(parser)
-    parser.add_argument("--send", choices=["full", "diff"], default="full", help="send the adapter or its change")
-    parser.add_argument(
-        "--keep-local-adapters",
-        metavar="DIR",
-        default=None,
-        help="also save this site's own trained adapter every round in DIR/<site>/round_NNN (a diagnostic: "
-        "score it against the global mean); it stays on this site's disk",
-    )
-    parser.add_argument("--no-tensorboard", action="store_true", help="do not send TensorBoard scalars to the server")
+    site_tasks.add_site_script_arguments(parser)
     args = parser.parse_args()
 
     flare.init()
