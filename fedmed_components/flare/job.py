@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -383,6 +384,16 @@ class SimulatorTimeout(RuntimeError):
     pass
 
 
+class SimulatorSiteFailed(RuntimeError):
+    """A site's FLARE client stopped with a fatal error: the server would wait for it until
+    the timeout, so the run is stopped at once."""
+
+
+# FLARE's client runner logs this when a site cannot go on (its executor failed to start,
+# say); the simulator's server keeps waiting for that site's result.
+_SITE_FATAL = "Stopped ClientRunner due to FATAL_SYSTEM_ERROR"
+
+
 def run_simulator(
     job_folder: str | os.PathLike,
     workspace: str | os.PathLike,
@@ -392,11 +403,19 @@ def run_simulator(
     threads: int | None = None,
     log_file: str | os.PathLike | None = None,
     progress: Callable[[str], None] | None = None,
+    retries: int = 1,
 ) -> Path:
     """Run the FLARE simulator bounded by `timeout`; every process it started is stopped.
 
     ``progress``, if given, is called with each line of the simulator's log as it is
     written (`round_progress` turns that into one line per round and per site result).
+
+    A site whose FLARE client stops with a fatal error ends the run at once
+    (`SimulatorSiteFailed`) instead of leaving the server waiting until the timeout. The
+    simulator itself sometimes starts two workers for one site (its client threads pick
+    the next site outside their lock), and the loser cannot find the site script; such a
+    run is started again, up to `retries` times, in a fresh workspace (the simulator
+    wipes it; a job's persistor store outside it resumes as usual).
 
     The simulator's site workers start sessions of their own, so killing its process
     group is not enough: the whole process tree is collected and stopped, and any
@@ -406,7 +425,20 @@ def run_simulator(
     workspace = Path(workspace).resolve()
     workspace.parent.mkdir(parents=True, exist_ok=True)
     log_path = Path(log_file) if log_file else workspace.with_name(workspace.name + ".log")
-    cmd = [
+    for attempt in range(retries + 1):
+        try:
+            return _run_simulator_once(job_folder, workspace, sites, timeout, threads, log_path, progress)
+        except SimulatorSiteFailed as failed:
+            if attempt == retries:
+                raise
+            failed_log = log_path.with_name(f"{log_path.name}.failed{attempt + 1}")
+            log_path.replace(failed_log)
+            print(f"{failed}; starting the simulator again (its log kept as {failed_log})", file=sys.stderr, flush=True)
+    raise AssertionError("unreachable")
+
+
+def simulator_command(job_folder, workspace: Path, sites: list[str], threads: int) -> list[str]:
+    return [
         sys.executable,
         "-m",
         "nvflare.cli",
@@ -417,15 +449,31 @@ def run_simulator(
         "-c",
         ",".join(sites),
         "-t",
-        str(threads or len(sites)),
+        str(threads),
     ]
-    with open(log_path, "w") as log, _terminate_raises(), follow_log(log_path, progress):
+
+
+def _run_simulator_once(job_folder, workspace: Path, sites, timeout, threads, log_path: Path, progress) -> Path:
+    cmd = simulator_command(job_folder, workspace, sites, threads or len(sites))
+    site_fatal: list[str] = []
+
+    def on_line(line: str) -> None:
+        if _SITE_FATAL in line and not site_fatal:
+            site_fatal.append(line.strip())
+        if progress is not None:
+            progress(line)
+
+    with open(log_path, "w") as log, _terminate_raises(), follow_log(log_path, on_line, interval=0.2):
         env = {**os.environ, **blas_thread_caps(threads or len(sites))}
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, env=env)
         try:
-            rc = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            raise SimulatorTimeout(f"simulator did not finish within {timeout:.0f} s; log: {log_path}") from None
+            deadline = time.monotonic() + timeout
+            while (rc := proc.poll()) is None:
+                if site_fatal:
+                    raise SimulatorSiteFailed(f"a site stopped with a fatal error: {site_fatal[0]}; log: {log_path}")
+                if time.monotonic() > deadline:
+                    raise SimulatorTimeout(f"simulator did not finish within {timeout:.0f} s; log: {log_path}")
+                time.sleep(0.2)
         finally:
             stop_process_trees([proc.pid], marker=str(workspace))
     if rc != 0:
