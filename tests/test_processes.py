@@ -77,7 +77,7 @@ def _fake_simulator(monkeypatch, tmp_path, failing_starts):
     return starts
 
 
-def test_a_sites_fatal_stop_ends_the_run_at_once_and_is_retried_in_a_fresh_start(monkeypatch, tmp_path):
+def test_a_sites_fatal_stop_ends_the_run_at_once_and_is_retried_in_a_fresh_start(monkeypatch, tmp_path, no_leftovers):
     from fedmed_components.flare.job import run_simulator
 
     starts = _fake_simulator(monkeypatch, tmp_path, failing_starts=1)
@@ -87,14 +87,13 @@ def test_a_sites_fatal_stop_ends_the_run_at_once_and_is_retried_in_a_fresh_start
     assert starts.read_text() == "xx"  # failed once, started again
     assert "round 0 done" in (tmp_path / "ws.log").read_text()
     assert "Can not find fedmed_site.py" in (tmp_path / "ws.log.failed1").read_text()
-    assert not [p for p in psutil.process_iter(["cmdline"]) if str(tmp_path / "ws") in " ".join(p.info["cmdline"] or [])]
+    assert "INFO - round 0 done in 0.1 s" in lines  # the caller's progress sees the good start's log
 
 
-def test_a_site_that_fails_every_start_gives_its_line_not_a_timeout(monkeypatch, tmp_path):
+def test_a_site_that_fails_every_start_gives_its_line_not_a_timeout(monkeypatch, tmp_path, no_leftovers):
     from fedmed_components.flare.job import SimulatorSiteFailed, run_simulator
 
     starts = _fake_simulator(monkeypatch, tmp_path, failing_starts=5)
     with pytest.raises(SimulatorSiteFailed, match="Can not find fedmed_site.py"):
         run_simulator(tmp_path / "job", tmp_path / "ws", ["site-1"], timeout=120, retries=1)
     assert starts.read_text() == "xx"
-    assert not [p for p in psutil.process_iter(["cmdline"]) if str(tmp_path / "ws") in " ".join(p.info["cmdline"] or [])]

@@ -425,16 +425,15 @@ def run_simulator(
     workspace = Path(workspace).resolve()
     workspace.parent.mkdir(parents=True, exist_ok=True)
     log_path = Path(log_file) if log_file else workspace.with_name(workspace.name + ".log")
-    for attempt in range(retries + 1):
+    threads = threads or len(sites)
+    for attempt in range(1, retries + 1):
         try:
             return _run_simulator_once(job_folder, workspace, sites, timeout, threads, log_path, progress)
         except SimulatorSiteFailed as failed:
-            if attempt == retries:
-                raise
-            failed_log = log_path.with_name(f"{log_path.name}.failed{attempt + 1}")
+            failed_log = log_path.with_name(f"{log_path.name}.failed{attempt}")
             log_path.replace(failed_log)
             print(f"{failed}; starting the simulator again (its log kept as {failed_log})", file=sys.stderr, flush=True)
-    raise AssertionError("unreachable")
+    return _run_simulator_once(job_folder, workspace, sites, timeout, threads, log_path, progress)
 
 
 def simulator_command(job_folder, workspace: Path, sites: list[str], threads: int) -> list[str]:
@@ -453,8 +452,8 @@ def simulator_command(job_folder, workspace: Path, sites: list[str], threads: in
     ]
 
 
-def _run_simulator_once(job_folder, workspace: Path, sites, timeout, threads, log_path: Path, progress) -> Path:
-    cmd = simulator_command(job_folder, workspace, sites, threads or len(sites))
+def _run_simulator_once(job_folder, workspace: Path, sites, timeout, threads: int, log_path: Path, progress) -> Path:
+    cmd = simulator_command(job_folder, workspace, sites, threads)
     site_fatal: list[str] = []
 
     def on_line(line: str) -> None:
@@ -464,7 +463,7 @@ def _run_simulator_once(job_folder, workspace: Path, sites, timeout, threads, lo
             progress(line)
 
     with open(log_path, "w") as log, _terminate_raises(), follow_log(log_path, on_line, interval=0.2):
-        env = {**os.environ, **blas_thread_caps(threads or len(sites))}
+        env = {**os.environ, **blas_thread_caps(threads)}
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, env=env)
         try:
             deadline = time.monotonic() + timeout
