@@ -190,9 +190,10 @@ def test_precision_bf16_config_is_the_default_with_bf16_alone():
 
     default = load_config(ROOT / "experiments" / "default.yaml")
     bf16 = load_config(ROOT / "experiments" / "precision_bf16.yaml")
-    assert bf16.precision == "bf16" and default.precision == "auto" and bf16.run_ids() == ["fed_medlora_plus"]
-    made_with = {k: v for k, v in _settings_of("fed_medlora_plus", default.to_dict()).items() if k != "precision"}
-    assert made_with == {k: v for k, v in _settings_of("fed_medlora_plus", bf16.to_dict()).items() if k != "precision"}
+    assert bf16.precision == "bf16" and default.precision == "auto" and bf16.run_ids() == ["fed_medlora_plus", "fed_medlora"]
+    for run_id in bf16.run_ids():
+        made_with = {k: v for k, v in _settings_of(run_id, default.to_dict()).items() if k != "precision"}
+        assert made_with == {k: v for k, v in _settings_of(run_id, bf16.to_dict()).items() if k != "precision"}
 
 
 def test_batch2_config_is_the_default_at_batch_2_with_as_many_examples():
