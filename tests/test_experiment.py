@@ -689,18 +689,58 @@ def test_goals_judge_the_paper_methods_and_ablations_are_read_against_the_method
     assert header[0] == "run" and all(len(row) == len(header) for row in rows)
     by_run = {row[0]: row for row in rows}
     assert list(by_run) == ["fed_medlora", "fed_medlora_plus", "fed_avgm_lr2", "fed_medlora_plus_server", "fed_medlora_dp_eps3"]
-    assert by_run["fed_medlora"][1:] == ["-", "0.220", "0.350", "1", "0.889", "n/a", "-"]
-    assert by_run["fed_avgm_lr2"][1:6] == ["fed_medlora", "0.200", "0.300", "not in 1", "0.462"]
+    # precision, val loss, val F1, chosen, rounds to 0.95x, test main strict / lenient, modifiers strict / lenient, gap
+    assert by_run["fed_medlora"][1:] == ["-", "not recorded", "0.220", "0.350", "-", "1", "0.889", "n/a", "n/a", "n/a", "-"]
+    assert by_run["fed_avgm_lr2"][1:8] == ["fed_medlora", "not recorded", "0.200", "0.300", "-", "not in 1", "0.462"]
     assert by_run["fed_medlora_dp_eps3"][1] == "fed_medlora + DP-SGD, epsilon spent <= 3.00 (delta 1e-05)"
+    assert by_run["fed_medlora_dp_eps3"][5] == "-"  # an epsilon is a budget, never chosen on validation
     assert by_run["fed_medlora_plus_server"][1] == "fed_medlora_plus"
     # every note moved the same way: the paired interval is one point, of the right sign
-    assert by_run["fed_avgm_lr2"][7] == "-0.427 [-0.427, -0.427]"
-    assert by_run["fed_medlora_plus_server"][7].startswith("+")
+    assert by_run["fed_avgm_lr2"][-1] == "-0.427 [-0.427, -0.427]"
+    assert by_run["fed_medlora_plus_server"][-1].startswith("+")
     # an ablation whose base has not finished has no row
     assert [row[0] for row in ablation_rows({k: v for k, v in results.items() if k != "fed_medlora"})[1]] == [
         "fed_medlora_plus",
         "fed_medlora_plus_server",
     ]
+
+
+def test_ablation_rows_say_what_each_run_changes_and_which_swept_value_validation_chose():
+    from fedmed_components.runs.experiment.comparisons import ablation_rows, chosen_on_validation
+
+    results = {
+        "fed_medlora": _counted_run("federated", [8] * 30, 0.22, 0.35) | {"resolved_precision": "bf16"},
+        # validation prefers lr 0.003 (higher val F1) although its test F1 is the lower one
+        "fed_adam_lr0p01": _counted_run("federated", [9] * 30, 0.18, 0.30) | {"job": {"algorithm": "fed_adam", "server_lr": 0.01}},
+        "fed_adam_lr0p003": _counted_run("federated", [7] * 30, 0.25, 0.34) | {"job": {"algorithm": "fed_adam", "server_lr": 0.003}},
+        # a tie on validation F1 goes to the lower validation loss
+        "fed_yogi_lr0p01": _counted_run("federated", [8] * 30, 0.20, 0.33) | {"job": {"algorithm": "fed_yogi", "server_lr": 0.01}},
+        "fed_yogi_lr0p003": _counted_run("federated", [8] * 30, 0.19, 0.33) | {"job": {"algorithm": "fed_yogi", "server_lr": 0.003}},
+        "fed_prox_mu0p01": _counted_run("federated", [8] * 30, 0.22, 0.35) | {"job": {"algorithm": "fed_prox", "prox_mu": 0.01}},
+        "fed_flexlora": _counted_run("federated", [8] * 30, 0.22, 0.35)
+        | {"job": {"algorithm": "fed_exact_lora", "site_overrides": {"a": {"rank": "8"}, "b": {"rank": "4"}}}},
+        "fed_avgm_lr2": _counted_run("federated", [8] * 30, 0.22, 0.35) | {"server_lr": 2, "server_momentum": 0.0},
+        # two privacy budgets: a budget is set by the hospitals, never chosen on validation
+        "fed_medlora_dp_eps8": _counted_run("federated", [2] * 30, 1.3, 0.05) | {"job": {"algorithm": "fed_medlora"}},
+        "fed_medlora_dp_eps3": _counted_run("federated", [1] * 30, 1.5, 0.01) | {"job": {"algorithm": "fed_medlora"}},
+    }
+    assert chosen_on_validation(results) == {
+        "fed_adam_lr0p01": False,
+        "fed_adam_lr0p003": True,
+        "fed_yogi_lr0p01": False,
+        "fed_yogi_lr0p003": True,
+    }  # one value (fed_prox, fed_avgm): no choice made; none among the DP budgets
+    header, rows = ablation_rows(results)
+    by_run = {row[0]: dict(zip(header, row)) for row in rows}
+    assert by_run["fed_medlora"]["precision"] == "bf16" and by_run["fed_adam_lr0p01"]["precision"] == "not recorded"
+    assert by_run["fed_adam_lr0p01"]["changes"] == "fed_medlora + FedAdam, server lr 0.01"
+    assert by_run["fed_adam_lr0p003"]["chosen on validation"] == "yes" and by_run["fed_adam_lr0p01"]["chosen on validation"] == "no"
+    assert (
+        by_run["fed_prox_mu0p01"]["changes"] == "fed_medlora + FedProx mu 0.01" and by_run["fed_prox_mu0p01"]["chosen on validation"] == "-"
+    )
+    assert by_run["fed_flexlora"]["changes"] == "fed_medlora + exact aggregation of B A, site ranks a 8, b 4"
+    assert by_run["fed_avgm_lr2"]["changes"] == "fed_medlora + FedAvgM, server lr 2, momentum 0"
+    assert by_run["fed_adam_lr0p01"]["test main strict: run - base [95% CI]"].startswith("+0.")
 
 
 def test_new_site_starts_are_compared_per_seed_over_the_same_external_notes():

@@ -8,6 +8,7 @@ from fedmed_components.runs.experiment.tables import f1, fmt, fmt_ci
 # (server optimiser candidates, FedSA, exact aggregation, server-held loss) changes one of
 # them and is read against it in the ablation table, not counted as "a federated run".
 PAPER_METHODS = ("fed_medlora", "fed_medlora_plus")
+SERVER_OPTIMIZER_NAMES = {"fed_avgm": "FedAvgM", "fed_adam": "FedAdam", "fed_yogi": "FedYogi"}
 
 
 def _pooled_counts(result: dict, group: str, mode: str, notes=None):
@@ -97,22 +98,91 @@ def _rounds_to(result: dict, target: float | None) -> str:
     return str(reached) if reached else f"not in {len(rounds)}"
 
 
+def _what_it_changes(run_id: str, result: dict) -> str:
+    """The ablation's change to its paper method, from its job settings: 'FedAdam, server
+    lr 0.01', 'FedProx mu 0.01', 'exact aggregation, site ranks a 8, b 4', ..."""
+    job = result.get("job") or {}
+    algorithm = job.get("algorithm")
+    parts = []
+    if algorithm in SERVER_OPTIMIZER_NAMES:
+        parts.append(f"{SERVER_OPTIMIZER_NAMES[algorithm]}, server lr {job['server_lr']:g}")
+    elif result.get("server_lr") is not None:  # fed_avgm runs made before the job was recorded
+        parts.append(f"FedAvgM, server lr {result['server_lr']:g}")
+    momentum = job.get("server_beta1", result.get("server_momentum")) if algorithm in (None, "fed_avgm") else None
+    if momentum is not None:
+        parts[-1] += f", momentum {momentum:g}"
+    if job.get("prox_mu") is not None:
+        parts.append(f"FedProx mu {job['prox_mu']:g}")
+    if algorithm == "fedsa_lora":
+        parts.append("FedSA-LoRA (A shared, B local until the last round)")
+    if algorithm == "fed_exact_lora":
+        parts.append("exact aggregation of B A")
+    if job.get("site_overrides"):
+        ranks = {site: o["rank"] for site, o in job["site_overrides"].items() if "rank" in o}
+        parts.append("site ranks " + ", ".join(f"{site} {rank}" for site, rank in ranks.items()))
+    if job.get("loss_source") == "server":
+        parts.append("losses on the server's validation set")
+    if job.get("temperature") is not None:
+        parts.append(f"temperature {job['temperature']:g}")
+    if "batch_size" in job:
+        parts.append(f"site batch {job['batch_size']} x {job['local_steps']} local steps")
+    spent = [site["epsilon"] for site in (_last_round(result).get("dp_sgd") or {}).values() if "epsilon" in site]
+    if spent:
+        parts.append(f"DP-SGD, epsilon spent <= {max(spent):.2f} (delta {result['config'].get('dp_delta')})")
+    return ", ".join(parts)
+
+
+def chosen_on_validation(results: dict[str, dict]) -> dict[str, bool]:
+    """Of every swept kind made at several values (server lrs, mu, T), which run a user
+    should take: the highest last-round validation main-entity strict F1, ties to the lower
+    validation loss. Validation only: the test figures of the other values are reported,
+    never used to choose. {run id: chosen?} for the runs of a sweep of 2 or more. A DP-SGD
+    epsilon is a privacy budget the hospitals set, not a setting to tune: never chosen."""
+    from fedmed_components.runs.experiment.config import DP_KIND, SWEPT, kind_of
+
+    sweeps: dict[str, list[str]] = {}
+    for run_id, result in results.items():
+        if result.get("kind") == "federated" and run_id not in PAPER_METHODS and kind_of(run_id) in SWEPT and kind_of(run_id) != DP_KIND:
+            sweeps.setdefault(kind_of(run_id), []).append(run_id)
+    chosen = {}
+    for runs in sweeps.values():
+        if len(runs) < 2:
+            continue
+
+        def rank(run_id):
+            last = _last_round(results[run_id])
+            loss = last.get("val_loss")
+            return (last.get("val_main_strict_f1") or 0.0, -(loss if loss is not None else float("inf")))
+
+        best = max(runs, key=rank)
+        chosen |= {run_id: run_id == best for run_id in runs}
+    return chosen
+
+
 def ablation_rows(results: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
     """The paper's two methods and each finished federated run that changes one of them:
-    the last round's validation figures (what a choice between candidates may use), the
-    round validation F1 first came within 5% of centralised's last, the test F1 and the
-    paired test difference against the method the run changes."""
+    the last round's validation figures (what a choice between candidates may use, and the
+    choice made where a setting was swept), the round validation F1 first came within 5% of
+    centralised's last, the test F1s (strict and lenient, main entities and modifiers) and
+    the paired test difference against the method the run changes. The precision column
+    says which runs may be compared directly: bf16 and fp32 runs differ by about a point
+    (bench/RESULTS.md, the precision section)."""
     central = results.get("centralised")
     target = 0.95 * _last_round(central)["val_main_strict_f1"] if central and _last_round(central).get("val_main_strict_f1") else None
+    chosen = chosen_on_validation(results)
     header = [
         "run",
         "changes",
+        "precision",
         "val loss (last round)",
         "val main strict F1 (last round)",
+        "chosen on validation",
         "rounds to 0.95x centralised val F1",
         "test pooled main strict F1 [95% CI]",
+        "main lenient",
         "test modifier strict F1 [95% CI]",
-        "test: run - base [95% CI]",
+        "modifier lenient",
+        "test main strict: run - base [95% CI]",
     ]
     rows = []
     for run_id, result in results.items():
@@ -121,22 +191,21 @@ def ablation_rows(results: dict[str, dict]) -> tuple[list[str], list[list[str]]]
         base = None if run_id in PAPER_METHODS else ablation_base(run_id)
         if base is not None and _pooled_f1(results, base) is None:
             continue
-        spent = [site["epsilon"] for site in (_last_round(result).get("dp_sgd") or {}).values() if "epsilon" in site]
-        changes = "-" if base is None else base
-        if "batch_size" in (job := result.get("job") or {}):
-            changes += f" + site batch {job['batch_size']} x {job['local_steps']} local steps"
-        if spent:
-            changes += f" + DP-SGD, epsilon spent <= {max(spent):.2f} (delta {result['config'].get('dp_delta')})"
+        change = _what_it_changes(run_id, result)
         gap = paired(result, results[base]) if base else None
         rows.append(
             [
                 run_id,
-                changes,
+                "-" if base is None else base + (f" + {change}" if change else ""),
+                result.get("resolved_precision") or "not recorded",
                 fmt(_last_round(result).get("val_loss")),
                 fmt(_last_round(result).get("val_main_strict_f1")),
+                {True: "yes", False: "no"}.get(chosen.get(run_id), "-"),
                 _rounds_to(result, target),
                 fmt_ci(result, "pooled", "main_entities", "strict"),
+                fmt_ci(result, "pooled", "main_entities", "lenient"),
                 fmt_ci(result, "pooled", "relations", "strict"),
+                fmt_ci(result, "pooled", "relations", "lenient"),
                 f"{gap.estimate:+.3f} [{gap.low:+.3f}, {gap.high:+.3f}]" if gap else "-",
             ]
         )
