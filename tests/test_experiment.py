@@ -427,7 +427,9 @@ def test_mini_experiment_end_to_end(tmp_path, capsys):
     from fedmed_components.model.modeling import load_adapter_folder
 
     raw = yaml.safe_load((ROOT / "experiments" / "mini.yaml").read_text())
-    raw.update(runs=["zero_shot", "single", "centralised", "fed_medlora", "new_site"], max_new_tokens=48, site_adapter_f1=True)
+    raw.update(
+        runs=["zero_shot", "single", "centralised", "fed_medlora", "new_site"], max_new_tokens=48, site_adapter_f1=True, personalised=True
+    )
     config = tmp_path / "mini.yaml"
     config.write_text(yaml.safe_dump(raw))
     out, work = tmp_path / "results", tmp_path / "work"
@@ -467,6 +469,17 @@ def test_mini_experiment_end_to_end(tmp_path, capsys):
         assert all(own["val_main_strict_f1"] is not None and "val_relation_strict_f1" in own for own in h["site_adapters"].values())
     site_last, _, _ = load_adapter_folder(work / "runs" / "fed_medlora" / "site_adapters" / "general_medicine" / "round_001")
     assert site_last.keys() == state.keys() and any(not torch.equal(site_last[k], state[k]) for k in state)
+    # personalised: each site's own last adapter scored on its own test notes (and own validation every round)
+    own = fed["personalised"]
+    assert own["round"] == 1 and set(own["scores"]["sites"]) == {s.name for s in cfg.sites}
+    for name, score in own["scores"]["sites"].items():
+        assert set(score["per_note"]) == set(fed["scores"]["sites"][name]["per_note"])  # the same notes as the global's
+    assert own["intervals"]["pooled"]["main_entities"]["strict"]["low"] <= own["scores"]["pooled"]["main_entities"]["strict"]["f1"]
+    assert all("val_main_strict_f1" in h["personalised"] for h in fed["rounds"])
+    heading = "Personalised: each site's own last adapter on its own notes (paired over the same test notes)"
+    _, own_rows = _table_rows((out / "summary.md").read_text(), heading)
+    assert set(own_rows) == {"fed_medlora"}
+    assert own_rows["fed_medlora"][2].startswith(f"{own['scores']['pooled']['main_entities']['strict']['f1']:.3f} [")
 
     # Every number of the main table equals the one recomputed from the run's JSON counts.
     summary = (out / "summary.md").read_text()
@@ -741,6 +754,31 @@ def test_ablation_rows_say_what_each_run_changes_and_which_swept_value_validatio
     assert by_run["fed_flexlora"]["changes"] == "fed_medlora + exact aggregation of B A, site ranks a 8, b 4"
     assert by_run["fed_avgm_lr2"]["changes"] == "fed_medlora + FedAvgM, server lr 2, momentum 0"
     assert by_run["fed_adam_lr0p01"]["test main strict: run - base [95% CI]"].startswith("+0.")
+
+
+def test_personalised_rows_pair_each_sites_own_adapter_with_the_global_and_centralised_on_the_same_notes():
+    from fedmed_components.runs.experiment.comparisons import personalised_rows
+
+    fed = _counted_run("federated", [6] * 20, 0.2, 0.5)
+    fed["rounds"][0] |= {"val_relation_strict_f1": 0.04, "personalised": {"val_main_strict_f1": 0.55, "val_relation_strict_f1": 0.29}}
+    own = _counted_run("federated", [7] * 20, 0.2, 0.5)  # every note: one more true positive than the global
+    fed["personalised"] = {"round": 0, "scores": own["scores"]}
+    results = {
+        "fed_medlora_plus": fed,
+        "fed_medlora": _counted_run("federated", [6] * 20, 0.2, 0.5),  # not scored personalised: no row
+        "centralised": _counted_run("centralised", [9] * 20, 0.1, 0.6),
+    }
+    header, rows = personalised_rows(results)
+    assert [row[0] for row in rows] == ["fed_medlora_plus"]
+    row = dict(zip(header, rows[0]))
+    assert row["val main / modifier strict F1, last round: global -> own"] == "0.500 / 0.040 -> 0.550 / 0.290"
+    assert row["test main strict F1, own adapters [95% CI]"] == f"{2 * 7 / (2 * 7 + 3):.3f}"  # no interval made: F1 alone
+    gain = 2 * 7 / 17 - 2 * 6 / 16  # every note moved the same way: the interval is one point
+    assert header[3] == "own - global" and rows[0][3] == f"{gain:+.3f} [{gain:+.3f}, {gain:+.3f}]"
+    assert header[4] == "own - centralised" and rows[0][4].startswith("-0.")
+    assert header[6] == "own - global" and rows[0][6] == "n/a"  # no modifiers scored here
+    # without a centralised run the column says so
+    assert personalised_rows({"fed_medlora_plus": fed})[1][0][4] == "n/a"
 
 
 def test_new_site_starts_are_compared_per_seed_over_the_same_external_notes():

@@ -212,18 +212,57 @@ def ablation_rows(results: dict[str, dict]) -> tuple[list[str], list[list[str]]]
     return header, rows
 
 
+def _gap(a: dict, b: dict, group: str) -> str:
+    """'F1(a) - F1(b) [95% CI]' paired over the same test notes; n/a where either lacks the group."""
+    if not (a["scores"]["pooled"].get(group) and b["scores"]["pooled"].get(group)):
+        return "n/a"
+    gap = paired(a, b, group)
+    return f"{gap.estimate:+.3f} [{gap.low:+.3f}, {gap.high:+.3f}]"
+
+
+def personalised_rows(results: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
+    """Federated runs scored `personalised`: each site's own last adapter on its own notes
+    against the global adapter on the same notes (paired), and against centralised."""
+    central = results.get("centralised") if "pooled" in ((results.get("centralised") or {}).get("scores") or {}) else None
+    header = [
+        "run",
+        "val main / modifier strict F1, last round: global -> own",
+        "test main strict F1, own adapters [95% CI]",
+        "own - global",
+        "own - centralised",
+        "test modifier strict F1, own adapters [95% CI]",
+        "own - global",
+        "own - centralised",
+    ]
+    rows = []
+    for run_id, result in results.items():
+        own = result.get("personalised")
+        if result.get("kind") != "federated" or not own or "pooled" not in (result.get("scores") or {}):
+            continue
+        last = _last_round(result)
+        mine = last.get("personalised") or {}
+        val = f"{fmt(last.get('val_main_strict_f1'))} / {fmt(last.get('val_relation_strict_f1'))} -> "
+        val += f"{fmt(mine.get('val_main_strict_f1'))} / {fmt(mine.get('val_relation_strict_f1'))}"
+        rows.append(
+            [
+                run_id,
+                val,
+                fmt_ci(own, "pooled", "main_entities", "strict"),
+                _gap(own, result, "main_entities"),
+                _gap(own, central, "main_entities") if central else "n/a",
+                fmt_ci(own, "pooled", "relations", "strict"),
+                _gap(own, result, "relations"),
+                _gap(own, central, "relations") if central else "n/a",
+            ]
+        )
+    return header, rows
+
+
 def difference_rows(results: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
     header = ["difference", "main-entity strict F1: a - b [95% CI]", "modifier strict F1: a - b [95% CI]"]
     rows = []
     for label, a, b in comparisons(results):
-        ent = paired(results[a], results[b])
-        cells = [label, f"{ent.estimate:+.3f} [{ent.low:+.3f}, {ent.high:+.3f}]"]
-        if results[a]["scores"]["pooled"].get("relations") and results[b]["scores"]["pooled"].get("relations"):
-            rel = paired(results[a], results[b], "relations")
-            cells.append(f"{rel.estimate:+.3f} [{rel.low:+.3f}, {rel.high:+.3f}]")
-        else:
-            cells.append("n/a")
-        rows.append(cells)
+        rows.append([label, _gap(results[a], results[b], "main_entities"), _gap(results[a], results[b], "relations")])
     return header, rows
 
 

@@ -106,6 +106,10 @@ class ExperimentConfig:
     # federated runs: each site also keeps its own trained adapter every round, and each is
     # scored like the global one (what the mean keeps of each site's skills; a diagnostic)
     site_adapter_f1: bool = False
+    # federated runs: each site's own last-round adapter (kept at the site, never sent)
+    # scored on that site's own validation (every round) and test split: the personalised
+    # model a hospital that deploys its own adapter gets, beside the global one
+    personalised: bool = False
     checkpoints_per_round: int = 1  # centralised: a learning-curve point this many times per round
     simulator_timeout: float = 7200
     sampling: Sampling = field(default_factory=Sampling)

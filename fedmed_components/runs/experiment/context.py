@@ -11,7 +11,7 @@ from pathlib import Path
 
 from fedmed_components.runs.experiment.config import ExperimentConfig
 from fedmed_components.runs.experiment.data import PreparedSite
-from fedmed_components.runs.experiment.scoring import Scorer, pool_scores
+from fedmed_components.runs.experiment.scoring import Scorer, pool_scores, score_intervals
 
 
 @dataclass
@@ -73,3 +73,36 @@ class Experiment:
                 self.validation_scores(scored[site.name], state, folder / "scores" / site.name / name, label=f"{site.name}'s own adapter, ")
             if not scored:
                 del record["site_adapters"]
+
+    def personalised_scores(self, history: list[dict], folder: Path) -> dict:
+        """Each site's own adapter (kept under `personalised`) scored on that site's own
+        split: validation every round (into each round's record under "personalised": what
+        a choice may use), test for the last round (returned with its intervals). The
+        validation cache is the one `site_adapter_scores` fills, so each is made once."""
+        from fedmed_components.data.document import InputError
+        from fedmed_components.model.modeling import load_adapter_folder
+
+        def own_scores(round_number: int, part: str, cache: str) -> dict:
+            name = f"round_{round_number:03d}"
+            scores = {}
+            for site in self.sites:
+                adapter = folder / site.name / name
+                if not adapter.is_dir():
+                    raise InputError(
+                        adapter, None, f"personalised: {site.name}'s own adapter of {name} is not here (was the run trained with it kept?)"
+                    )
+                state, _, _ = load_adapter_folder(adapter)
+                scores[site.name] = self.scorer.score_sets(state, {site.name: site}, folder / cache / site.name / name, part=part)[
+                    site.name
+                ]
+            return scores
+
+        for record in history:
+            pooled = pool_scores(list(own_scores(record["round"], "val", "scores").values()))
+            record["personalised"] = {
+                "val_main_strict_f1": pooled["main_entities"]["strict"]["f1"] if pooled.get("main_entities") else None,
+                "val_relation_strict_f1": pooled["relations"]["strict"]["f1"] if pooled.get("relations") else None,
+            }
+        per_site = own_scores(history[-1]["round"], "test", "test_scores")
+        scores = {"sites": per_site, "pooled": pool_scores(list(per_site.values()))}
+        return {"round": history[-1]["round"], "scores": scores, "intervals": score_intervals(scores)}

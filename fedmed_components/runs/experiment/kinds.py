@@ -113,6 +113,9 @@ def federated(exp: Experiment, run_id: str, run_dir: Path) -> dict:
         exp.site_adapter_scores(history, site_adapters_dir(run_dir))
     state = _adapter(adapter_dir(cfg.rounds - 1))
     job = job_settings(cfg, run_id)
+    tested = _test_scores(exp, run_id, run_dir, state)
+    # each site's own last adapter on its own notes (adds each round's own-validation figures to history)
+    own = {"personalised": exp.personalised_scores(history, site_adapters_dir(run_dir))} if cfg.personalised else {}
     return {
         "kind": "federated",
         "trained_on": [s.name for s in exp.sites],
@@ -120,7 +123,8 @@ def federated(exp: Experiment, run_id: str, run_dir: Path) -> dict:
         **({"server_lr": job["server_lr"], "server_momentum": cfg.server_momentum} if kind_of(run_id) == SERVER_LR_KIND else {}),
         **({"dp_sgd": dp} if (dp := dp_sgd_of(cfg, run_id)) else {}),
         "rounds": history,
-        **_test_scores(exp, run_id, run_dir, state),
+        **tested,
+        **own,
         "communication": communication(state, exp.model_path, cfg.rounds, len(exp.sites)),
     }
 

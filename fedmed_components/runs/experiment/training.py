@@ -125,8 +125,12 @@ def federation_finished(run_dir: Path, rounds: int) -> bool:
 
 
 def site_adapters_dir(run_dir: Path) -> Path:
-    """Where a federated run's sites keep their own adapters under `site_adapter_f1`."""
+    """Where a federated run's sites keep their own adapters (`site_adapter_f1`, `personalised`)."""
     return run_dir / "site_adapters"
+
+
+def keeps_site_adapters(cfg: ExperimentConfig) -> bool:
+    return cfg.site_adapter_f1 or cfg.personalised
 
 
 def train_federated(cfg: ExperimentConfig, run_id: str, sites: list[PreparedSite], data_root: Path, run_dir: Path) -> list[dict]:
@@ -166,7 +170,7 @@ def train_federated(cfg: ExperimentConfig, run_id: str, sites: list[PreparedSite
             extra_site_args=f"--val-fraction 0 --max-val-examples {cfg.max_val_examples} --seed {cfg.seed}"
             + (f" --keep-optimizer-state --schedule-rounds {cfg.rounds}" if cfg.schedule == "run" else "")
             + (f" --dp-sgd {dp}" if (dp := dp_sgd_of(cfg, run_id)) else "")
-            + (f" --keep-local-adapters {shlex.quote(str(site_adapters_dir(run_dir)))}" if cfg.site_adapter_f1 else ""),
+            + (f" --keep-local-adapters {shlex.quote(str(site_adapters_dir(run_dir)))}" if keeps_site_adapters(cfg) else ""),
         )
         spec = JobSpec(**{**budget, **changes})  # what the run changes replaces the config's value
         job_dir = export_job(spec, run_dir / "job")
