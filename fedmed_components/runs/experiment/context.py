@@ -103,6 +103,7 @@ class Experiment:
                 "val_main_strict_f1": pooled["main_entities"]["strict"]["f1"] if pooled.get("main_entities") else None,
                 "val_relation_strict_f1": pooled["relations"]["strict"]["f1"] if pooled.get("relations") else None,
             }
+        print("    personalised: each site's own last adapter on its own test notes", flush=True)
         per_site = own_scores(history[-1]["round"], "test", "test_scores")
         scores = {"sites": per_site, "pooled": pool_scores(list(per_site.values()))}
         return {"round": history[-1]["round"], "scores": scores, "intervals": score_intervals(scores)}
