@@ -98,19 +98,18 @@ def _rounds_to(result: dict, target: float | None) -> str:
     return str(reached) if reached else f"not in {len(rounds)}"
 
 
-def _what_it_changes(run_id: str, result: dict) -> str:
+def _what_it_changes(result: dict) -> str:
     """The ablation's change to its paper method, from its job settings: 'FedAdam, server
     lr 0.01', 'FedProx mu 0.01', 'exact aggregation, site ranks a 8, b 4', ..."""
     job = result.get("job") or {}
     algorithm = job.get("algorithm")
     parts = []
-    if algorithm in SERVER_OPTIMIZER_NAMES:
-        parts.append(f"{SERVER_OPTIMIZER_NAMES[algorithm]}, server lr {job['server_lr']:g}")
-    elif result.get("server_lr") is not None:  # fed_avgm runs made before the job was recorded
-        parts.append(f"FedAvgM, server lr {result['server_lr']:g}")
-    momentum = job.get("server_beta1", result.get("server_momentum")) if algorithm in (None, "fed_avgm") else None
-    if momentum is not None:
-        parts[-1] += f", momentum {momentum:g}"
+    if algorithm in SERVER_OPTIMIZER_NAMES or result.get("server_lr") is not None:
+        # fed_avgm runs made before the job was recorded keep their lr and momentum beside it
+        name = SERVER_OPTIMIZER_NAMES.get(algorithm, "FedAvgM")
+        server = f"{name}, server lr {job.get('server_lr', result.get('server_lr')):g}"
+        momentum = job.get("server_beta1", result.get("server_momentum"))
+        parts.append(server + (f", momentum {momentum:g}" if name == "FedAvgM" and momentum is not None else ""))
     if job.get("prox_mu") is not None:
         parts.append(f"FedProx mu {job['prox_mu']:g}")
     if algorithm == "fedsa_lora":
@@ -142,8 +141,9 @@ def chosen_on_validation(results: dict[str, dict]) -> dict[str, bool]:
 
     sweeps: dict[str, list[str]] = {}
     for run_id, result in results.items():
-        if result.get("kind") == "federated" and run_id not in PAPER_METHODS and kind_of(run_id) in SWEPT and kind_of(run_id) != DP_KIND:
-            sweeps.setdefault(kind_of(run_id), []).append(run_id)
+        kind = None if run_id in PAPER_METHODS else kind_of(run_id)
+        if result.get("kind") == "federated" and kind in SWEPT and kind != DP_KIND:
+            sweeps.setdefault(kind, []).append(run_id)
     chosen = {}
     for runs in sweeps.values():
         if len(runs) < 2:
@@ -191,7 +191,7 @@ def ablation_rows(results: dict[str, dict]) -> tuple[list[str], list[list[str]]]
         base = None if run_id in PAPER_METHODS else ablation_base(run_id)
         if base is not None and _pooled_f1(results, base) is None:
             continue
-        change = _what_it_changes(run_id, result)
+        change = _what_it_changes(result)
         gap = paired(result, results[base]) if base else None
         rows.append(
             [
