@@ -3,7 +3,16 @@
 import pytest
 import torch
 
-from fedmed_components.model.inference import GenerationSettings, _extra_stop_ids, generate, greedy_decode, shared_prefix_length
+from fedmed_components.data.document import Document, Entity
+from fedmed_components.model.inference import (
+    AnswerBias,
+    GenerationSettings,
+    _extra_stop_ids,
+    generate,
+    greedy_decode,
+    predict_modifiers,
+    shared_prefix_length,
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -103,6 +112,38 @@ def test_rows_stopping_early_leave_the_batch_without_changing_the_others(tiny, p
     assert all(stop not in row for row in batched)
     assert batched == alone
     assert batched == [row[: row.index(stop)] if stop in row else row for row in free]
+
+
+def test_an_answer_bias_moves_one_decision_only_on_rows_that_reached_its_prefix(tiny, prompts):
+    """The bias lowers one token's logit at the step after its prefix, on the rows whose
+    answer so far is that prefix; every other row decodes exactly as without it."""
+    model, tokenizer = tiny
+    texts, _ = prompts
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    pad = tokenizer.pad_token_id
+    model.eval()
+    with torch.inference_mode():
+        free = greedy_decode(model, ids, [8] * len(ids), [pad], pad, "cpu")
+        first, second = free[0][0], free[0][1]
+        at_start = greedy_decode(model, ids, [8] * len(ids), [pad], pad, "cpu", answer_bias=AnswerBias((), first, 1e4))
+        after_one = greedy_decode(model, ids, [8] * len(ids), [pad], pad, "cpu", answer_bias=AnswerBias((first,), second, 1e4))
+        favoured = greedy_decode(model, ids, [8] * len(ids), [pad], pad, "cpu", answer_bias=AnswerBias((), first, -1e4))
+    model.train()
+    assert any(row[0] != first for row in free), "the prompts must not all start alike"
+    for row, a, b, c in zip(free, at_start, after_one, favoured):
+        if row[0] == first:
+            assert a[0] != first  # the decision moved
+            assert b[0] == first and (b[1] != second if row[1] == second else b == row)
+        else:
+            assert a == row and b == row  # not at the prefix: untouched
+        assert c[0] == first  # a negative bias favours the token
+
+
+def test_a_none_bias_needs_json_modifier_answers(tiny):
+    model, tokenizer = tiny
+    doc = Document(id="n#s000", text="No chest pain.", entities=[Entity(id="T1", type="problem", spans=[(3, 13)], text="chest pain")])
+    with pytest.raises(ValueError, match="JSON modifier answers"):
+        predict_modifiers(model, tokenizer, [doc], prompt_style="paper", none_bias=1.0)
 
 
 def test_shared_prefix_leaves_each_prompt_a_token_of_its_own():

@@ -39,6 +39,33 @@ class GenerationSettings:
         return min(self.max_new_tokens, int(answer_length * self.length_factor) + self.length_slack)
 
 
+@dataclass(frozen=True)
+class AnswerBias:
+    """Subtract `value` from `token`'s logit where a row's answer so far is `prefix`: a
+    threshold on one decision, e.g. "[]" against '[{"' at a modifier answer's start."""
+
+    prefix: tuple[int, ...]
+    token: int
+    value: float
+
+
+EMPTY_MODIFIER_ANSWER = "[]"  # a JSON modifier answer (compact prompts) with nothing in it
+NONEMPTY_MODIFIER_START = '[{"'
+
+
+def empty_answer_decision(tokenizer) -> tuple[tuple[int, ...], int]:
+    """(the tokens "[]" and '[{"' share, the token that makes a JSON modifier answer "[]"):
+    under greedy decoding this one token decides whether an entity gets any modifier."""
+    empty = tokenizer(EMPTY_MODIFIER_ANSWER, add_special_tokens=False)["input_ids"]
+    other = tokenizer(NONEMPTY_MODIFIER_START, add_special_tokens=False)["input_ids"]
+    shared = 0
+    while shared < min(len(empty), len(other)) and empty[shared] == other[shared]:
+        shared += 1
+    if shared == len(empty):
+        raise ValueError(f"this tokenizer writes {EMPTY_MODIFIER_ANSWER!r} as a prefix of {NONEMPTY_MODIFIER_START!r}: no deciding token")
+    return tuple(empty[:shared]), empty[shared]
+
+
 def generate(
     model,
     tokenizer,
@@ -47,12 +74,14 @@ def generate(
     progress: bool = False,
     answer_lengths: list[int] | None = None,
     stats: dict | None = None,
+    answer_bias: AnswerBias | None = None,
 ) -> list[str]:
     """Greedy completions for already chat-rendered prompts, in input order.
 
     answer_lengths: the token length of the text each answer rewrites (the sentence),
     which bounds that answer's new tokens; without it the prompt length is used.
     stats: if given, receives "new_tokens" (generated, stop tokens excluded).
+    answer_bias: a logit bias on one token after a given answer start (`AnswerBias`).
     """
     from tqdm.auto import tqdm
 
@@ -80,7 +109,7 @@ def generate(
             for start in tqdm(range(0, len(order), settings.batch_size), disable=not progress, desc="generating", leave=False):
                 idx = order[start : start + settings.batch_size]
                 tokens = greedy_decode(
-                    model, [encoded[i][shared:] for i in idx], [budgets[i] for i in idx], stop_ids, pad_id, device, prefix
+                    model, [encoded[i][shared:] for i in idx], [budgets[i] for i in idx], stop_ids, pad_id, device, prefix, answer_bias
                 )
                 for i, row in zip(idx, tokens):
                     outputs[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
@@ -110,12 +139,20 @@ def encode_prefix(model, prefix: list[int], device) -> list[tuple[torch.Tensor, 
 
 
 def greedy_decode(
-    model, prompts: list[list[int]], budgets: list[int], stop_ids: list[int], pad_id: int, device, prefix=None
+    model,
+    prompts: list[list[int]],
+    budgets: list[int],
+    stop_ids: list[int],
+    pad_id: int,
+    device,
+    prefix=None,
+    answer_bias: AnswerBias | None = None,
 ) -> list[list[int]]:
     """New token ids per prompt (stop token excluded): greedy, KV cache, left padding.
 
     prefix: `encode_prefix` of tokens that precede every prompt (then `prompts` are the
     rest of each). Rows that finish are removed from the batch, cache included.
+    answer_bias: applied to the rows whose new tokens equal its prefix, at the next step.
     """
     from transformers import DynamicCache
 
@@ -147,7 +184,13 @@ def greedy_decode(
         logits = model(
             input_ids=step_ids, attention_mask=attention, position_ids=step_positions, cache=cache, use_cache=True, logits_to_keep=1
         ).logits
-        next_ids = logits[:, -1, :].argmax(dim=-1)
+        scores = logits[:, -1, :]
+        if answer_bias is not None and produced == len(answer_bias.prefix):
+            rows = [k for k, row in enumerate(live) if tuple(new_tokens[row]) == answer_bias.prefix]
+            if rows:
+                scores = scores.clone()
+                scores[rows, answer_bias.token] -= answer_bias.value
+        next_ids = scores.argmax(dim=-1)
         produced += 1
         finished = torch.isin(next_ids, stops) | (budget <= produced)
         for row, token, done in zip(live, next_ids.tolist(), finished.tolist()):
@@ -201,59 +244,114 @@ def predict_documents(
     progress: bool = False,
     prompt_style: str = BUDGET.prompt_style,
     ner_sentences: int = BUDGET.ner_sentences,
+    modifier_none_bias: float = 0.0,
 ) -> tuple[list[Document], PredictionReport]:
     """Predict main entities per sentence (or per window of `ner_sentences`), then each
-    entity's modifiers in its sentence; note offsets. `prompt_style` and `ner_sentences`
-    must be the ones the adapter was trained with (prompts.PROMPT_STYLES)."""
+    entity's modifiers in its sentence (`predict_modifiers`); note offsets. `prompt_style`
+    and `ner_sentences` must be the ones the adapter was trained with (prompts.PROMPT_STYLES)."""
     from fedmed_components.data.segmentation import sentence_windows, split_sentences
-    from fedmed_components.task.parsing import parse_modifiers, parse_ner
-    from fedmed_components.task.prompts import modifier_prompt, ner_prompt, render_chat, sentence_index
+    from fedmed_components.task.parsing import parse_ner
+    from fedmed_components.task.prompts import ner_prompt, render_chat
     from fedmed_components.task.prompts import prompt_style as get_style
 
     style = get_style(prompt_style)
-    ner_format, modifier_format = style.formats(output_format)
+    ner_format = style.formats(output_format)[0]
 
     report = PredictionReport()
     units = []  # (doc index, start, text): the NER inputs, sentences or windows of them
-    sentence_spans = []  # per doc: its sentences' (start, end), where modifiers are asked
-    sentence_starts = []  # per doc: their start offsets (bisect)
     for d, doc in enumerate(docs):
-        sentence_spans.append(split_sentences(doc.text))
-        sentence_starts.append([a for a, _ in sentence_spans[-1]])
-        report.sentences += len(sentence_spans[-1])
-        spans = sentence_spans[-1] if ner_sentences == 1 else sentence_windows(doc.text, ner_sentences)
+        report.sentences += len(split_sentences(doc.text))
+        spans = split_sentences(doc.text) if ner_sentences == 1 else sentence_windows(doc.text, ner_sentences)
         units += [(d, start, doc.text[start:end]) for start, end in spans]
     preds = [Document(id=doc.id, text=doc.text, site=doc.site) for doc in docs]
 
     prompts = [render_chat(tokenizer, ner_prompt(s, ner_format, style=style), system=style.system)[0] for _, _, s in units]
     lengths = [len(tokenizer(s, add_special_tokens=False)["input_ids"]) for _, _, s in units]
     ner_outputs = generate(model, tokenizer, prompts, settings, progress, answer_lengths=lengths)
-    mains = []  # (doc index, sentence start, sentence, (type, start, end) in the sentence, entity id)
     for (d, offset, text), output in zip(units, ner_outputs):
         parsed = parse_ner(output, text, output_format=ner_format)
         report.ner_parse_failures += int(parsed.failed)
         for etype, s, e in parsed.spans:
-            ent = _add_entity(preds[d], etype, offset + s, offset + e)
-            # modifiers are asked in the sentence holding the entity, as training shows them;
-            # one that crosses sentences inside a packed window, in the window
-            i = sentence_index(offset + s, offset + e, sentence_spans[d], sentence_starts[d])
-            a, b = (offset, offset + len(text)) if i is None else sentence_spans[d][i]
-            mains.append((d, a, docs[d].text[a:b], (etype, offset + s - a, offset + e - a), ent.id))
+            _add_entity(preds[d], etype, offset + s, offset + e)
 
-    if "modifier" in tasks and mains:
-        prompts = [
-            render_chat(tokenizer, modifier_prompt(sent, main, modifier_format, style=style), system=style.system)[0]
-            for _, _, sent, main, _ in mains
-        ]
-        lengths = [len(tokenizer(sent, add_special_tokens=False)["input_ids"]) for _, _, sent, _, _ in mains]
-        mod_outputs = generate(model, tokenizer, prompts, settings, progress, answer_lengths=lengths)
-        for (d, offset, sentence, _main, head_id), output in zip(mains, mod_outputs):
-            parsed = parse_modifiers(output, sentence, output_format=modifier_format, main=_main)
-            report.modifier_parse_failures += int(parsed.failed)
-            for mtype, s, e in parsed.spans:
-                tail = _add_entity(preds[d], mtype, offset + s, offset + e)
-                preds[d].relations.append(Relation(type="hasAttr", head=head_id, tail=tail.id))
+    if "modifier" in tasks:
+        report.modifier_parse_failures += predict_modifiers(
+            model,
+            tokenizer,
+            preds,
+            output_format=output_format,
+            settings=settings,
+            progress=progress,
+            prompt_style=prompt_style,
+            ner_sentences=ner_sentences,
+            none_bias=modifier_none_bias,
+        )
     return preds, report
+
+
+def predict_modifiers(
+    model,
+    tokenizer,
+    preds: list[Document],
+    *,
+    output_format: str = "html",
+    settings: GenerationSettings | None = None,
+    progress: bool = False,
+    prompt_style: str = BUDGET.prompt_style,
+    ner_sentences: int = BUDGET.ner_sentences,
+    none_bias: float = 0.0,
+) -> int:
+    """Ask the modifiers of every main entity of `preds` (in place: modifier entities and
+    hasAttr relations are added); returns the parse failures.
+
+    Modifiers are asked in the sentence holding the entity, as training shows them; one
+    that crosses sentences inside a packed NER window, in that window. `none_bias` > 0
+    lowers the logit of the empty JSON answer at its deciding token
+    (`empty_answer_decision`): a threshold on "has this entity any modifier", chosen on
+    validation (bench/bench_modifier_decision.py); 0 is plain greedy decoding.
+    """
+    from fedmed_components.data.schema import MAIN_TYPES
+    from fedmed_components.data.segmentation import sentence_windows, split_sentences
+    from fedmed_components.task.parsing import parse_modifiers
+    from fedmed_components.task.prompts import modifier_prompt, render_chat, sentence_index
+    from fedmed_components.task.prompts import prompt_style as get_style
+
+    style = get_style(prompt_style)
+    modifier_format = style.formats(output_format)[1]
+    bias = None
+    if none_bias:
+        if modifier_format != "json":
+            raise ValueError(f"a none bias needs JSON modifier answers (a compact prompt style), not {modifier_format}")
+        bias = AnswerBias(*empty_answer_decision(tokenizer), none_bias)
+    mains = []  # (doc index, sentence start, sentence, (type, start, end) in the sentence, entity id)
+    for d, doc in enumerate(preds):
+        sentences = split_sentences(doc.text)
+        starts = [a for a, _ in sentences]
+        windows = sentences if ner_sentences == 1 else sentence_windows(doc.text, ner_sentences)
+        for ent in [e for e in doc.entities if e.type in MAIN_TYPES]:
+            i = sentence_index(ent.start, ent.end, sentences, starts)
+            if i is None:
+                w = sentence_index(ent.start, ent.end, windows, [a for a, _ in windows])
+                a, b = windows[w] if w is not None else (0, len(doc.text))
+            else:
+                a, b = sentences[i]
+            mains.append((d, a, doc.text[a:b], (ent.type, ent.start - a, ent.end - a), ent.id))
+    if not mains:
+        return 0
+    prompts = [
+        render_chat(tokenizer, modifier_prompt(sent, main, modifier_format, style=style), system=style.system)[0]
+        for _, _, sent, main, _ in mains
+    ]
+    lengths = [len(tokenizer(sent, add_special_tokens=False)["input_ids"]) for _, _, sent, _, _ in mains]
+    outputs = generate(model, tokenizer, prompts, settings, progress, answer_lengths=lengths, answer_bias=bias)
+    failures = 0
+    for (d, offset, sentence, main, head_id), output in zip(mains, outputs):
+        parsed = parse_modifiers(output, sentence, output_format=modifier_format, main=main)
+        failures += int(parsed.failed)
+        for mtype, s, e in parsed.spans:
+            tail = _add_entity(preds[d], mtype, offset + s, offset + e)
+            preds[d].relations.append(Relation(type="hasAttr", head=head_id, tail=tail.id))
+    return failures
 
 
 def _add_entity(doc: Document, etype: str, start: int, end: int) -> Entity:

@@ -1,0 +1,152 @@
+"""bench/bench_modifier_decision.py: the probability of a "none" modifier answer at its deciding token."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import bench_modifier_decision as bench  # noqa: E402
+
+
+def test_auc_on_a_hand_made_case():
+    # pairs: 0.9>0.4, 0.9>0.1, 0.4=0.4 (half), 0.4>0.1 -> 3.5 of 4
+    assert bench.auc([0.9, 0.4], [0.4, 0.1]) == pytest.approx(0.875)
+    assert bench.auc([0.1], [0.9]) == 0.0
+    assert bench.auc([], [0.3]) is None
+
+
+def test_the_deciding_token_parts_none_from_some(tiny_model_path):
+    from fedmed_components.model.inference import empty_answer_decision
+    from fedmed_components.model.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model_path)
+    prefix, empty_id = empty_answer_decision(tokenizer)
+    assert tokenizer.decode([*prefix, empty_id]) == "[]"
+    other = tokenizer('[{"', add_special_tokens=False)["input_ids"]
+    assert tuple(other[: len(prefix)]) == prefix and other[len(prefix)] != empty_id
+
+
+def _note(doc_id: str) -> "Document":  # noqa: F821
+    """Two entities: "chest pain" with a negation, "aspirin" with none."""
+    from fedmed_components.data.document import Document, Entity, Relation
+
+    text = "No chest pain. Started aspirin."
+    ents = [
+        Entity(id="T1", type="negation", spans=[(0, 2)], text="No"),
+        Entity(id="T2", type="problem", spans=[(3, 13)], text="chest pain"),
+        Entity(id="T3", type="drug", spans=[(23, 30)], text="aspirin"),
+    ]
+    return Document(id=doc_id, text=text, site="site", entities=ents, relations=[Relation(type="hasAttr", head="T2", tail="T1")])
+
+
+def _site_folder(tmp_path) -> Path:
+    from fedmed_components.data.document import write_jsonl
+    from fedmed_components.data.synth import demo_corpus
+
+    (synthetic,) = demo_corpus(n_sites=1, docs_per_site=2, seed=3).values()
+    folder = tmp_path / "site"
+    write_jsonl([*synthetic, _note("n1")], folder / "train.jsonl")  # nearly every synthetic entity has modifiers
+    write_jsonl([_note("n2"), _note("n3")], folder / "test.jsonl")
+    write_jsonl([_note("n4")], folder / "val.jsonl")
+    return folder
+
+
+def test_probabilities_are_read_at_the_deciding_token(tmp_path, tiny_model_path):
+    """The bench's p(empty) equals the same token's probability read off a forward pass of
+    the whole "[]" answer, at the position where the two answers part."""
+    import torch
+
+    from fedmed_components.data.document import read_jsonl
+    from fedmed_components.model.inference import empty_answer_decision
+    from fedmed_components.model.modeling import load_base_model, load_tokenizer
+    from fedmed_components.task.prompts import PROMPT_STYLES, render_chat
+
+    folder = _site_folder(tmp_path)
+    tokenizer = load_tokenizer(tiny_model_path)
+    model = load_base_model(tiny_model_path, quantize="none")
+    examples = bench.modifier_examples(read_jsonl(folder / "test.jsonl"), None, "compact")[:4]
+    assert examples, "the synthetic note must give modifier examples"
+    system = PROMPT_STYLES["compact"].system
+    got = bench.empty_probabilities(model, tokenizer, examples, system)
+
+    prefix, empty_id = empty_answer_decision(tokenizer)
+    for example, p in zip(examples, got):
+        prompt = tokenizer(render_chat(tokenizer, example.prompt, system=system)[0], add_special_tokens=False)["input_ids"]
+        whole = prompt + tokenizer("[]", add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([whole])).logits[0].float()
+        at = len(prompt) + len(prefix) - 1  # the logits that predict the deciding token
+        assert whole[at + 1] == empty_id
+        assert p == pytest.approx(float(logits[at].softmax(-1)[empty_id]), rel=1e-4)
+        assert 0.0 < p < 1.0
+
+
+def test_site_decision_counts_the_classes_and_the_training_share(tmp_path, tiny_model_path):
+    from fedmed_components.data.document import read_jsonl
+    from fedmed_components.model.modeling import load_base_model, load_tokenizer
+
+    folder = _site_folder(tmp_path)
+    model = load_base_model(tiny_model_path, quantize="none")
+    row = bench.site_decision(model, load_tokenizer(tiny_model_path), folder, split="test", max_examples=50, style="compact")
+
+    test = bench.modifier_examples(read_jsonl(folder / "test.jsonl"), None, "compact")[:50]
+    train = bench.modifier_examples(read_jsonl(folder / "train.jsonl"), None, "compact")
+    with_modifiers = sum(bool(e.spans) for e in test)
+    assert 0 < with_modifiers < len(test), "the synthetic notes must hold entities with and without modifiers"
+    assert row["examples"] == len(test)
+    assert row["gold_nonempty"]["examples"] == with_modifiers
+    assert row["gold_empty"]["examples"] == len(test) - with_modifiers
+    assert row["train_nonempty_share"] == pytest.approx(sum(bool(e.spans) for e in train) / len(train))
+    assert 0.0 <= row["auc"] <= 1.0
+
+
+def test_the_bias_is_the_best_on_validation_and_ties_go_to_the_smaller():
+    assert bench.choose_bias({0.0: 0.10, 1.0: 0.30, 2.0: 0.25}) == 1.0
+    assert bench.choose_bias({0.0: 0.20, 1.0: 0.20, 3.0: 0.20}) == 0.0
+    assert bench.choose_bias({0.0: 0.0, 0.5: 0.1, 1.5: 0.1}) == 0.5
+
+
+def test_cli_writes_json_and_refuses_a_missing_split(tmp_path, tiny_model_path):
+    from fedmed_components.data.document import InputError
+    from fedmed_components.model.modeling import LoraSettings, initial_adapter_from_config, save_adapter_folder
+
+    folder = _site_folder(tmp_path)
+    settings = LoraSettings(r=4, alpha=8)
+    adapter = tmp_path / "adapter"
+    save_adapter_folder(initial_adapter_from_config(tiny_model_path, settings), settings, tiny_model_path, adapter)
+    out = tmp_path / "decision.json"
+    argv = ["--model", tiny_model_path, "--run", "site", str(adapter), str(folder), "--max-examples", "3", "--json", str(out)]
+    assert bench.main(argv) == 0
+    row = json.loads(out.read_text())["decision"]["site/site"]
+    assert row["examples"] == 3 and row["split"] == "test"  # capped at --max-examples
+    (folder / "val.jsonl").unlink()
+    with pytest.raises(InputError, match="no val notes"):
+        bench.main(argv[:-2] + ["--split", "val"])
+
+
+def test_cli_sweep_chooses_on_validation_and_scores_test_at_0_and_the_choice(tmp_path, tiny_model_path):
+    from fedmed_components.model.modeling import LoraSettings, initial_adapter_from_config, save_adapter_folder
+
+    folder = _site_folder(tmp_path)
+    settings = LoraSettings(r=4, alpha=8)
+    adapter = tmp_path / "adapter"
+    save_adapter_folder(initial_adapter_from_config(tiny_model_path, settings), settings, tiny_model_path, adapter)
+    out = tmp_path / "sweep.json"
+    argv = ["--model", tiny_model_path, "--run", "g", str(adapter), str(folder), "--max-examples", "3", "--json", str(out)]
+    with pytest.raises(SystemExit):  # the baseline must be in the grid
+        bench.main([*argv, "--biases", "1", "2"])
+    assert bench.main([*argv, "--biases", "0", "2"]) == 0
+    row = json.loads(out.read_text())["bias_sweep"]["g"]
+    assert set(row["validation_modifier_strict_f1"]) == {"0", "2"}
+    assert row["chosen_bias"] == bench.choose_bias({float(k): v for k, v in row["validation_modifier_strict_f1"].items()})
+    arms = row["test"]
+    assert "0" in arms and f"{row['chosen_bias']:g}" in arms
+    chosen = arms[f"{row['chosen_bias']:g}"]["relations"]["strict"]["estimate"]
+    assert row["test_chosen_minus_0"]["strict"]["estimate"] == pytest.approx(chosen - arms["0"]["relations"]["strict"]["estimate"])
+    # the bias touches modifier answers only: the entities are the same in both arms
+    mains = {k: v["main_entities"]["strict"]["estimate"] for k, v in arms.items()}
+    assert len(set(mains.values())) == 1
