@@ -127,9 +127,20 @@ def choose_bias(validation_f1: dict[float, float]) -> float:
     return max(validation_f1, key=lambda b: (validation_f1[b], -b))
 
 
+def stored_entities(predictions: list) -> list:
+    """A scored run's predictions with their main entities only: what the pipeline's first
+    step gave (greedy decoding is deterministic), ready for modifiers to be asked again."""
+    from fedmed_components.data.document import Document
+    from fedmed_components.data.schema import MAIN_TYPES
+
+    return [Document(id=d.id, text=d.text, site=d.site, entities=[e for e in d.entities if e.type in MAIN_TYPES]) for d in predictions]
+
+
 def bias_sweep(model, tokenizer, items, biases: list[float], *, settings, style: str, log=print) -> dict:
-    """`items`: [(site name, adapter state, SiteData)] of one model. The bias is chosen on
-    validation before any test note is scored."""
+    """`items`: [(site name, adapter state, SiteData, stored test predictions or None)] of
+    one model. The bias is chosen on validation before any test note is scored. Stored
+    predictions (the same adapter's, from a run's cache) are the bias-0 arm as they were
+    scored, and their entities are reused: only the modifiers are generated again."""
     from fedmed_components.model.inference import predict_documents
     from fedmed_components.model.modeling import set_adapter_state
     from fedmed_components.runs.experiment.scoring import per_note_counts
@@ -137,12 +148,16 @@ def bias_sweep(model, tokenizer, items, biases: list[float], *, settings, style:
 
     def scored(part: str, wanted: list[float]) -> dict:
         out = {b: {} for b in wanted}
-        for site, state, data in items:
+        for site, state, data, stored in items:
             set_adapter_state(model, state)
             docs = getattr(data, part)
-            ner, _ = predict_documents(model, tokenizer, docs, tasks=("ner",), settings=settings, prompt_style=style)
+            stored = stored if part == "test" else None
+            if stored is not None:
+                ner = stored_entities(stored)
+            else:
+                ner, _ = predict_documents(model, tokenizer, docs, tasks=("ner",), settings=settings, prompt_style=style)
             for b in wanted:
-                preds = _with_modifiers(model, tokenizer, ner, b, settings, style)
+                preds = stored if stored is not None and b == 0 else _with_modifiers(model, tokenizer, ner, b, settings, style)
                 out[b][site] = per_note_counts(docs, preds, data.types)
                 log(f"  {part} {site} bias {b:g}: modifier strict F1 {_pooled_f1({site: out[b][site]}, 'relations', 'strict'):.3f}")
         return out
@@ -186,11 +201,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--run",
-        nargs=3,
+        nargs="+",
         action="append",
         required=True,
-        metavar=("NAME", "ADAPTER", "SITE"),
-        help="a name, an adapter folder (adapter_config.json + weights) and a prepared site folder (train/val/test.jsonl)",
+        metavar="NAME ADAPTER SITE [PREDICTIONS]",
+        help="a name, an adapter folder (adapter_config.json + weights), a prepared site folder (train/val/test.jsonl) and, "
+        "optionally, that adapter's scored test predictions (<site>.predictions.jsonl of a run's cache): the sweep then "
+        "reuses its entities and takes it as the bias-0 arm",
     )
     parser.add_argument("--model", default="smollm2-135m", help="base model the adapters were trained on (default smollm2-135m)")
     parser.add_argument("--split", default="test", choices=("train", "val", "test"), help="notes whose examples are probed")
@@ -205,6 +222,7 @@ def main(argv=None) -> int:
     if args.biases and (0.0 not in args.biases or min(args.biases) < 0):
         parser.error("--biases: give 0 (plain greedy decoding, the baseline) and non-negative values")
 
+    from fedmed_components.data.document import read_jsonl
     from fedmed_components.model.inference import GenerationSettings
     from fedmed_components.model.modeling import load_adapter_folder, resolve_model, set_adapter_state
     from fedmed_components.model.site import load_site_data
@@ -221,7 +239,10 @@ def main(argv=None) -> int:
     model, loaded_rank = None, None
     out = {"decision": {}, "bias_sweep": {}}
     groups: dict[str, list] = {}
-    for name, adapter, site in args.run:
+    for run in args.run:
+        if len(run) not in (3, 4):
+            parser.error(f"--run {' '.join(run)}: give NAME ADAPTER SITE and, optionally, PREDICTIONS")
+        name, adapter, site, predictions = (*run, None)[:4]
         state, lora, _ = load_adapter_folder(adapter)
         if model is None or loaded_rank != (lora.r, lora.alpha):
             model, loaded_rank = task.load_trainable(path, task.lora_settings(lora), quantize="auto"), (lora.r, lora.alpha)
@@ -230,10 +251,11 @@ def main(argv=None) -> int:
         key = f"{name}/{Path(site).name}"
         out["decision"][key] = {"adapter": str(adapter), "site": str(site), **row}
         print(f"{key}: {_line(row)}", flush=True)
-        groups.setdefault(name, []).append((Path(site).name, state, load_site_data(site, val_fraction=0)))
+        stored = read_jsonl(predictions) if predictions else None
+        groups.setdefault(name, []).append((Path(site).name, state, load_site_data(site, val_fraction=0), stored))
     settings = GenerationSettings(batch_size=32, max_new_tokens=160, precision=args.precision)
     for name, items in groups.items() if args.biases else ():
-        print(f"{name}: none-bias sweep over {', '.join(site for site, _, _ in items)}", flush=True)
+        print(f"{name}: none-bias sweep over {', '.join(item[0] for item in items)}", flush=True)
         row = bias_sweep(
             model, tokenizer, items, args.biases, settings=settings, style=args.prompt_style, log=lambda m: print(m, flush=True)
         )

@@ -150,3 +150,38 @@ def test_cli_sweep_chooses_on_validation_and_scores_test_at_0_and_the_choice(tmp
     # the bias touches modifier answers only: the entities are the same in both arms
     mains = {k: v["main_entities"]["strict"]["estimate"] for k, v in arms.items()}
     assert len(set(mains.values())) == 1
+
+
+def test_stored_predictions_are_the_bias_0_arm_and_give_the_entities(tmp_path, tiny_model_path):
+    from fedmed_components.data.document import Document, Entity, Relation, read_jsonl, write_jsonl
+    from fedmed_components.model.modeling import LoraSettings, initial_adapter_from_config, save_adapter_folder
+    from fedmed_components.runs.experiment.scoring import per_note_counts
+
+    folder = _site_folder(tmp_path)
+    gold = read_jsonl(folder / "test.jsonl")
+    # a stored run that found "chest pain" and its negation in note n2, nothing in n3
+    found = Document(
+        id="n2",
+        text=gold[0].text,
+        site="site",
+        entities=[
+            Entity(id="T1", type="problem", spans=[(3, 13)], text="chest pain"),
+            Entity(id="T2", type="negation", spans=[(0, 2)], text="No"),
+        ],
+        relations=[Relation(type="hasAttr", head="T1", tail="T2")],
+    )
+    stored = [found, Document(id="n3", text=gold[1].text, site="site")]
+    assert [[e.id for e in d.entities] for d in bench.stored_entities(stored)] == [["T1"], []]
+    assert all(not d.relations for d in bench.stored_entities(stored))
+    write_jsonl(stored, tmp_path / "site.predictions.jsonl")
+
+    settings = LoraSettings(r=4, alpha=8)
+    adapter = tmp_path / "adapter"
+    save_adapter_folder(initial_adapter_from_config(tiny_model_path, settings), settings, tiny_model_path, adapter)
+    out = tmp_path / "sweep.json"
+    run = ["g", str(adapter), str(folder), str(tmp_path / "site.predictions.jsonl")]
+    assert bench.main(["--model", tiny_model_path, "--run", *run, "--biases", "0", "--max-examples", "2", "--json", str(out)]) == 0
+    arm = json.loads(out.read_text())["bias_sweep"]["g"]["test"]["0"]["relations"]["strict"]["estimate"]
+    counts = per_note_counts(gold, stored, None)
+    tp, fp, fn = (sum(n["relations"]["strict"][i] for n in counts.values()) for i in range(3))
+    assert arm == pytest.approx(2 * tp / (2 * tp + fp + fn)) and tp == 1  # the stored modifier, scored as stored
