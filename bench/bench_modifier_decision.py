@@ -122,26 +122,12 @@ def _with_modifiers(model, tokenizer, ner_preds, bias: float, settings, style: s
     return preds
 
 
-def choose_bias(validation_f1: dict[float, float]) -> float:
-    """The bias with the highest validation F1; a tie goes to the smaller (closer to plain greedy)."""
-    return max(validation_f1, key=lambda b: (validation_f1[b], -b))
-
-
-def stored_entities(predictions: list) -> list:
-    """A scored run's predictions with their main entities only: what the pipeline's first
-    step gave (greedy decoding is deterministic), ready for modifiers to be asked again."""
-    from fedmed_components.data.document import Document
-    from fedmed_components.data.schema import MAIN_TYPES
-
-    return [Document(id=d.id, text=d.text, site=d.site, entities=[e for e in d.entities if e.type in MAIN_TYPES]) for d in predictions]
-
-
 def bias_sweep(model, tokenizer, items, biases: list[float], *, settings, style: str, log=print) -> dict:
     """`items`: [(site name, adapter state, SiteData, stored test predictions or None)] of
     one model. The bias is chosen on validation before any test note is scored. Stored
     predictions (the same adapter's, from a run's cache) are the bias-0 arm as they were
     scored, and their entities are reused: only the modifiers are generated again."""
-    from fedmed_components.model.inference import predict_documents
+    from fedmed_components.model.inference import choose_none_bias, entities_only, predict_documents
     from fedmed_components.model.modeling import set_adapter_state
     from fedmed_components.runs.experiment.scoring import per_note_counts
     from fedmed_components.task.bootstrap import aligned_counts, bootstrap_f1, paired_difference
@@ -153,7 +139,7 @@ def bias_sweep(model, tokenizer, items, biases: list[float], *, settings, style:
             docs = getattr(data, part)
             stored = stored if part == "test" else None
             if stored is not None:
-                ner = stored_entities(stored)
+                ner = entities_only(stored)
             else:
                 ner, _ = predict_documents(model, tokenizer, docs, tasks=("ner",), settings=settings, prompt_style=style)
             for b in wanted:
@@ -164,7 +150,7 @@ def bias_sweep(model, tokenizer, items, biases: list[float], *, settings, style:
 
     val = scored("val", biases)
     val_f1 = {b: _pooled_f1(val[b], "relations", "strict") for b in biases}
-    chosen = choose_bias(val_f1)
+    chosen = choose_none_bias(val_f1)
     arms = sorted({0.0, chosen})
     test = scored("test", arms)
     row = {"validation_modifier_strict_f1": {f"{b:g}": val_f1[b] for b in biases}, "chosen_bias": chosen, "test": {}}

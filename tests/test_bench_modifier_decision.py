@@ -104,12 +104,6 @@ def test_site_decision_counts_the_classes_and_the_training_share(tmp_path, tiny_
     assert 0.0 <= row["auc"] <= 1.0
 
 
-def test_the_bias_is_the_best_on_validation_and_ties_go_to_the_smaller():
-    assert bench.choose_bias({0.0: 0.10, 1.0: 0.30, 2.0: 0.25}) == 1.0
-    assert bench.choose_bias({0.0: 0.20, 1.0: 0.20, 3.0: 0.20}) == 0.0
-    assert bench.choose_bias({0.0: 0.0, 0.5: 0.1, 1.5: 0.1}) == 0.5
-
-
 def test_cli_writes_json_and_refuses_a_missing_split(tmp_path, tiny_model_path):
     from fedmed_components.data.document import InputError
     from fedmed_components.model.modeling import LoraSettings, initial_adapter_from_config, save_adapter_folder
@@ -129,6 +123,7 @@ def test_cli_writes_json_and_refuses_a_missing_split(tmp_path, tiny_model_path):
 
 
 def test_cli_sweep_chooses_on_validation_and_scores_test_at_0_and_the_choice(tmp_path, tiny_model_path):
+    from fedmed_components.model.inference import choose_none_bias
     from fedmed_components.model.modeling import LoraSettings, initial_adapter_from_config, save_adapter_folder
 
     folder = _site_folder(tmp_path)
@@ -142,7 +137,7 @@ def test_cli_sweep_chooses_on_validation_and_scores_test_at_0_and_the_choice(tmp
     assert bench.main([*argv, "--biases", "0", "2"]) == 0
     row = json.loads(out.read_text())["bias_sweep"]["g"]
     assert set(row["validation_modifier_strict_f1"]) == {"0", "2"}
-    assert row["chosen_bias"] == bench.choose_bias({float(k): v for k, v in row["validation_modifier_strict_f1"].items()})
+    assert row["chosen_bias"] == choose_none_bias({float(k): v for k, v in row["validation_modifier_strict_f1"].items()})
     arms = row["test"]
     assert "0" in arms and f"{row['chosen_bias']:g}" in arms
     chosen = arms[f"{row['chosen_bias']:g}"]["relations"]["strict"]["estimate"]
@@ -154,6 +149,7 @@ def test_cli_sweep_chooses_on_validation_and_scores_test_at_0_and_the_choice(tmp
 
 def test_stored_predictions_are_the_bias_0_arm_and_give_the_entities(tmp_path, tiny_model_path):
     from fedmed_components.data.document import Document, Entity, Relation, read_jsonl, write_jsonl
+    from fedmed_components.model.inference import entities_only
     from fedmed_components.model.modeling import LoraSettings, initial_adapter_from_config, save_adapter_folder
     from fedmed_components.runs.experiment.scoring import per_note_counts
 
@@ -171,8 +167,9 @@ def test_stored_predictions_are_the_bias_0_arm_and_give_the_entities(tmp_path, t
         relations=[Relation(type="hasAttr", head="T1", tail="T2")],
     )
     stored = [found, Document(id="n3", text=gold[1].text, site="site")]
-    assert [[e.id for e in d.entities] for d in bench.stored_entities(stored)] == [["T1"], []]
-    assert all(not d.relations for d in bench.stored_entities(stored))
+    assert [[e.id for e in d.entities] for d in entities_only(stored)] == [["T1"], []]
+    assert all(not d.relations for d in entities_only(stored)) and len(stored[0].entities) == 2  # copies
+
     write_jsonl(stored, tmp_path / "site.predictions.jsonl")
 
     settings = LoraSettings(r=4, alpha=8)

@@ -111,6 +111,9 @@ def test_config_errors_name_file_and_line(tmp_path):
         ("server_lrs: [1, x]", r"bad.yaml:2: server_lrs: expected a number"),
         ("f1_every_round: yes please", r"bad.yaml:2: f1_every_round: expected true or false"),
         ("sampling: {seed: 1.5}", r"bad.yaml:2: seed: expected an integer"),
+        ("modifier_none_biases: [1, 2]", r"bad.yaml:2: modifier_none_biases must list 0"),
+        ("modifier_none_biases: [0, -1]", r"bad.yaml:2: modifier_none_biases must list 0"),
+        ("modifier_none_biases: [0, 1]\nprompt_style: paper", r"bad.yaml:2: modifier_none_biases needs JSON modifier answers"),
     ):
         bad.write_text(f"name: x\n{setting}\n{site}")
         with pytest.raises(InputError, match=says):
@@ -428,7 +431,12 @@ def test_mini_experiment_end_to_end(tmp_path, capsys):
 
     raw = yaml.safe_load((ROOT / "experiments" / "mini.yaml").read_text())
     raw.update(
-        runs=["zero_shot", "single", "centralised", "fed_medlora", "new_site"], max_new_tokens=48, site_adapter_f1=True, personalised=True
+        runs=["zero_shot", "single", "centralised", "fed_medlora", "new_site"],
+        max_new_tokens=48,
+        site_adapter_f1=True,
+        personalised=True,
+        modifier_none_biases=[0, 2],
+        prompt_style="compact",  # the none bias needs JSON modifier answers
     )
     config = tmp_path / "mini.yaml"
     config.write_text(yaml.safe_dump(raw))
@@ -480,6 +488,24 @@ def test_mini_experiment_end_to_end(tmp_path, capsys):
     _, own_rows = _table_rows((out / "summary.md").read_text(), heading)
     assert set(own_rows) == {"fed_medlora"}
     assert own_rows["fed_medlora"][2].startswith(f"{own['scores']['pooled']['main_entities']['strict']['f1']:.3f} [")
+
+    # modifier_none_biases: the final adapter's modifiers asked again at each bias on
+    # validation, and test scored at the bias chosen there, on the same entities
+    for run_id in ("centralised", "fed_medlora", "single_general_medicine"):
+        calibrated = results[run_id]["calibrated_modifiers"]
+        val = {float(b): f for b, f in calibrated["validation_relation_strict_f1"].items()}
+        assert set(val) == {0.0, 2.0} and calibrated["chosen_bias"] == max(val, key=lambda b: (val[b], -b))
+        assert val[0.0] == results[run_id]["rounds"][-1]["val_relation_strict_f1"]  # bias 0 is the plain validation score
+        for name, score in calibrated["scores"]["sites"].items():
+            plain = results[run_id]["scores"]["sites"][name]
+            assert score["main_entities"] == plain["main_entities"] and set(score["per_note"]) == set(plain["per_note"])
+    _, calibrated_table = _table_rows(
+        (out / "summary.md").read_text(), "Modifiers at the none bias chosen on validation (paired over the same test notes)"
+    )
+    assert set(calibrated_table) == {"single_discharge_summary", "single_general_medicine", "centralised", "fed_medlora"}
+    cal = results["centralised"]["calibrated_modifiers"]
+    assert calibrated_table["centralised"][2] == f"{cal['chosen_bias']:g}"
+    assert calibrated_table["centralised"][4].startswith(f"{cal['scores']['pooled']['relations']['strict']['f1']:.3f} [")
 
     # Every number of the main table equals the one recomputed from the run's JSON counts.
     summary = (out / "summary.md").read_text()
@@ -779,6 +805,39 @@ def test_personalised_rows_pair_each_sites_own_adapter_with_the_global_and_centr
     assert header[6] == "own - global" and rows[0][6] == "n/a"  # no modifiers scored here
     # without a centralised run the column says so
     assert personalised_rows({"fed_medlora_plus": fed})[1][0][4] == "n/a"
+
+
+def _with_modifiers(run: dict, tp_per_note: list[int]) -> dict:
+    """`run` with modifier counts too (10 gold links a note, every prediction right)."""
+    for counts, tp in zip(run["scores"]["sites"]["a"]["per_note"].values(), tp_per_note):
+        counts["relations"] = {"strict": [tp, 0, 10 - tp], "lenient": [tp, 0, 10 - tp]}
+    tp = sum(tp_per_note)
+    run["scores"]["pooled"]["relations"] = {m: {"f1": 2 * tp / (2 * tp + 10 * len(tp_per_note) - tp)} for m in ("strict", "lenient")}
+    return run
+
+
+def test_calibrated_rows_set_the_chosen_none_bias_against_bias_0_on_the_same_notes():
+    from fedmed_components.runs.experiment.comparisons import calibrated_rows, goals
+
+    central = _with_modifiers(_counted_run("centralised", [9] * 20, 0.1, 0.6), [2] * 20)
+    again = _with_modifiers(_counted_run("centralised", [9] * 20, 0.1, 0.6), [6] * 20)  # the same entities, more links
+    central["calibrated_modifiers"] = {
+        "validation_relation_strict_f1": {"0": 0.2, "1.5": 0.45, "3": 0.4},
+        "chosen_bias": 1.5,
+        "scores": again["scores"],
+    }
+    results = {"centralised": central, "fed_medlora": _with_modifiers(_counted_run("federated", [6] * 20, 0.2, 0.5), [1] * 20)}
+    header, rows = calibrated_rows(results)
+    assert [row[0] for row in rows] == ["centralised"]  # only runs scored with the biases
+    row = dict(zip(header, rows[0]))
+    assert row["val modifier strict F1 per none bias"] == "0: 0.200, 1.5: 0.450, 3: 0.400" and row["chosen"] == "1.5"
+    before, after = 2 * 2 / (2 * 2 + 8), 2 * 6 / (2 * 6 + 4)
+    assert row["test modifier strict F1, bias 0 [95% CI]"] == f"{before:.3f}"
+    assert row["at the chosen bias [95% CI]"] == f"{after:.3f}"
+    gain = after - before  # every note moved the same way: a one-point interval
+    assert row["chosen - 0"] == f"{gain:+.3f} [{gain:+.3f}, {gain:+.3f}]"
+    goal = next(line for line in goals(results) if "modifier strict F1 >= 0.5" in line)
+    assert goal == f"- centralised modifier strict F1 >= 0.5: {before:.3f}; at the none bias validation chose, {after:.3f} (met)"
 
 
 def test_new_site_starts_are_compared_per_seed_over_the_same_external_notes():

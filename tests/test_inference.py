@@ -8,6 +8,7 @@ from fedmed_components.model.inference import (
     AnswerBias,
     GenerationSettings,
     _extra_stop_ids,
+    choose_none_bias,
     generate,
     greedy_decode,
     predict_modifiers,
@@ -137,6 +138,12 @@ def test_an_answer_bias_moves_one_decision_only_on_rows_that_reached_its_prefix(
         else:
             assert a == row and b == row  # not at the prefix: untouched
         assert c[0] == first  # a negative bias favours the token
+
+
+def test_the_none_bias_is_the_best_on_validation_and_ties_go_to_the_smaller():
+    assert choose_none_bias({0.0: 0.10, 1.0: 0.30, 2.0: 0.25}) == 1.0
+    assert choose_none_bias({0.0: 0.20, 1.0: 0.20, 3.0: 0.20}) == 0.0
+    assert choose_none_bias({0.0: 0.0, 0.5: 0.1, 1.5: 0.1}) == 0.5
 
 
 def test_a_none_bias_needs_json_modifier_answers(tiny):

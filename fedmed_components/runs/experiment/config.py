@@ -110,6 +110,10 @@ class ExperimentConfig:
     # scored on that site's own validation (every round) and test split: the personalised
     # model a hospital that deploys its own adapter gets, beside the global one
     personalised: bool = False
+    # LLM runs: the final adapter's modifiers asked again with the empty answer's logit
+    # lowered by each bias (inference.predict_modifiers); the one validation F1 picks scores
+    # test as "calibrated_modifiers" beside the plain scores. [] = off; else include 0.
+    modifier_none_biases: list[float] = field(default_factory=list)
     checkpoints_per_round: int = 1  # centralised: a learning-curve point this many times per round
     simulator_timeout: float = 7200
     sampling: Sampling = field(default_factory=Sampling)
@@ -293,6 +297,17 @@ def load_config(path: str | os.PathLike) -> ExperimentConfig:
         values = getattr(cfg, name)
         if not values or any(v <= 0 for v in values):
             raise InputError(path, _line_of(path, name), f"{name} must be a list of positive numbers, not {values!r}")
+    biases = cfg.modifier_none_biases
+    if biases and (not isinstance(biases, list) or 0 not in biases or any(not isinstance(b, (int, float)) or b < 0 for b in biases)):
+        raise InputError(
+            path,
+            _line_of(path, "modifier_none_biases"),
+            f"modifier_none_biases must list 0 (plain greedy decoding) and other non-negative numbers, not {biases!r}",
+        )
+    if biases and not PROMPT_STYLES[cfg.prompt_style].compact:
+        raise InputError(
+            path, _line_of(path, "modifier_none_biases"), "modifier_none_biases needs JSON modifier answers: prompt_style compact"
+        )
     if SITE_BATCH_KIND in cfg.runs:
         for b in cfg.site_batch_sizes:
             try:

@@ -45,6 +45,42 @@ class Experiment:
             flush=True,
         )
 
+    def calibrated_modifiers(self, state, run_dir: Path, val_cache: Path) -> dict:
+        """The final adapter's modifiers at the none bias chosen on validation.
+
+        Each bias of `modifier_none_biases` asks the modifiers of the validation entities
+        again (inference.predict_modifiers); the bias with the highest pooled validation
+        modifier strict F1 (ties: the smaller) then scores the test notes, re-using the
+        entities of the run's own test scoring. Sites that link no modifiers are left out.
+        `val_cache`: where this adapter's validation scores are (or are to be) cached."""
+        from fedmed_components.model.inference import choose_none_bias
+
+        linked = {s.name: s for s in self.sites if s.relations}
+        val = {}
+        for bias in self.cfg.modifier_none_biases:
+            if bias == 0:
+                scores = self.scorer.score_sets(state, linked, val_cache, part="val")
+            else:
+                cache = run_dir / "calibration" / f"val_bias_{bias:g}"
+                scores = self.scorer.score_modifiers_at(state, linked, cache, part="val", none_bias=bias, entities_from=val_cache)
+            val[bias] = pool_scores(list(scores.values()))["relations"]["strict"]["f1"]
+        chosen = choose_none_bias(val)
+        print(
+            f"    modifiers: validation chooses none bias {chosen:g} ({', '.join(f'{b:g}: {f:.3f}' for b, f in val.items())})", flush=True
+        )
+        if chosen == 0:
+            per_site = self.scorer.score_sets(state, linked, run_dir / "scores")
+        else:
+            cache = run_dir / "calibration" / f"test_bias_{chosen:g}"
+            per_site = self.scorer.score_modifiers_at(state, linked, cache, part="test", none_bias=chosen, entities_from=run_dir / "scores")
+        scores = {"sites": per_site, "pooled": pool_scores(list(per_site.values()))}
+        return {
+            "validation_relation_strict_f1": {f"{b:g}": f for b, f in val.items()},
+            "chosen_bias": chosen,
+            "scores": scores,
+            "intervals": score_intervals(scores),
+        }
+
     def round_scores(self, history: list[dict], adapter_dir) -> None:
         """Validation F1 of every saved round's adapter (f1_every_round)."""
         from fedmed_components.model.modeling import load_adapter_folder

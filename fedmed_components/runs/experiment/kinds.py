@@ -64,11 +64,16 @@ def _after_round(exp: Experiment, run_dir: Path):
     return after_round
 
 
-def _test_scores(exp: Experiment, run_id: str, run_dir: Path, state) -> dict:
-    """A trained adapter's scores on every test split, and their intervals."""
+def _test_scores(exp: Experiment, run_id: str, run_dir: Path, state, val_cache: Path) -> dict:
+    """A trained adapter's scores on every test split, and their intervals; with
+    `modifier_none_biases`, also its modifiers at the bias validation chooses
+    (`val_cache`: where the final adapter's validation scores are cached)."""
     print(f"  {run_id}: scoring every test note", flush=True)
     scores = exp.scorer.score_all(state, exp.sites, exp.external, run_dir / "scores")
-    return {"scores": scores, "intervals": score_intervals(scores)}
+    tested = {"scores": scores, "intervals": score_intervals(scores)}
+    if exp.cfg.modifier_none_biases and any(s.relations for s in exp.sites):
+        tested["calibrated_modifiers"] = exp.calibrated_modifiers(state, run_dir, val_cache)
+    return tested
 
 
 def _adapter(folder: Path):
@@ -88,7 +93,8 @@ def single_site(exp: Experiment, run_id: str, run_dir: Path) -> dict:
     site = next(s for s in exp.sites if f"single_{s.name}" == run_id)
     history = train_locally(cfg, [site.folder], run_dir, rounds=cfg.rounds, steps=cfg.local_steps, after_round=_after_round(exp, run_dir))
     state = _adapter(run_dir / f"round_{cfg.rounds - 1:03d}")
-    return {"kind": "single_site", "trained_on": [site.name], "rounds": history, **_test_scores(exp, run_id, run_dir, state)}
+    tested = _test_scores(exp, run_id, run_dir, state, run_dir / "round_scores" / f"round_{cfg.rounds - 1:03d}")
+    return {"kind": "single_site", "trained_on": [site.name], "rounds": history, **tested}
 
 
 def centralised(exp: Experiment, run_id: str, run_dir: Path) -> dict:
@@ -100,7 +106,8 @@ def centralised(exp: Experiment, run_id: str, run_dir: Path) -> dict:
     history = train_locally(cfg, folders, run_dir, rounds=pieces, steps=steps, after_round=_after_round(exp, run_dir))
     state = _adapter(run_dir / f"round_{pieces - 1:03d}")
     trained_on = [s.name for s in exp.sites]
-    return {"kind": "centralised", "trained_on": trained_on, "rounds": history, **_test_scores(exp, run_id, run_dir, state)}
+    tested = _test_scores(exp, run_id, run_dir, state, run_dir / "round_scores" / f"round_{pieces - 1:03d}")
+    return {"kind": "centralised", "trained_on": trained_on, "rounds": history, **tested}
 
 
 def federated(exp: Experiment, run_id: str, run_dir: Path) -> dict:
@@ -113,7 +120,7 @@ def federated(exp: Experiment, run_id: str, run_dir: Path) -> dict:
         exp.site_adapter_scores(history, site_adapters_dir(run_dir))
     state = _adapter(adapter_dir(cfg.rounds - 1))
     job = job_settings(cfg, run_id)
-    tested = _test_scores(exp, run_id, run_dir, state)
+    tested = _test_scores(exp, run_id, run_dir, state, run_dir / "store" / "round_scores" / f"round_{cfg.rounds - 1:03d}")
     # each site's own last adapter on its own notes (adds each round's own-validation figures to history)
     own = {"personalised": exp.personalised_scores(history, site_adapters_dir(run_dir))} if cfg.personalised else {}
     return {

@@ -9,7 +9,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fedmed_components.runs.experiment.comparisons import ablation_rows, difference_rows, goals, new_site_difference_rows, personalised_rows
+from fedmed_components.runs.experiment.comparisons import (
+    ablation_rows,
+    calibrated_rows,
+    difference_rows,
+    goals,
+    new_site_difference_rows,
+    personalised_rows,
+)
 from fedmed_components.runs.experiment.plots import write_plots
 from fedmed_components.runs.experiment.tables import (
     communication_rows,
@@ -60,6 +67,10 @@ def summary_markdown(cfg, results: dict[str, dict]) -> str:
     if own[1]:
         lines += ["", "## Personalised: each site's own last adapter on its own notes (paired over the same test notes)", ""]
         lines += markdown_table(*own)
+    calibrated = calibrated_rows(results)
+    if calibrated[1]:
+        lines += ["", "## Modifiers at the none bias chosen on validation (paired over the same test notes)", ""]
+        lines += markdown_table(*calibrated)
     lines += ["", "## Pooled strict F1 per type", ""]
     lines += markdown_table(*per_type_rows(results))
     lines += ["", "## Modifier (relation) F1 per site", ""]

@@ -50,6 +50,7 @@ OPERATIONAL_SETTINGS = (
     "generation_batch_size",
     "site_adapter_f1",  # adds the site adapters' validation F1, changes no other number
     "personalised",  # adds the site adapters' scores on their own splits, changes no other number
+    "modifier_none_biases",  # adds the calibrated modifier scores, changes no other number
 )
 # Settings only some runs depend on: changing them re-makes just those runs once their JSON is deleted.
 RUN_SETTINGS = {

@@ -126,9 +126,6 @@ class Scorer:
         batches stay full. `predict(docs) -> (predictions, parse failures)` replaces the
         base model's own prediction (the BERT baseline scores its own model). Parse failures are counted per call, not per split.
         Each score carries `per_note` counts, the units of the bootstrap intervals."""
-        from fedmed_components.data.document import write_jsonl
-        from fedmed_components.task.metrics import MODES, prf, score_documents
-
         caches = {name: cache_dir / f"{name}.json" for name in sets}
         todo = [name for name in sets if not caches[name].exists()]
         for with_links in (True, False):
@@ -141,24 +138,51 @@ class Scorer:
             preds, parse_failures = predict(every) if predict else self._predict(adapter_state, every, tasks)
             start = 0
             for name in group:
-                site, gold = sets[name], golds[name]
+                gold = golds[name]
                 mine, start = preds[start : start + len(gold)], start + len(gold)
-                if not site.relations:  # a cohort that links no modifiers is not scored on links
-                    for doc in mine:
-                        doc.relations = []
-                write_jsonl(mine, caches[name].with_suffix(".predictions.jsonl"))  # note text: work folder only
-                result = score_documents(gold, mine, types=site.types)
-                result["parse_failures"] = None  # counted for the whole call, below
-                result["parse_failures_in_call"] = parse_failures
-                result["per_note"] = per_note_counts(gold, mine, site.types)
-                # main entities alone (problem, treatment, test, drug): the paper's NER figure,
-                # summed from the per-note counts rather than matched a second time
-                result["main_entities"] = {
-                    m: prf(*(sum(n["main_entities"][m][i] for n in result["per_note"].values()) for i in range(3))) for m in MODES
-                }
-                if not site.relations:
-                    result["relations"] = None
-                write_json_atomic(caches[name], result)
+                _write_score(caches[name], sets[name], gold, mine, parse_failures)
+        return {name: json.loads(caches[name].read_text()) for name in sets}
+
+    def score_modifiers_at(
+        self, adapter_state, sets: dict[str, PreparedSite], cache_dir: Path, *, part: str, none_bias: float, entities_from: Path
+    ) -> dict[str, dict]:
+        """Scores with each entity's modifiers asked again at `none_bias`
+        (inference.predict_modifiers), for the entities this adapter predicted when
+        `score_sets` scored `part` into `entities_from` (greedy decoding is deterministic,
+        so they are what a fresh prediction would give). Cached per split like score_sets."""
+        from fedmed_components.data.document import InputError, read_jsonl
+        from fedmed_components.model.inference import GenerationSettings, entities_only, predict_modifiers
+        from fedmed_components.model.modeling import set_adapter_state
+
+        caches = {name: cache_dir / f"{name}.json" for name in sets}
+        todo = [name for name in sets if not caches[name].exists()]
+        if todo:
+            stored = {}
+            for name in todo:
+                path = entities_from / f"{name}.predictions.jsonl"
+                if not path.is_file():
+                    raise InputError(
+                        path, None, f"the {part} predictions these modifiers re-use are not here (scored by score_sets first?)"
+                    )
+                stored[name] = entities_only(read_jsonl(path))
+            every = [d for name in todo for d in stored[name]]
+            model, tokenizer = self._load()
+            set_adapter_state(model, adapter_state)
+            settings = GenerationSettings(
+                batch_size=self.cfg.generation_batch_size, max_new_tokens=self.cfg.max_new_tokens, precision=self.cfg.precision
+            )
+            failures = predict_modifiers(
+                model,
+                tokenizer,
+                every,
+                settings=settings,
+                progress=True,
+                prompt_style=self.cfg.prompt_style,
+                ner_sentences=self.cfg.ner_sentences,
+                none_bias=none_bias,
+            )
+            for name in todo:
+                _write_score(caches[name], sets[name], sets[name].read(part), stored[name], failures)
         return {name: json.loads(caches[name].read_text()) for name in sets}
 
     def score_all(self, adapter_state, sites: list[PreparedSite], external: PreparedSite | None, cache_dir: Path, predict=None) -> dict:
@@ -172,6 +196,29 @@ class Scorer:
         if external is not None:
             out["external"] = scored[f"external_{external.name}"]
         return out
+
+
+def _write_score(cache: Path, site: PreparedSite, gold, mine, parse_failures: int) -> None:
+    """Score one split's predictions and cache them (predictions: work folder only, they hold note text)."""
+    from fedmed_components.data.document import write_jsonl
+    from fedmed_components.task.metrics import MODES, prf, score_documents
+
+    if not site.relations:  # a cohort that links no modifiers is not scored on links
+        for doc in mine:
+            doc.relations = []
+    write_jsonl(mine, cache.with_suffix(".predictions.jsonl"))
+    result = score_documents(gold, mine, types=site.types)
+    result["parse_failures"] = None  # counted for the whole call, below
+    result["parse_failures_in_call"] = parse_failures
+    result["per_note"] = per_note_counts(gold, mine, site.types)
+    # main entities alone (problem, treatment, test, drug): the paper's NER figure,
+    # summed from the per-note counts rather than matched a second time
+    result["main_entities"] = {
+        m: prf(*(sum(n["main_entities"][m][i] for n in result["per_note"].values()) for i in range(3))) for m in MODES
+    }
+    if not site.relations:
+        result["relations"] = None
+    write_json_atomic(cache, result)
 
 
 def main_types(types) -> set[str]:
