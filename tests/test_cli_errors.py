@@ -104,6 +104,25 @@ def test_model_that_is_neither_a_folder_nor_an_id(capsys, monkeypatch, tmp_path,
     assert model.lstrip("./") in line and says in line
 
 
+def test_a_none_bias_needs_compact_prompts_and_moves_only_modifier_answers(capsys, tmp_path, notes, tiny_model_path):
+    from fedmed_components.cli import main
+
+    line = fedmed_error(
+        capsys, "predict", "--model", tiny_model_path, "--input", notes, "--out", tmp_path / "out", "--modifier-none-bias", "1"
+    )
+    assert "--modifier-none-bias needs an LLM adapter with JSON modifier answers (compact prompts), not paper prompts" in line
+    assert not (tmp_path / "out").exists()
+    for bias, out in (("0", "plain"), ("1.5", "biased")):
+        argv = ["predict", "--model", tiny_model_path, "--input", str(notes), "--out", str(tmp_path / out), "--prompt-style", "compact"]
+        assert main([*argv, "--modifier-none-bias", bias]) == 0
+    plain, biased = ((tmp_path / out / "predictions.jsonl").read_text().splitlines() for out in ("plain", "biased"))
+    main_types = ("problem", "treatment", "test", "drug")
+    # the entities are asked before any modifier: the bias leaves them as they were
+    assert [[e for e in json.loads(p)["entities"] if e["type"] in main_types] for p in plain] == [
+        [e for e in json.loads(b)["entities"] if e["type"] in main_types] for b in biased
+    ]
+
+
 # ---------------------------------------------------------------- (c) corrupt or truncated adapter
 
 

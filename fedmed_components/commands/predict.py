@@ -35,6 +35,14 @@ def register(subparsers) -> None:
         default=None,
         help="consecutive sentences per NER prompt, as the adapter was trained (default: its metadata's, else 1)",
     )
+    p.add_argument(
+        "--modifier-none-bias",
+        type=float,
+        default=0.0,
+        help="lower the log-odds of answering 'no modifier' by this much at the token that decides it (compact prompts; "
+        "pick it on validation: `fedmed experiment` with modifier_none_biases, or bench/bench_modifier_decision.py); "
+        "default 0: plain greedy decoding",
+    )
     p.set_defaults(func=_run)
 
 
@@ -62,15 +70,24 @@ def _run(args) -> int:
     notes = read_notes(Path(args.input))
     check_file_names(notes, Path(args.out) / "brat", source=args.input)
 
+    from fedmed_components.data.document import InputError
     from fedmed_components.model.inference import GenerationSettings
     from fedmed_components.model.modeling import load_adapter_folder, resolve_model
-    from fedmed_components.model.task_model import task_model_for
+    from fedmed_components.model.task_model import CAUSAL_LM, task_model_for
+    from fedmed_components.task.prompts import PROMPT_STYLES as PROMPT_STYLES_BY_NAME
 
     if args.adapter:
         load_adapter_folder(args.adapter)
     model_path = resolve_model(args.model)
     task = task_model_for(model_path)  # an encoder runs the BERT baseline: tagging, no generation
     model, tokenizer, meta = task.load_predictor(model_path, args.adapter, quantize=args.quantize, model_name=args.model)
+    style = args.prompt_style or meta.get("prompt_style") or BUDGET.prompt_style
+    if args.modifier_none_bias and (task.kind != CAUSAL_LM or not PROMPT_STYLES_BY_NAME[style].compact):
+        raise InputError(
+            Path(args.adapter or args.model),
+            None,
+            f"--modifier-none-bias needs an LLM adapter with JSON modifier answers (compact prompts), not {style} prompts",
+        )
     preds, report = task.predict(
         model,
         tokenizer,
@@ -78,7 +95,8 @@ def _run(args) -> int:
         tasks=args.tasks,
         settings=GenerationSettings(batch_size=args.batch_size, precision=args.precision),
         progress=True,
-        prompt_style=args.prompt_style or meta.get("prompt_style") or BUDGET.prompt_style,
+        prompt_style=style,
+        modifier_none_bias=args.modifier_none_bias,
         ner_sentences=args.ner_sentences or meta.get("ner_sentences") or BUDGET.ner_sentences,
     )
     return _write(preds, Path(args.out), report.summary(len(notes)))

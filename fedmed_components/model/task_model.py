@@ -141,10 +141,13 @@ class TaskModel(ABC):
         prompt_style: str = BUDGET.prompt_style,
         ner_sentences: int = BUDGET.ner_sentences,
         progress: bool = False,
+        modifier_none_bias: float = 0.0,
     ) -> tuple[list[Document], PredictionReport | tc.TaggingReport]:
         """Predicted documents (entities, hasAttr relations, note offsets) and a report
         (``parse_failures``, ``summary(notes)``). `settings`: batch size (and, for the
-        LLM, generation budget and precision); `max_length`: the tagger's window."""
+        LLM, generation budget and precision); `max_length`: the tagger's window;
+        `modifier_none_bias`: the LLM's threshold on "this entity has no modifier"
+        (inference.predict_modifiers)."""
 
 
 class CausalLMTask(TaskModel):
@@ -195,6 +198,7 @@ class CausalLMTask(TaskModel):
         prompt_style=BUDGET.prompt_style,
         ner_sentences=BUDGET.ner_sentences,
         progress=False,
+        modifier_none_bias=0.0,
     ):
         from fedmed_components.model.inference import predict_documents
 
@@ -207,6 +211,7 @@ class CausalLMTask(TaskModel):
             progress=progress,
             prompt_style=prompt_style,
             ner_sentences=ner_sentences,
+            modifier_none_bias=modifier_none_bias,
         )
 
 
@@ -251,8 +256,11 @@ class TokenClassificationTask(TaskModel):
         prompt_style=BUDGET.prompt_style,
         ner_sentences=BUDGET.ner_sentences,
         progress=False,
+        modifier_none_bias=0.0,
     ):
-        # Both layers are always tagged; `tasks`, `prompt_style` and `ner_sentences` are the LLM's.
+        # Both layers are always tagged; `tasks`, `prompt_style`, `ner_sentences` and the none bias are the LLM's.
+        if modifier_none_bias:
+            raise ValueError("the BERT baseline tags modifiers: a none bias is for the LLM's JSON modifier answers")
         batch = {"batch_size": settings.batch_size} if settings is not None else {}
         preds = tc.predict_documents_bert(model, tokenizer, docs, max_length=max_length, progress=progress, **batch)
         return preds, tc.TaggingReport()
