@@ -260,8 +260,9 @@ def predict_documents(
     report = PredictionReport()
     units = []  # (doc index, start, text): the NER inputs, sentences or windows of them
     for d, doc in enumerate(docs):
-        report.sentences += len(split_sentences(doc.text))
-        spans = split_sentences(doc.text) if ner_sentences == 1 else sentence_windows(doc.text, ner_sentences)
+        sentences = split_sentences(doc.text)
+        report.sentences += len(sentences)
+        spans = sentences if ner_sentences == 1 else sentence_windows(doc.text, ner_sentences)
         units += [(d, start, doc.text[start:end]) for start, end in spans]
     preds = [Document(id=doc.id, text=doc.text, site=doc.site) for doc in docs]
 
