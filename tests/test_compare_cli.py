@@ -42,6 +42,30 @@ def test_compare_prints_paired_differences_of_every_figure_both_runs_scored(tmp_
     assert "main-entity strict F1" in capsys.readouterr().out
 
 
+def test_compare_pairs_the_calibrated_modifiers_when_both_runs_have_them(tmp_path, capsys):
+    a = _run(tmp_path, "a", [9] * 10)
+    b = _run(tmp_path, "b", [8] * 10)
+    calibrated = {}
+    for path, tp in ((a, 8), (b, 4)):  # each run's modifiers at its own chosen bias: tp links of 10 a note
+        run = json.loads(open(path).read())
+        again = json.loads(open(_run(tmp_path, "again", [2 * tp] * 10)).read())
+        run["calibrated_modifiers"] = {"chosen_bias": 1.0, "scores": again["scores"]}
+        calibrated[path] = run
+        open(path, "w").write(json.dumps(run))
+    assert main(["compare", a, b, "--json"]) == 0
+    rows = {r["figure"]: r for r in json.loads(capsys.readouterr().out)}
+    row = rows["modifier strict F1, none bias chosen on validation"]
+    assert (row["a"], row["b"]) == (pytest.approx(2 * 80 / 180), pytest.approx(2 * 40 / 140))
+    assert row["difference"]["estimate"] == pytest.approx(2 * 80 / 180 - 2 * 40 / 140)
+    assert rows["modifier strict F1"]["a"] == pytest.approx(2 * 40 / 140)  # the plain figure is still there
+    # one run without them: no calibrated row
+    run = calibrated[b]
+    del run["calibrated_modifiers"]
+    open(b, "w").write(json.dumps(run))
+    assert main(["compare", a, b, "--json"]) == 0
+    assert not any("none bias" in r["figure"] for r in json.loads(capsys.readouterr().out))
+
+
 def test_compare_refuses_runs_on_other_notes_or_files_that_are_not_runs(tmp_path, capsys):
     a = _run(tmp_path, "a", [9] * 4)
     other = _run(tmp_path, "other", [9] * 4, notes=["m0", "m1", "m2", "m3"])

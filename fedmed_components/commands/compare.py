@@ -4,7 +4,9 @@ An experiment's summary.md pairs the runs of one results folder; a run made with
 setting changed (another precision, batch or schedule) lives in a folder of its own.
 This pairs any two run JSONs scored on the same test notes: F1(a) - F1(b) with a 95%
 bootstrap interval (notes resampled within each site), pooled over the sites and on the
-external cohort, for main entities and modifiers, strict and lenient.
+external cohort, for main entities and modifiers, strict and lenient; and, where both
+runs were scored with `modifier_none_biases`, their modifiers at the none bias each chose
+on validation.
 """
 
 from __future__ import annotations
@@ -20,6 +22,10 @@ ROWS = (  # (label, group, mode, where)
     ("modifier strict F1", "relations", "strict", "pooled"),
     ("modifier lenient F1", "relations", "lenient", "pooled"),
     ("external main-entity strict F1", "main_entities", "strict", "external"),
+)
+CALIBRATED_ROWS = (  # each run at its own none bias, chosen on validation (`calibrated_modifiers`)
+    ("modifier strict F1, none bias chosen on validation", "relations", "strict", "pooled"),
+    ("modifier lenient F1, none bias chosen on validation", "relations", "lenient", "pooled"),
 )
 
 
@@ -56,13 +62,17 @@ def compare_runs(a: dict, b: dict) -> list[dict]:
     from fedmed_components.runs.experiment.comparisons import paired
     from fedmed_components.runs.experiment.tables import f1
 
+    pairs = [(ROWS, a, b)]
+    if a.get("calibrated_modifiers") and b.get("calibrated_modifiers"):
+        pairs.append((CALIBRATED_ROWS, a["calibrated_modifiers"], b["calibrated_modifiers"]))
     rows = []
-    for label, group, mode, where in ROWS:
-        score_a, score_b = (r["scores"].get(where) for r in (a, b))
-        if f1(score_a, group, mode) is None or f1(score_b, group, mode) is None:
-            continue
-        gap = paired(a, b, group, mode, where)
-        rows.append({"figure": label, "a": f1(score_a, group, mode), "b": f1(score_b, group, mode), "difference": gap.as_dict()})
+    for figures, run_a, run_b in pairs:
+        for label, group, mode, where in figures:
+            score_a, score_b = (r["scores"].get(where) for r in (run_a, run_b))
+            if f1(score_a, group, mode) is None or f1(score_b, group, mode) is None:
+                continue
+            gap = paired(run_a, run_b, group, mode, where)
+            rows.append({"figure": label, "a": f1(score_a, group, mode), "b": f1(score_b, group, mode), "difference": gap.as_dict()})
     return rows
 
 
@@ -82,8 +92,9 @@ def _run(args) -> int:
     print(
         f"A: {args.a} ({a.get('run')}, {a.get('resolved_precision', '?')})\nB: {args.b} ({b.get('run')}, {b.get('resolved_precision', '?')})"
     )
-    print(f"{'figure':<32} {'A':>6} {'B':>6}  A - B [95% CI]")
+    width = max([len("figure"), *(len(row["figure"]) for row in rows)])
+    print(f"{'figure':<{width}} {'A':>6} {'B':>6}  A - B [95% CI]")
     for row in rows:
         d = row["difference"]
-        print(f"{row['figure']:<32} {row['a']:>6.3f} {row['b']:>6.3f}  {d['estimate']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]")
+        print(f"{row['figure']:<{width}} {row['a']:>6.3f} {row['b']:>6.3f}  {d['estimate']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]")
     return 0
