@@ -69,12 +69,11 @@ def modifier_examples(docs, types, style: str):
     return [e for doc in docs for e in document_examples(doc, tasks=("modifier",), output_format="json", types=types, style=style)]
 
 
-def site_decision(model, tokenizer, site_folder: Path, *, split: str, max_examples: int, style: str) -> dict:
+def site_decision(model, tokenizer, site_folder: Path, data, *, split: str, max_examples: int, style: str) -> dict:
+    """`data`: the site folder's `load_site_data` (read once by the caller, the sweep uses it too)."""
     from fedmed_components.data.document import InputError
-    from fedmed_components.model.site import load_site_data
     from fedmed_components.task.prompts import prompt_style
 
-    data = load_site_data(site_folder, val_fraction=0)
     docs = {"train": data.train, "val": data.val, "test": data.test}[split]
     if not docs:
         raise InputError(site_folder, None, f"no {split} notes here (a prepared site folder holds {split}.jsonl)")
@@ -233,12 +232,13 @@ def main(argv=None) -> int:
         if model is None or loaded_rank != (lora.r, lora.alpha):
             model, loaded_rank = task.load_trainable(path, task.lora_settings(lora), quantize="auto"), (lora.r, lora.alpha)
         set_adapter_state(model, state)
-        row = site_decision(model, tokenizer, Path(site), split=args.split, max_examples=args.max_examples, style=args.prompt_style)
+        data = load_site_data(site, val_fraction=0)
+        row = site_decision(model, tokenizer, Path(site), data, split=args.split, max_examples=args.max_examples, style=args.prompt_style)
         key = f"{name}/{Path(site).name}"
         out["decision"][key] = {"adapter": str(adapter), "site": str(site), **row}
         print(f"{key}: {_line(row)}", flush=True)
         stored = read_jsonl(predictions) if predictions else None
-        groups.setdefault(name, []).append((Path(site).name, state, load_site_data(site, val_fraction=0), stored))
+        groups.setdefault(name, []).append((Path(site).name, state, data, stored))
     settings = GenerationSettings(batch_size=32, max_new_tokens=160, precision=args.precision)
     for name, items in groups.items() if args.biases else ():
         print(f"{name}: none-bias sweep over {', '.join(item[0] for item in items)}", flush=True)

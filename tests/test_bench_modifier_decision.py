@@ -55,6 +55,16 @@ def _site_folder(tmp_path) -> Path:
     return folder
 
 
+def _untrained_adapter(tmp_path, model_path) -> Path:
+    """A rank-4 adapter folder at its seeded start (LoRA B = 0)."""
+    from fedmed_components.model.modeling import LoraSettings, initial_adapter_from_config, save_adapter_folder
+
+    settings = LoraSettings(r=4, alpha=8)
+    adapter = tmp_path / "adapter"
+    save_adapter_folder(initial_adapter_from_config(model_path, settings), settings, model_path, adapter)
+    return adapter
+
+
 def test_probabilities_are_read_at_the_deciding_token(tmp_path, tiny_model_path):
     """The bench's p(empty) equals the same token's probability read off a forward pass of
     the whole "[]" answer, at the position where the two answers part."""
@@ -88,10 +98,12 @@ def test_probabilities_are_read_at_the_deciding_token(tmp_path, tiny_model_path)
 def test_site_decision_counts_the_classes_and_the_training_share(tmp_path, tiny_model_path):
     from fedmed_components.data.document import read_jsonl
     from fedmed_components.model.modeling import load_base_model, load_tokenizer
+    from fedmed_components.model.site import load_site_data
 
     folder = _site_folder(tmp_path)
     model = load_base_model(tiny_model_path, quantize="none")
-    row = bench.site_decision(model, load_tokenizer(tiny_model_path), folder, split="test", max_examples=50, style="compact")
+    data = load_site_data(folder, val_fraction=0)
+    row = bench.site_decision(model, load_tokenizer(tiny_model_path), folder, data, split="test", max_examples=50, style="compact")
 
     test = bench.modifier_examples(read_jsonl(folder / "test.jsonl"), None, "compact")[:50]
     train = bench.modifier_examples(read_jsonl(folder / "train.jsonl"), None, "compact")
@@ -106,12 +118,9 @@ def test_site_decision_counts_the_classes_and_the_training_share(tmp_path, tiny_
 
 def test_cli_writes_json_and_refuses_a_missing_split(tmp_path, tiny_model_path):
     from fedmed_components.data.document import InputError
-    from fedmed_components.model.modeling import LoraSettings, initial_adapter_from_config, save_adapter_folder
 
     folder = _site_folder(tmp_path)
-    settings = LoraSettings(r=4, alpha=8)
-    adapter = tmp_path / "adapter"
-    save_adapter_folder(initial_adapter_from_config(tiny_model_path, settings), settings, tiny_model_path, adapter)
+    adapter = _untrained_adapter(tmp_path, tiny_model_path)
     out = tmp_path / "decision.json"
     argv = ["--model", tiny_model_path, "--run", "site", str(adapter), str(folder), "--max-examples", "3", "--json", str(out)]
     assert bench.main(argv) == 0
@@ -124,12 +133,9 @@ def test_cli_writes_json_and_refuses_a_missing_split(tmp_path, tiny_model_path):
 
 def test_cli_sweep_chooses_on_validation_and_scores_test_at_0_and_the_choice(tmp_path, tiny_model_path):
     from fedmed_components.model.inference import choose_none_bias
-    from fedmed_components.model.modeling import LoraSettings, initial_adapter_from_config, save_adapter_folder
 
     folder = _site_folder(tmp_path)
-    settings = LoraSettings(r=4, alpha=8)
-    adapter = tmp_path / "adapter"
-    save_adapter_folder(initial_adapter_from_config(tiny_model_path, settings), settings, tiny_model_path, adapter)
+    adapter = _untrained_adapter(tmp_path, tiny_model_path)
     out = tmp_path / "sweep.json"
     argv = ["--model", tiny_model_path, "--run", "g", str(adapter), str(folder), "--max-examples", "3", "--json", str(out)]
     with pytest.raises(SystemExit):  # the baseline must be in the grid
@@ -150,7 +156,6 @@ def test_cli_sweep_chooses_on_validation_and_scores_test_at_0_and_the_choice(tmp
 def test_stored_predictions_are_the_bias_0_arm_and_give_the_entities(tmp_path, tiny_model_path):
     from fedmed_components.data.document import Document, Entity, Relation, read_jsonl, write_jsonl
     from fedmed_components.model.inference import entities_only
-    from fedmed_components.model.modeling import LoraSettings, initial_adapter_from_config, save_adapter_folder
     from fedmed_components.runs.experiment.scoring import per_note_counts
 
     folder = _site_folder(tmp_path)
@@ -172,9 +177,7 @@ def test_stored_predictions_are_the_bias_0_arm_and_give_the_entities(tmp_path, t
 
     write_jsonl(stored, tmp_path / "site.predictions.jsonl")
 
-    settings = LoraSettings(r=4, alpha=8)
-    adapter = tmp_path / "adapter"
-    save_adapter_folder(initial_adapter_from_config(tiny_model_path, settings), settings, tiny_model_path, adapter)
+    adapter = _untrained_adapter(tmp_path, tiny_model_path)
     out = tmp_path / "sweep.json"
     run = ["g", str(adapter), str(folder), str(tmp_path / "site.predictions.jsonl")]
     assert bench.main(["--model", tiny_model_path, "--run", *run, "--biases", "0", "--max-examples", "2", "--json", str(out)]) == 0
