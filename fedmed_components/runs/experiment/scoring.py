@@ -93,17 +93,21 @@ class Scorer:
         self._model = self._tokenizer = None
         gc.collect()
 
-    def _predict(self, adapter_state, docs, tasks=BUDGET.tasks):
+    def _generation_settings(self):
         from fedmed_components.model.inference import GenerationSettings
+
+        return GenerationSettings(
+            batch_size=self.cfg.generation_batch_size, max_new_tokens=self.cfg.max_new_tokens, precision=self.cfg.precision
+        )
+
+    def _predict(self, adapter_state, docs, tasks=BUDGET.tasks):
         from fedmed_components.model.modeling import initial_adapter_from_config, set_adapter_state
 
         model, tokenizer = self._load()
         if adapter_state is None:
             adapter_state = initial_adapter_from_config(self.model_path, lora_settings(self.cfg), seed=self.cfg.seed)
         set_adapter_state(model, adapter_state)
-        settings = GenerationSettings(
-            batch_size=self.cfg.generation_batch_size, max_new_tokens=self.cfg.max_new_tokens, precision=self.cfg.precision
-        )
+        settings = self._generation_settings()
         preds, report = self.task.predict(
             model,
             tokenizer,
@@ -148,10 +152,11 @@ class Scorer:
     ) -> dict[str, dict]:
         """Scores with each entity's modifiers asked again at `none_bias`
         (inference.predict_modifiers), for the entities this adapter predicted when
-        `score_sets` scored `part` into `entities_from` (greedy decoding is deterministic,
-        so they are what a fresh prediction would give). Cached per split like score_sets."""
+        `score_sets` scored `part` into `entities_from` (greedy decoding is deterministic:
+        in fp32 they are what a fresh prediction gives; in bf16 a call of other prompts may
+        flip a near tie). Cached per split like score_sets."""
         from fedmed_components.data.document import InputError, read_jsonl
-        from fedmed_components.model.inference import GenerationSettings, entities_only, predict_modifiers
+        from fedmed_components.model.inference import entities_only, predict_modifiers
         from fedmed_components.model.modeling import set_adapter_state
 
         caches = {name: cache_dir / f"{name}.json" for name in sets}
@@ -168,9 +173,7 @@ class Scorer:
             every = [d for name in todo for d in stored[name]]
             model, tokenizer = self._load()
             set_adapter_state(model, adapter_state)
-            settings = GenerationSettings(
-                batch_size=self.cfg.generation_batch_size, max_new_tokens=self.cfg.max_new_tokens, precision=self.cfg.precision
-            )
+            settings = self._generation_settings()
             failures = predict_modifiers(
                 model,
                 tokenizer,
